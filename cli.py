@@ -106,5 +106,326 @@ def train(ctx: click.Context, dataset: str, data_root: str | None, attack: str, 
     click.echo(f"{msg}  ({record['train_seconds']:.0f}s on {record['device']}) -> {Path(out_dir) / 'model.pt'}")
 
 
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _parse_floats(text: str | None) -> list[float] | None:
+    return None if not text else [float(v) for v in text.split(",")]
+
+
+def _parse_taps(taps: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for t in taps:
+        name, sep, spec = t.partition("=")
+        out[name if sep else t.split(":")[0].replace(".", "_")] = spec if sep else t
+    return out
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The .onnx file to write.")
+@click.option("--tap", "taps", multiple=True, metavar="[NAME=]MODULE[:in]",
+              help="Expose a module's output (or ':in' its input) as a named output (repeatable). Default: the "
+                   "model's declared taps.")
+@click.option("--arch", default=None,
+              help="For a bare state dict: a torchvision architecture name (resnet18) or package.module:Class.")
+@click.option("--num-classes", type=int, default=None, help="With --arch: number of classes.")
+@click.option("--input-shape", default=None, metavar="C,H,W", help="With --arch: input shape.")
+@click.option("--mean", default=None, metavar="M1,M2,...", help="With --arch: normalisation mean per channel.")
+@click.option("--std", default=None, metavar="S1,S2,...", help="With --arch: normalisation std per channel.")
+@click.option("--class-names", default=None, help="With --arch: comma-separated class names.")
+@click.option("--penultimate", default=None, metavar="MODULE[:in]",
+              help="With --arch: where the penultimate features are (default: input of the last Linear).")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance torch vs onnxruntime.")
+def export(checkpoint: str, output: str, taps: tuple[str, ...], arch: str | None, num_classes: int | None,
+           input_shape: str | None, mean: str | None, std: str | None, class_names: str | None,
+           penultimate: str | None, opset: int, atol: float) -> None:
+    """Export a checkpoint to one ONNX file with logits and named taps; verifies parity with onnxruntime."""
+    from export import NormalizedModel, build_foreign_model, default_penultimate, export_onnx
+    from export.onnx import sha256_file
+
+    tap_map = _parse_taps(taps)
+    source_sha = sha256_file(checkpoint)
+    if arch is None:
+        from abl.checkpoint import load_checkpoint
+
+        try:
+            model, meta = load_checkpoint(checkpoint)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from e
+        spec = meta["spec"]
+        tap_map = tap_map or dict(meta["taps"])
+        if "penultimate" not in tap_map:
+            tap_map["penultimate"] = meta["taps"].get("penultimate") or default_penultimate(model)
+        kwargs = dict(input_shape=spec["input_shape"], class_names=spec["class_names"], mean=spec["mean"],
+                      std=spec["std"], tap_root=None)
+        extra = {"arch": meta["arch"], "dataset": spec["name"], "source_checkpoint_sha256": source_sha,
+                 "training": {k: meta.get(k) for k in ("metrics", "attack", "defense")}}
+    else:
+        if not (num_classes and input_shape and mean and std):
+            raise click.UsageError("--arch needs --num-classes, --input-shape, --mean and --std")
+        net = build_foreign_model(arch, checkpoint, num_classes)
+        shape = [int(v) for v in input_shape.split(",")]
+        means, stds = _parse_floats(mean), _parse_floats(std)
+        model = NormalizedModel(net, means, stds)
+        tap_map.setdefault("penultimate", penultimate or default_penultimate(net))
+        names = class_names.split(",") if class_names else [str(i) for i in range(num_classes)]
+        if len(names) != num_classes:
+            raise click.UsageError(f"--class-names has {len(names)} names for {num_classes} classes")
+        kwargs = dict(input_shape=shape, class_names=names, mean=means, std=stds, tap_root=net)
+        extra = {"arch": arch, "source_checkpoint_sha256": source_sha}
+    try:
+        report = export_onnx(model, output, taps=tap_map, extra_metadata=extra, opset=opset, atol=atol, **kwargs)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    worst = max(report.parity.values())
+    click.echo(f"{report.path}: outputs {', '.join(report.outputs)}; parity max |diff| {worst:.2e}; "
+               f"sha256 {report.sha256[:16]}")
+
+
+# ------------------------------------------------------------------------------------------------ calibrate
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dataset", default="fashion-mnist", show_default=True, help="Clean labelled data (or a .npz).")
+@click.option("--data-root", type=click.Path(), default=None)
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--start", type=int, default=0, show_default=True, help="First image of the split to use.")
+@click.option("--count", type=int, default=5000, show_default=True, help="Number of clean images to use.")
+@click.option("--fpr", type=float, default=0.01, show_default=True, help="Target false-positive rate of the guard.")
+@click.option("--detectors", "detector_names", default="mahalanobis", show_default=True,
+              help="Comma-separated detectors.")
+@click.option("--detector-param", "detector_params", multiple=True, metavar="DETECTOR.KEY=VALUE",
+              help="Detector hyper-parameter (repeatable), e.g. mahalanobis.ridge=0.")
+@click.option("--combine", type=click.Choice(["fisher", "min-p"]), default="fisher", show_default=True,
+              help="How detectors' p-values are combined.")
+@click.option("--fractions", default="0.5,0.3,0.2", show_default=True,
+              help="Fit / calibration / validation fractions of the clean images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Bundle directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+def calibrate(model_path: str, dataset: str, data_root: str | None, split: str, start: int, count: int, fpr: float,
+              detector_names: str, detector_params: tuple[str, ...], combine: str, fractions: str, seed: int,
+              output: str, force: bool) -> None:
+    """Fit detectors on clean data and calibrate the guard to a target false-positive rate -> a bundle."""
+    from abl.data import load_dataset, pad_to
+    from detectors import make_detector
+    from export import read_metadata
+    from guard import calibrate_bundle
+
+    meta = read_metadata(model_path)
+    data = load_dataset(dataset, split, data_root)
+    c, h, w = meta["input_shape"]
+    if data.images.shape[1:3] != (h, w) and data.images.shape[1] < h:
+        data = pad_to(data, h)
+    data = data.subset(slice(start, start + count))
+    if len(data) == 0:
+        raise click.UsageError(f"no images in {dataset}/{split}[{start}:{start + count}]")
+    per_det: dict[str, dict[str, Any]] = {}
+    for key, value in parse_kv(detector_params).items():
+        det, sep, param = key.partition(".")
+        if not sep:
+            raise click.BadParameter(f"expected DETECTOR.KEY=VALUE, got {key}")
+        per_det.setdefault(det, {})[param] = value
+    names = [n.strip() for n in detector_names.split(",") if n.strip()]
+    unknown = set(per_det) - set(names)
+    if unknown:
+        raise click.BadParameter(f"parameters given for detectors not selected: {sorted(unknown)}")
+    try:
+        dets = [make_detector(n, **per_det.get(n, {})) for n in names]
+    except (ValueError, TypeError) as e:
+        raise click.BadParameter(str(e)) from e
+    manifest = calibrate_bundle(
+        model_path, data.images, data.labels, dets, output, fpr=fpr, combine=combine, seed=seed, overwrite=force,
+        fractions=tuple(float(f) for f in fractions.split(",")),
+        provenance={"dataset": dataset, "split": split, "start": start, "count": len(data)},
+    )
+    cal = manifest["calibration"]
+    v = cal["validation"]
+    click.echo(f"{output}: detectors {', '.join(d['name'] for d in manifest['detectors'])}; "
+               f"target FPR {fpr:.2%}; validation FPR {v['rate']:.2%} "
+               f"(95% CI {v['ci95'][0]:.2%}-{v['ci95'][1]:.2%}, n={v['n']}); clean accuracy {v['clean_accuracy']:.2%}")
+
+
+# ------------------------------------------------------------------------------------------------ scan
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Verdicts (JSONL).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="Also write the summary here.")
+@click.option("--fail-on-flag", is_flag=True, help="Exit with status 3 when any input is flagged.")
+@click.pass_context
+def scan(ctx: click.Context, bundle: str, inputs: tuple[str, ...], output: str, batch_size: int,
+         summary_json: str | None, fail_on_flag: bool) -> None:
+    """Scan image folders/files and .npy/.npz arrays; one JSONL record (verdict or error) per input."""
+    from guard import BundleError, Guard
+    from guard.scan import scan_to_file
+    from guard.sources import iter_inputs
+
+    try:
+        g = Guard.load(bundle, batch_size=batch_size)
+    except BundleError as e:
+        raise click.ClickException(str(e)) from e
+    summary = scan_to_file(g, iter_inputs(inputs, g.input_shape), output, batch_size, ctx.obj["quiet"])
+    s = summary.to_json()
+    click.echo(f"scanned {s['total']} inputs: {s['flagged']} flagged ({s['flag_rate']:.2%} of {s['scanned']} "
+               f"scored), {s['errors']} errors -> {output}", err=True)
+    if s["flagged_by_class"]:
+        click.echo(f"flagged by predicted class: {s['flagged_by_class']}", err=True)
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(s, indent=2))
+    if fail_on_flag and summary.flagged:
+        ctx.exit(3)
+
+
+# ------------------------------------------------------------------------------------------------ poison
+
+
+def _model_loader(device: str) -> Any:
+    """Reads checkpoint paths given as ``--attack-param model=PATH`` (attacks/ cannot import abl/)."""
+    from abl.checkpoint import load_checkpoint
+    from abl.train import select_device
+
+    return lambda path: load_checkpoint(path, select_device(device))[0]
+
+
+@main.command()
+@click.option("--attack", required=True, help="badnets, blend, trojan, sig, wanet or label-consistent.")
+@click.option("--dataset", default="fashion-mnist", show_default=True,
+              help="fashion-mnist, digits, cifar10, gtsrb, imagefolder, or a dataset .npz.")
+@click.option("--data-root", type=click.Path(), default=None, help="Where the dataset files are.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--rate", type=float, default=0.1, show_default=True, help="Poisoning rate (fraction of the set).")
+@click.option("--target", type=int, default=0, show_default=True, help="Attack target class.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--attack-param", "attack_params", multiple=True, metavar="KEY=VALUE",
+              help="Extra attack parameter (repeatable), e.g. alpha=0.1, or model=CKPT for label-consistent.")
+@click.option("--limit", type=int, default=None, help="Poison a random subset of this many images.")
+@click.option("--grid", "n_grid", type=int, default=8, show_default=True, help="Examples in the PNG grid.")
+@click.option("--triggered-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the triggered test set (ASR set) to this .npz.")
+@click.option("--device", default="auto", show_default=True, help="For attacks that run a model.")
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True,
+              help="Poisoned dataset .npz; OUT.json (manifest), OUT.indices.npy and OUT.png go beside it.")
+def poison(attack: str, dataset: str, data_root: str | None, split: str, rate: float, target: int, seed: int,
+           attack_params: tuple[str, ...], limit: int | None, n_grid: int, triggered_out: str | None, device: str,
+           out_path: str) -> None:
+    """Write a poisoned dataset (loadable with `train --dataset OUT.npz`), its manifest and a trigger grid."""
+    import numpy as np
+    from PIL import Image
+
+    from abl.data import LabelledImages, load_dataset
+    from attacks import make_attack
+    from attacks.report import example_grid, poison_manifest
+
+    params = {"rate": rate, "target": target, "seed": seed, **parse_kv(attack_params)}
+    if isinstance(params.get("model"), str):
+        params["model_loader"] = _model_loader(device)
+    atk = make_attack(attack, **params)
+    data = load_dataset(dataset, split, data_root)
+    if limit is not None and limit < len(data):
+        data = data.subset(np.sort(np.random.default_rng(seed).choice(len(data), limit, replace=False)))
+    k = data.spec.num_classes
+    result = atk.poison(data.images, data.labels, k)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.with_suffix("")
+    LabelledImages(result.images, result.labels, data.spec).save_npz(out)
+    files = {"dataset": out.name, "poison_indices": f"{stem.name}.indices.npy", "grid": f"{stem.name}.png"}
+    np.save(stem.parent / files["poison_indices"], result.poison_indices)
+    cross = getattr(result, "cross_indices", None)
+    if cross is not None:
+        files["cross_indices"] = f"{stem.name}.cross_indices.npy"
+        np.save(stem.parent / files["cross_indices"], cross)
+    show = result.poison_indices[:n_grid]
+    Image.fromarray(example_grid(data.images[show], result.images[show], n_grid)).save(stem.parent / files["grid"])
+    extra: dict[str, Any] = {"dataset": dataset, "split": split, "limit": limit, "files": files}
+    if triggered_out:
+        test = load_dataset(dataset, "test", data_root) if split == "train" else data
+        trig = atk.triggered(test.images, test.labels, k)
+        np.savez(triggered_out, images=trig.images, labels=trig.source_labels, target_labels=trig.labels,
+                 indices=trig.indices, spec=np.array(json.dumps(test.spec.to_json())))
+        extra["triggered"] = {"file": str(triggered_out), "n": int(len(trig.labels))}
+    manifest = poison_manifest(atk, result, data.labels, k, **extra)
+    stem.with_suffix(".json").write_text(json.dumps(manifest, indent=2, default=str))
+    click.echo(f"{attack}: poisoned {len(result.poison_indices)} of {len(data)} {split} images "
+               f"({manifest['n_labels_changed']} labels changed) -> {out} (+ {stem.name}.json, .png)")
+
+
+# ------------------------------------------------------------------------------------------------ adversarial
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--attack", type=click.Choice(["fgsm", "pgd", "cw"]), default="pgd", show_default=True)
+@click.option("--dataset", default=None, help="Dataset name or .npz (default: the checkpoint's dataset).")
+@click.option("--data-root", type=click.Path(), default=None)
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--limit", type=int, default=1000, show_default=True, help="Attack the first N images (0 = all).")
+@click.option("--eps", type=float, default=None,
+              help="L-inf budget on the [0,1] scale (fgsm/pgd; default 8/255 colour, 0.1 grayscale).")
+@click.option("--steps", type=int, default=None, help="PGD / CW iterations.")
+@click.option("--target-class", type=int, default=None, help="Targeted attack towards this class.")
+@click.option("--attack-param", "attack_params", multiple=True, metavar="KEY=VALUE",
+              help="Extra parameter (repeatable), e.g. step_size=0.01, c=1, kappa=0, binary_search_steps=5.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="The .npz to write.")
+def adversarial(checkpoint: str, attack: str, dataset: str | None, data_root: str | None, split: str, limit: int,
+                eps: float | None, steps: int | None, target_class: int | None, attack_params: tuple[str, ...],
+                batch_size: int, seed: int, device: str, out_path: str) -> None:
+    """Adversarial examples against a checkpoint; writes an .npz and reports the success rate.
+
+    The .npz holds `images` (uint8, quantised inside the budget; loadable as a dataset), `labels`, `spec`,
+    `images_float` (exact float32 NHWC in [0,1]), `success` / `success_uint8`, predictions and indices.
+    """
+    import numpy as np
+
+    from abl.checkpoint import load_checkpoint
+    from abl.data import load_dataset, pad_to
+    from abl.train import select_device
+    from attacks.adversarial import evaluate, quantize, run_attack
+
+    model, meta = load_checkpoint(checkpoint, select_device(device))
+    spec = meta["spec"]
+    data = load_dataset(dataset or spec["name"], split, data_root)
+    size = int(spec["input_shape"][1])
+    if data.images.shape[1] < size:
+        data = pad_to(data, size)
+    if limit and limit < len(data):
+        data = data.subset(np.arange(limit))
+    params = parse_kv(attack_params)
+    if eps is not None and attack != "cw":
+        params["eps"] = eps
+    if steps is not None and attack != "fgsm":
+        params["steps"] = steps
+    if target_class is not None:
+        params["targets"] = target_class
+    res = run_attack(attack, model, data.images, data.labels, batch_size=batch_size, seed=seed, **params)
+    ball = res.params.get("eps") if attack != "cw" and res.params.get("norm", "linf") == "linf" else None
+    q = quantize(res.images, data.images, ball)  # rounded to uint8 inside the L-inf ball
+    pred_q, success_q = evaluate(model, q, res.labels, res.targets, batch_size)
+    ok = res.clean_correct
+    rate_q = float(success_q[ok].mean()) if ok.any() else float("nan")
+    summary = {**res.summary(), "success_rate_uint8": rate_q, "checkpoint": str(checkpoint),
+               "dataset": dataset or spec["name"], "split": split}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, images=q, labels=res.labels, spec=np.array(json.dumps(spec)), images_float=res.images,
+             success=res.success, success_uint8=success_q, clean_pred=res.clean_pred, adv_pred=res.adv_pred,
+             adv_pred_uint8=pred_q, indices=np.arange(len(res.labels)),
+             targets=res.targets if res.targets is not None else np.zeros(0, np.int64),
+             summary=np.array(json.dumps(summary, default=str)))
+    click.echo(f"{attack}: success {100 * res.success_rate:.2f}% (float) / {100 * rate_q:.2f}% (uint8) of "
+               f"{int(ok.sum())} correctly classified; clean accuracy {100 * summary['clean_accuracy']:.2f}% -> {out}")
+
+
 if __name__ == "__main__":
     main()
