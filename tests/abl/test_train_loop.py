@@ -1,0 +1,41 @@
+import numpy as np
+import torch
+
+from abl.checkpoint import load_checkpoint, save_checkpoint
+from abl.models import build_model
+from abl.train import ArrayBatches, TrainConfig, accuracy, augment_batch, per_example_loss, train_plain
+
+
+def test_augment_shapes_and_identity():
+    x = torch.rand(5, 3, 8, 8)
+    assert torch.equal(augment_batch(x, "none"), x)
+    y = augment_batch(x, "crop-flip", pad=2, generator=torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    # a zero-shift crop is the identity: with pad 0 the crop must return the input exactly
+    assert torch.equal(augment_batch(x, "crop", pad=0), x)
+
+
+def test_batches_cover_subset_once():
+    imgs = np.zeros((50, 4, 4, 1), np.uint8)
+    b = ArrayBatches(imgs, np.arange(50), torch.device("cpu"), 8, indices=np.arange(10, 30))
+    seen = torch.cat([idx for _, _, idx in b]).numpy()
+    assert sorted(seen.tolist()) == list(range(10, 30)) and len(b) == 3
+
+
+def test_training_learns_digits_and_checkpoint_roundtrip(tmp_path, digits_train, digits_test):
+    torch.manual_seed(0)
+    spec = digits_train.spec
+    m = build_model("small-cnn", 1, 10, 8, spec.mean, spec.std)
+    hist = train_plain(m, digits_train.images, digits_train.labels,
+                       TrainConfig(epochs=6, lr=0.05, batch_size=64, device="cpu"),
+                       evaluate=lambda mod: {"ca": accuracy(mod, digits_test.images, digits_test.labels, "cpu")},
+                       quiet=True)
+    assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["ca"] > 0.85
+    losses = per_example_loss(m, digits_test.images, digits_test.labels, torch.device("cpu"), batch_size=50)
+    assert losses.shape == (len(digits_test),) and np.all(losses >= 0)
+    digest = save_checkpoint(tmp_path / "m.pt", m, "small-cnn", spec)
+    back, meta = load_checkpoint(tmp_path / "m.pt")
+    assert len(digest) == 64 and meta["arch"] == "small-cnn" and meta["taps"]["penultimate"] == "fc:in"
+    x = torch.rand(3, 1, 8, 8)
+    m.eval()
+    assert torch.allclose(back(x), m(x))
