@@ -21,7 +21,7 @@ from torch import nn
 
 from attacks import BackdoorAttack, TriggeredSet, make_attack
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import LabelledImages, load_dataset, pad_to
 from .models import build_model
 from .train import TrainConfig, accuracy, select_device, set_seed, train_plain
@@ -76,6 +76,8 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     if not cfg.attack:
         return PreparedData(train, test, np.zeros(0, np.int64), None, None)
     params = {"seed": cfg.train.seed, **cfg.attack_params}
+    if isinstance(params.get("model"), str):  # a checkpoint path (e.g. label-consistent's clean model)
+        params["model_loader"] = lambda path: load_checkpoint(path, select_device(cfg.train.device))[0]
     attack = make_attack(cfg.attack, **params)
     k = train.spec.num_classes
     poisoned = attack.poison(train.images, train.labels, k)
