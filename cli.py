@@ -201,16 +201,24 @@ def export(checkpoint: str, output: str, taps: tuple[str, ...], arch: str | None
 @click.option("--detector-param", "detector_params", multiple=True, metavar="DETECTOR.KEY=VALUE",
               help="Detector hyper-parameter (repeatable), e.g. mahalanobis.ridge=0.")
 @click.option("--combine", type=click.Choice(["fisher", "min-p"]), default="fisher", show_default=True,
-              help="How detectors' p-values are combined.")
+              help="How detectors' p-values are combined: Fisher adds evidence across detectors (default); min-p "
+                   "(Bonferroni) suits one detector firing alone. The threshold is set on the combined p-value.")
+@click.option("--mondrian", is_flag=True,
+              help="Calibrate per predicted class (each class gets its own threshold and the target FPR).")
 @click.option("--fractions", default="0.5,0.3,0.2", show_default=True,
-              help="Fit / calibration / validation fractions of the clean images.")
+              help="Fit / calibration / validation fractions of the clean images (or three counts).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Bundle directory to write.")
+@click.option("-o", "--output", type=click.Path(), required=True,
+              help="Bundle directory to write; a name ending in .zip writes a single-file archive.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 def calibrate(model_path: str, dataset: str, data_root: str | None, split: str, start: int, count: int, fpr: float,
-              detector_names: str, detector_params: tuple[str, ...], combine: str, fractions: str, seed: int,
-              output: str, force: bool) -> None:
-    """Fit detectors on clean data and calibrate the guard to a target false-positive rate -> a bundle."""
+              detector_names: str, detector_params: tuple[str, ...], combine: str, mondrian: bool, fractions: str,
+              seed: int, output: str, force: bool) -> None:
+    """Fit detectors on clean data and calibrate the guard to a target false-positive rate -> a bundle.
+
+    The clean images are split (seeded) into fit / calibration / validation parts; the realised false-positive
+    rate on the validation part is reported with a Clopper-Pearson 95% interval and stored in the manifest.
+    """
     from abl.data import load_dataset, pad_to
     from detectors import make_detector
     from export import read_metadata
@@ -238,50 +246,113 @@ def calibrate(model_path: str, dataset: str, data_root: str | None, split: str, 
         dets = [make_detector(n, **per_det.get(n, {})) for n in names]
     except (ValueError, TypeError) as e:
         raise click.BadParameter(str(e)) from e
-    manifest = calibrate_bundle(
-        model_path, data.images, data.labels, dets, output, fpr=fpr, combine=combine, seed=seed, overwrite=force,
-        fractions=tuple(float(f) for f in fractions.split(",")),
-        provenance={"dataset": dataset, "split": split, "start": start, "count": len(data)},
-    )
+    from guard import BundleError
+
+    try:
+        manifest = calibrate_bundle(
+            model_path, data.images, data.labels, dets, output, fpr=fpr, combine=combine, mondrian=mondrian,
+            seed=seed, overwrite=force, fractions=tuple(float(f) for f in fractions.split(",")),
+            provenance={"calibration_data": {"dataset": dataset, "split": split, "start": start,
+                                             "count": len(data)}},
+        )
+    except (BundleError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
     cal = manifest["calibration"]
     v = cal["validation"]
-    click.echo(f"{output}: detectors {', '.join(d['name'] for d in manifest['detectors'])}; "
-               f"target FPR {fpr:.2%}; validation FPR {v['rate']:.2%} "
-               f"(95% CI {v['ci95'][0]:.2%}-{v['ci95'][1]:.2%}, n={v['n']}); clean accuracy {v['clean_accuracy']:.2%}")
+    click.echo(f"{output}: detectors {', '.join(d['name'] for d in manifest['detectors'])}; combine {cal['combine']}"
+               f"{' (Mondrian, per predicted class)' if cal['mondrian'] else ''}; target FPR {fpr:.2%}; validation "
+               f"FPR {v['rate']:.2%} (95% CI {v['ci95'][0]:.2%}-{v['ci95'][1]:.2%}, {v['k']}/{v['n']}); "
+               f"clean accuracy {v['clean_accuracy']:.2%}")
+    if cal["mondrian"]:
+        per = ", ".join(f"{c} {r['rate']:.1%} ({r['k']}/{r['n']})" for c, r in v["per_class"].items())
+        click.echo(f"validation FPR per predicted class: {per}")
+        if cal["fallback_classes"]:
+            click.echo(f"classes with too few calibration inputs (pooled threshold): {cal['fallback_classes']}")
 
 
 # ------------------------------------------------------------------------------------------------ scan
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("bundle", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Verdicts (JSONL).")
+@click.option("-o", "--output", required=True,
+              help="Verdict file: JSONL (default) or CSV (a .csv name or --format csv); '-' writes to stdout.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
+              help="Output format (default: from the output name).")
+@click.option("--resume", is_flag=True, help="Skip the inputs already in the output file and append the rest.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="Also write the summary here.")
+@click.option("--alarm-alpha", type=float, default=1e-3, show_default=True,
+              help="Significance of the target-class alarm (Bonferroni-adjusted binomial test).")
 @click.option("--fail-on-flag", is_flag=True, help="Exit with status 3 when any input is flagged.")
+@click.option("--fail-on-alarm", is_flag=True, help="Exit with status 3 when the target-class alarm fires.")
+@click.option("--fail-on-error", is_flag=True, help="Exit with status 1 when any input got an error record.")
 @click.pass_context
-def scan(ctx: click.Context, bundle: str, inputs: tuple[str, ...], output: str, batch_size: int,
-         summary_json: str | None, fail_on_flag: bool) -> None:
-    """Scan image folders/files and .npy/.npz arrays; one JSONL record (verdict or error) per input."""
+def scan(ctx: click.Context, bundle: str, inputs: tuple[str, ...], output: str, fmt: str | None, resume: bool,
+         batch_size: int, threads: int | None, summary_json: str | None, alarm_alpha: float, fail_on_flag: bool,
+         fail_on_alarm: bool, fail_on_error: bool) -> None:
+    """Scan inputs; exactly one record (verdict or error) per input, in input order.
+
+    INPUTS: image folders (recursive: png/jpg/bmp/webp/...; resized to the model's input with a warning count),
+    image files, .npy/.npz arrays, JSONL files (one object per line with "path" or base64 "image", optional "id"),
+    and '-' for JSONL on stdin. Ctrl-C stops after the current batch and leaves a valid output; --resume continues.
+
+    Exit status: 0 scan complete; 1 the scan could not run (bad bundle, bad output to resume) or, with
+    --fail-on-error, some input got an error record; 2 usage error; 3 with --fail-on-flag / --fail-on-alarm when
+    anything is flagged / the alarm fires; 130 interrupted. 3 takes precedence over an opt-in 1.
+    """
     from guard import BundleError, Guard
-    from guard.scan import scan_to_file
-    from guard.sources import iter_inputs
+    from guard.scan import ScanError, scan_sources
 
     try:
-        g = Guard.load(bundle, batch_size=batch_size)
-    except BundleError as e:
+        g = Guard.load(bundle, batch_size=batch_size, intra_op_threads=threads)
+        summary = scan_sources(g, list(inputs), output, batch_size=batch_size, quiet=ctx.obj["quiet"], fmt=fmt,
+                               resume=resume, alarm_alpha=alarm_alpha)
+    except (BundleError, ScanError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    summary = scan_to_file(g, iter_inputs(inputs, g.input_shape), output, batch_size, ctx.obj["quiet"])
-    s = summary.to_json()
-    click.echo(f"scanned {s['total']} inputs: {s['flagged']} flagged ({s['flag_rate']:.2%} of {s['scanned']} "
-               f"scored), {s['errors']} errors -> {output}", err=True)
-    if s["flagged_by_class"]:
-        click.echo(f"flagged by predicted class: {s['flagged_by_class']}", err=True)
+    for line in summary.lines():
+        click.echo(line, err=True)
     if summary_json:
-        Path(summary_json).write_text(json.dumps(s, indent=2))
-    if fail_on_flag and summary.flagged:
+        Path(summary_json).write_text(json.dumps(summary.to_json(), indent=2))
+    if summary.interrupted:
+        ctx.exit(130)
+    if (fail_on_flag and summary.flagged) or (fail_on_alarm and summary.alarm is not None and summary.alarm.fired):
         ctx.exit(3)
+    if fail_on_error and summary.errors:
+        ctx.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@main.command()
+@click.argument("verdicts", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="report.html (self-contained) or report.png.")
+@click.option("--bundle", type=click.Path(exists=True), default=None,
+              help="The bundle that produced the verdicts: adds the clean calibration distributions and the alarm.")
+@click.option("--png", "as_png", is_flag=True, help="Write a PNG image instead of HTML (default for a .png name).")
+@click.option("--max-thumbnails", type=int, default=48, show_default=True,
+              help="Most suspicious flagged inputs shown (re-read from the ids/sources in the verdicts).")
+@click.option("--alarm-alpha", type=float, default=1e-3, show_default=True)
+def report(verdicts: str, output: str, bundle: str | None, as_png: bool, max_thumbnails: int,
+           alarm_alpha: float) -> None:
+    """A one-page report of a scan: flag rate, score histograms against the calibration distribution, the
+    flagged inputs as thumbnails, and the target-class alarm."""
+    from guard import BundleError
+    from guard.report import build_report, write_html, write_png
+    from guard.scan import ScanError
+
+    try:
+        data = build_report(verdicts, bundle, max_thumbnails=max_thumbnails, alarm_alpha=alarm_alpha)
+    except (BundleError, ScanError) as e:
+        raise click.ClickException(str(e)) from e
+    out = write_png(data, output) if as_png or output.lower().endswith(".png") else write_html(data, output)
+    s = data.summary
+    click.echo(f"{out}: {s.total} inputs, {s.flagged} flagged ({s.flag_rate:.2%}), {s.errors} errors"
+               + (f"; {s.alarm.message()}" if s.alarm else ""))
 
 
 # ------------------------------------------------------------------------------------------------ poison

@@ -9,6 +9,7 @@ reported with a Clopper-Pearson interval.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,3 +101,216 @@ class RateEstimate:
 
     def to_json(self) -> dict:
         return {"rate": self.rate, "ci95": [self.ci_low, self.ci_high], "k": self.k, "n": self.n}
+
+
+# ------------------------------------------------------------------------------------------------ the calibrator
+
+
+def min_calibration_size(fpr: float) -> int:
+    """Fewest calibration inputs that can resolve ``fpr`` conformally: ``floor(fpr * (n + 1)) >= 1``."""
+    return max(1, int(np.ceil(1.0 / fpr - 1e-9)) - 1)
+
+
+class Calibrator:
+    """Clean calibration scores per detector -> per-detector conformal p-values, combined p-value and threshold.
+
+    Pooled calibration (``mondrian=False``) compares every input with all calibration inputs and uses one threshold.
+    Mondrian calibration (Vovk et al., *Algorithmic Learning in a Random World*, ch. 4: conformal prediction
+    conditional on a category, here the *predicted* class) compares an input predicted as class ``c`` only with
+    calibration inputs predicted as ``c``, and gives each class its own threshold; the false-positive rate then holds
+    per predicted class, so no class pays all the false alarms. A class with fewer calibration inputs than
+    :func:`min_calibration_size` falls back to the pooled reference and threshold (listed in ``fallback_classes``).
+
+    ``scores`` are the calibration inputs' raw detector scores in calibration order and ``pred`` their predicted
+    labels; both are what a bundle stores. Read-only after construction, so one instance serves many threads.
+    """
+
+    def __init__(self, scores: Mapping[str, np.ndarray], pred: np.ndarray, two_sided: Sequence[bool], combine: str,
+                 num_classes: int, p_threshold: float = 0.0, mondrian: bool = False,
+                 class_thresholds: Sequence[float] | None = None, fallback_classes: Sequence[int] = ()) -> None:
+        if combine not in COMBINERS:
+            raise ValueError(f"unknown combination {combine!r}; choose from {COMBINERS}")
+        self.names = list(scores)
+        self.two_sided = [bool(t) for t in two_sided]
+        if len(self.two_sided) != len(self.names):
+            raise ValueError(f"{len(self.names)} detectors but {len(self.two_sided)} two_sided flags")
+        self.combine = combine
+        self.num_classes = int(num_classes)
+        self.pred = np.asarray(pred, np.int64)
+        self.scores = {n: np.asarray(scores[n], np.float64) for n in self.names}
+        for n, v in self.scores.items():
+            if v.shape != self.pred.shape:
+                raise ValueError(f"{n}: {v.shape} calibration scores for {self.pred.shape} predicted labels")
+        self.mondrian = bool(mondrian)
+        self.p_threshold = float(p_threshold)
+        self.fallback_classes = [int(c) for c in fallback_classes]
+        self.class_thresholds = (np.asarray(class_thresholds, np.float64) if class_thresholds is not None
+                                 else np.full(self.num_classes, self.p_threshold))
+        self.ref = {n: np.sort(v) for n, v in self.scores.items()}
+        self._class_ref: dict[int, dict[str, np.ndarray]] = {}
+        if self.mondrian:
+            for c in range(self.num_classes):
+                m = self.pred == c
+                if c not in self.fallback_classes and m.any():
+                    self._class_ref[c] = {n: np.sort(v[m]) for n, v in self.scores.items()}
+
+    @property
+    def n(self) -> int:
+        return len(self.pred)
+
+    @classmethod
+    def fit(cls, scores: Mapping[str, np.ndarray], pred: np.ndarray, two_sided: Sequence[bool], combine: str,
+            fpr: float, num_classes: int, mondrian: bool = False) -> Calibrator:
+        """Calibrate on clean ``scores`` (``{detector: (n,)}``) of inputs the model predicted as ``pred``.
+
+        Thresholds come from leave-one-out combined p-values of the calibration inputs (:func:`threshold_for_fpr`):
+        the pooled one from all of them, each Mondrian class's from its own.
+        """
+        pred = np.asarray(pred, np.int64)
+        need = min_calibration_size(fpr)
+        if len(pred) < need:
+            raise ValueError(f"{len(pred)} calibration inputs cannot resolve a false-positive rate of {fpr}; "
+                             f"need at least {need}")
+        fallback: list[int] = []
+        if mondrian:
+            counts = np.bincount(pred, minlength=num_classes)
+            fallback = [c for c in range(num_classes) if counts[c] < need]
+        cal = cls(scores, pred, two_sided, combine, num_classes, 0.0, mondrian, None, fallback)
+        pooled, _, _ = cal.pvalues(cal.scores, pred, leave_one_out=True, pooled=True)
+        cal.p_threshold = threshold_for_fpr(pooled, fpr)
+        thr = np.full(num_classes, cal.p_threshold)
+        if mondrian:
+            loo, _, _ = cal.pvalues(cal.scores, pred, leave_one_out=True)
+            for c in cal._class_ref:
+                thr[c] = threshold_for_fpr(loo[pred == c], fpr)
+        cal.class_thresholds = thr
+        return cal
+
+    def thresholds(self, pred: np.ndarray) -> np.ndarray:
+        """The p-value threshold that applies to each input (its predicted class's under Mondrian)."""
+        pred = np.asarray(pred, np.int64)
+        if not self.mondrian or self.class_thresholds is None:
+            return np.full(len(pred), self.p_threshold)
+        return self.class_thresholds[np.clip(pred, 0, self.num_classes - 1)]
+
+    def pvalues(self, scores: Mapping[str, np.ndarray], pred: np.ndarray, leave_one_out: bool = False,
+                pooled: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(combined (N,), per-detector p (N, k), low_tail (N, k) bool)`` for inputs predicted as ``pred``.
+
+        With ``leave_one_out`` the scores must be the calibration scores themselves (in calibration order).
+        """
+        pred = np.asarray(pred, np.int64)
+        N, k = len(pred), len(self.names)
+        P = np.empty((N, k))
+        low = np.zeros((N, k), bool)
+        groups: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        if self.mondrian and not pooled:
+            rest = np.ones(N, bool)
+            for c, ref in self._class_ref.items():
+                m = pred == c
+                if m.any():
+                    groups.append((m, ref))
+                    rest &= ~m
+            if rest.any():
+                groups.append((rest, self.ref))
+        else:
+            groups.append((np.ones(N, bool), self.ref))
+        for m, ref in groups:
+            for j, name in enumerate(self.names):
+                p, tail = conformal_pvalues(ref[name], np.asarray(scores[name], np.float64)[m],
+                                            self.two_sided[j], leave_one_out)
+                P[m, j] = p
+                low[m, j] = tail == "low"
+        combined = P[:, 0].copy() if k == 1 else combine_pvalues(P, self.combine)
+        return combined, P, low
+
+    def to_json(self) -> dict:
+        return {
+            "combine": self.combine, "p_threshold": self.p_threshold, "mondrian": self.mondrian,
+            "class_thresholds": [float(t) for t in self.class_thresholds] if self.mondrian else None,
+            "fallback_classes": self.fallback_classes if self.mondrian else None,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ class alarm
+
+
+def alarm_null(cal_pred: np.ndarray, cal_combined: np.ndarray, num_classes: int, mondrian: bool,
+               relaxed: float = 0.1) -> tuple[np.ndarray, str]:
+    """What share of a *clean* stream's flags each predicted class should get (the alarm's null hypothesis).
+
+    Under Mondrian calibration every class is flagged at the same rate, so the flags follow the calibration
+    distribution of predicted labels. Under pooled calibration classes differ in how often they are flagged; the
+    share is estimated from the ``relaxed`` fraction of calibration inputs with the smallest leave-one-out combined
+    p-values (1% of a calibration part is too few inputs to estimate ten shares). Add-one smoothed either way.
+    """
+    pred = np.asarray(cal_pred, np.int64)
+    if mondrian:
+        counts = np.bincount(pred, minlength=num_classes)
+        method = "predicted-labels"
+    else:
+        n_tail = max(1, int(np.ceil(relaxed * len(pred))))
+        tail = np.argsort(np.asarray(cal_combined), kind="stable")[:n_tail]
+        counts = np.bincount(pred[tail], minlength=num_classes)
+        method = f"predicted-labels-of-lowest-{relaxed:g}"
+    counts = counts[:num_classes].astype(np.float64) + 1.0
+    return counts / counts.sum(), method
+
+
+@dataclass
+class ClassAlarm:
+    """The target-class alarm: are the flagged inputs concentrated on one predicted class?"""
+
+    fired: bool
+    target: int | None
+    target_name: str | None
+    flagged_total: int
+    flagged_on_target: int
+    expected_on_target: float
+    p_value: float
+    alpha: float
+    per_class: list[dict]
+    min_flags: int = 5
+
+    def message(self) -> str:
+        if self.fired:
+            return (f"suspected backdoor target: {self.target} ({self.target_name}) — {self.flagged_on_target} of "
+                    f"{self.flagged_total} flagged inputs predicted as it, {self.expected_on_target:.1f} expected; "
+                    f"binomial p = {self.p_value:.2g} (Bonferroni over classes)")
+        top = min(self.per_class, key=lambda r: r["p_value"], default=None)
+        few = (f"; class {top['class']} is the most concentrated, but {top['flagged']} flags are fewer than the "
+               f"{self.min_flags} an alarm needs" if top is not None and self.p_value < self.alpha else "")
+        return (f"no target-class alarm ({self.flagged_total} flagged; smallest Bonferroni p = {self.p_value:.2g}, "
+                f"alpha {self.alpha:g}{few})")
+
+    def to_json(self) -> dict:
+        return {"fired": self.fired, "target": self.target, "target_name": self.target_name,
+                "flagged_total": self.flagged_total, "flagged_on_target": self.flagged_on_target,
+                "expected_on_target": self.expected_on_target, "p_value": self.p_value, "alpha": self.alpha,
+                "min_flags": self.min_flags, "message": self.message(), "per_class": self.per_class}
+
+
+def target_class_alarm(flagged_by_class: Sequence[int], null_probs: Sequence[float],
+                       class_names: Sequence[str] | None = None, alpha: float = 1e-3,
+                       min_flags: int = 5) -> ClassAlarm:
+    """One-sided binomial test per class: ``P(X >= k_c)`` for ``X ~ Bin(F, pi_c)``, Bonferroni over classes.
+
+    ``flagged_by_class[c]`` counts flagged inputs predicted as ``c`` (``F`` in all); ``null_probs`` is the clean
+    share from :func:`alarm_null`. Fires when the smallest adjusted p-value is below ``alpha`` and that class holds at
+    least ``min_flags`` flags — ABL's second observation: a backdoor sends its inputs to one target class.
+    """
+    k = np.asarray(flagged_by_class, np.int64)
+    pi = np.asarray(null_probs, np.float64)
+    if k.shape != pi.shape:
+        raise ValueError(f"{len(k)} class counts but {len(pi)} null probabilities")
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(k))]
+    F = int(k.sum())
+    K = len(k)
+    raw = stats.binom.sf(k - 1, F, pi) if F else np.ones(K)
+    adj = np.minimum(1.0, raw * K)
+    per_class = [{"class": c, "name": names[c], "flagged": int(k[c]), "expected": float(F * pi[c]),
+                  "p_value": float(adj[c])} for c in range(K)]
+    c = int(np.argmin(adj)) if K else 0
+    fired = bool(K and adj[c] < alpha and k[c] >= min_flags)
+    return ClassAlarm(fired, c if fired else None, names[c] if fired else None, F, int(k[c]) if K else 0,
+                      float(F * pi[c]) if K else 0.0, float(adj[c]) if K else 1.0, alpha, per_class, min_flags)

@@ -1,17 +1,34 @@
-"""Input sources for scanning: image folders and files, ``.npy`` / ``.npz`` arrays.
+"""Input sources for scanning: image folders and files, ``.npy`` / ``.npz`` arrays, JSONL streams (``-`` = stdin).
 
 Every input becomes an :class:`InputItem` holding either the model-ready image or the reason it could not be read;
-a source never silently drops an input. Arrays are memory-mapped where the format allows it, so scanning memory does
-not grow with the number of inputs.
+a source never silently drops an input and never stops at a bad one. Memory does not grow with the number of inputs:
+folders are walked directory by directory, ``.npy`` files are memory-mapped, ``.npz`` members are streamed row
+block by row block out of the zip, and JSONL is read line by line.
+
+Ids (what a verdict record is keyed by, and what ``--resume`` matches): the file path for image files,
+``PATH#ROW`` for array rows, and for JSONL lines the line's ``"id"`` field or ``PATH:LINE`` (``-:LINE`` for stdin).
+``source`` says where to re-read an input (the report's thumbnails): the image path, ``PATH#ROW`` or ``PATH:LINE``.
+
+JSONL lines are objects with ``"path"`` (an image file; relative paths are taken from the JSONL file's directory, or
+the working directory for stdin) or ``"image"`` (base64 of an encoded PNG/JPEG/..., a ``data:`` URL is fine), and
+optionally ``"id"``; a line that is just a JSON string is a path.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import io
+import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -21,6 +38,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 ARRAY_EXTS = {".npy", ".npz"}
+JSONL_EXTS = {".jsonl", ".ndjson"}
+NPZ_KEYS = ("images", "x", "inputs")
+STDIN = "-"
+
+Skip = Callable[[str], bool]
 
 
 @dataclass
@@ -31,70 +53,328 @@ class InputItem:
     image: np.ndarray | None = None
     error: str | None = None
     resized: bool = False
+    source: str | None = None
 
 
-def _image_item(path: Path, input_shape: Sequence[int]) -> InputItem:
-    from PIL import Image, UnidentifiedImageError
+def _never(_id: str) -> bool:
+    return False
 
+
+def decode_image(data: bytes | str | os.PathLike, input_shape: Sequence[int]) -> tuple[np.ndarray, bool]:
+    """An encoded image (bytes or a path) -> float32 ``(C, H, W)`` in the model's spec; returns ``(x, resized)``."""
+    from PIL import Image
+
+    src = io.BytesIO(data) if isinstance(data, bytes) else data
+    with Image.open(src) as img:
+        img.load()
+        arr, resized = pil_to_array(img, input_shape)
+    return to_model_input(arr[None], input_shape)[0], resized
+
+
+def _image_item(path: Path, input_shape: Sequence[int], item_id: str | None = None) -> InputItem:
+    iid = item_id or str(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            arr, resized = pil_to_array(img, input_shape)
-        return InputItem(str(path), to_model_input(arr[None], input_shape)[0], resized=resized)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        return InputItem(str(path), error=f"unreadable image: {e}")
+        x, resized = decode_image(path, input_shape)
+        return InputItem(iid, x, resized=resized, source=str(path))
+    except FileNotFoundError:
+        return InputItem(iid, error=f"no such file: {path}", source=str(path))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types; every input still gets an answer
+        return InputItem(iid, error=f"unreadable image: {type(e).__name__}: {e}", source=str(path))
 
 
-def _array_items(path: Path, input_shape: Sequence[int], batch: int = 1024) -> Iterator[InputItem]:
-    try:
-        if path.suffix == ".npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+# ------------------------------------------------------------------------------------------------ arrays
+
+
+def _npz_rows(path: Path) -> tuple[str, Any]:
+    """Choose the images member of an ``.npz`` and return ``(key, reader)``; the reader streams rows from the zip
+    (a C-order ``.npy`` member) or, for Fortran-order members, holds the loaded array."""
+    with np.load(path, allow_pickle=False) as z:
+        files = list(z.files)
+    key = next((k for k in NPZ_KEYS if k in files), None)
+    if key is None and len(files) == 1:
+        key = files[0]
+    if key is None:
+        raise ValueError(f"no 'images' array among {files}")
+    return key, _NpzMember(path, key)
+
+
+class _NpzMember:
+    """Row-block access to one array inside an ``.npz`` without loading the whole array."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        self._zf = zipfile.ZipFile(path)
+        self._fp = self._zf.open(f"{key}.npy")
+        version = np.lib.format.read_magic(self._fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(self._fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(self._fp)
         else:
+            raise ValueError(f"unsupported .npy version {version} for member {key!r}")
+        if dtype.hasobject:
+            raise ValueError(f"member {key!r} has object dtype (pickled data is never loaded)")
+        self.shape, self.dtype = tuple(shape), dtype
+        self._full = None
+        if fortran and len(shape) > 1:
+            self.close()
             with np.load(path, allow_pickle=False) as z:
-                key = next((k for k in ("images", "x", "inputs") if k in z.files), None)
-                if key is None and len(z.files) == 1:
-                    key = z.files[0]
-                if key is None:
-                    raise ValueError(f"no 'images' array among {z.files}")
-                arr = z[key]
-    except (OSError, ValueError) as e:
-        yield InputItem(str(path), error=f"unreadable array file: {e}")
-        return
-    if arr.ndim < 2:
-        yield InputItem(str(path), error=f"array of shape {arr.shape} holds no images")
-        return
-    for start in range(0, len(arr), batch):
-        chunk = np.asarray(arr[start : start + batch])
-        try:
-            xs = to_model_input(chunk, input_shape)
-            for i, x in enumerate(xs):
-                yield InputItem(f"{path}#{start + i}", x)
-        except InputError:
-            for i in range(len(chunk)):  # find which rows are bad, keep the good ones
-                try:
-                    yield InputItem(f"{path}#{start + i}", to_model_input(chunk[i : i + 1], input_shape)[0])
-                except InputError as e:
-                    yield InputItem(f"{path}#{start + i}", error=str(e))
+                self._full = z[key]
+        self._row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        self.ndim = len(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)``; sequential calls only (the zip stream is read once, front to back)."""
+        if self._full is not None:
+            return self._full[start:stop]
+        n = stop - start
+        raw = self._fp.read(n * self._row * self.dtype.itemsize)
+        if len(raw) != n * self._row * self.dtype.itemsize:
+            raise ValueError(f"member {self.key!r} is truncated")
+        return np.frombuffer(raw, self.dtype).reshape((n, *self.shape[1:]))
+
+    def close(self) -> None:
+        if self._full is None:
+            self._fp.close()
+            self._zf.close()
 
 
-def iter_inputs(sources: Iterable[str | os.PathLike], input_shape: Sequence[int]) -> Iterator[InputItem]:
-    """Items from folders (recursive, sorted), image files and array files, in order."""
-    for src in sources:
-        path = Path(src)
-        if path.is_dir():
-            for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-                yield from _file_items(f, input_shape)
-        elif path.is_file():
-            yield from _file_items(path, input_shape)
+def _is_one_image(shape: tuple[int, ...], input_shape: Sequence[int]) -> bool:
+    c, h, w = (int(v) for v in input_shape)
+    return shape in ((h, w, c), (c, h, w)) or (c == 1 and shape == (h, w))
+
+
+def _array_items(path: Path, input_shape: Sequence[int], skip: Skip, batch: int = 1024) -> Iterator[InputItem]:
+    member = None
+    try:
+        if path.suffix.lower() == ".npy":
+            arr: Any = np.load(path, mmap_mode="r", allow_pickle=False)
+            if arr.dtype.hasobject:
+                raise ValueError("object arrays are never loaded (pickle)")
+            n, ndim = len(arr) if arr.ndim else 0, arr.ndim
+
+            def read(a: int, b: int) -> np.ndarray:
+                return np.asarray(arr[a:b])
         else:
-            yield InputItem(str(path), error="no such file or directory")
+            _, member = _npz_rows(path)
+            n, ndim, read = len(member), member.ndim, member.read
+    except FileNotFoundError:
+        yield InputItem(str(path), error=f"no such file: {path}", source=str(path))
+        return
+    except Exception as e:  # noqa: BLE001 - corrupt headers, pickled arrays, bad zips: one error record
+        yield InputItem(str(path), error=f"unreadable array file: {type(e).__name__}: {e}", source=str(path))
+        return
+    try:
+        if ndim in (2, 3) and _is_one_image((n, *(arr.shape[1:] if member is None else member.shape[1:])),
+                                            input_shape):
+            if not skip(str(path)):  # the file holds a single image
+                try:
+                    yield InputItem(str(path), to_model_input(read(0, n), input_shape)[0], source=str(path))
+                except InputError as e:
+                    yield InputItem(str(path), error=f"invalid input: {e}", source=str(path))
+            return
+        if ndim < 3:
+            yield InputItem(str(path), error=f"array of {ndim} dimensions holds no images "
+                                             f"(expected (N, H, W[, C]) or (N, C, H, W))", source=str(path))
+            return
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            ids = [f"{path}#{i}" for i in range(start, stop)]
+            todo = [i for i, iid in enumerate(ids) if not skip(iid)]
+            if not todo:
+                if member is not None:
+                    read(start, stop)  # the zip stream is sequential: consume the rows anyway
+                continue
+            try:
+                chunk = read(start, stop)
+            except Exception as e:  # noqa: BLE001 - a truncated file: every remaining row gets the reason
+                rest = [ids[i] for i in todo] + [f"{path}#{i}" for i in range(stop, n) if not skip(f"{path}#{i}")]
+                for iid in rest:
+                    yield InputItem(iid, error=f"unreadable array rows: {e}", source=iid)
+                return
+            chunk = chunk[todo] if len(todo) < len(ids) else chunk
+            try:
+                xs = to_model_input(chunk, input_shape)
+                if len(xs) != len(todo):  # e.g. a (N, H, W) batch read as one image
+                    raise InputError(f"rows of shape {chunk.shape[1:]} do not fit the model")
+                for j, i in enumerate(todo):
+                    yield InputItem(ids[i], xs[j], source=ids[i])
+            except InputError:
+                for j, i in enumerate(todo):  # find which rows are bad, keep the good ones
+                    try:
+                        x = to_model_input(chunk[j : j + 1], input_shape)
+                        if len(x) != 1:
+                            raise InputError(f"row of shape {chunk.shape[1:]} does not fit the model")
+                        yield InputItem(ids[i], x[0], source=ids[i])
+                    except InputError as e:
+                        yield InputItem(ids[i], error=f"invalid input: {e}", source=ids[i])
+    finally:
+        if member is not None:
+            member.close()
 
 
-def _file_items(path: Path, input_shape: Sequence[int]) -> Iterator[InputItem]:
+# ------------------------------------------------------------------------------------------------ JSONL
+
+
+def _jsonl_items(name: str, stream: IO[str], base: Path, input_shape: Sequence[int],
+                 skip: Skip) -> Iterator[InputItem]:
+    for lineno, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        ref = f"{name}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if not skip(ref):
+                yield InputItem(ref, error=f"invalid JSON line: {e}", source=ref)
+            continue
+        if isinstance(obj, str):
+            obj = {"path": obj}
+        if not isinstance(obj, dict):
+            if not skip(ref):
+                yield InputItem(ref, error=f"JSONL line must be an object or a path string, got "
+                                           f"{type(obj).__name__}", source=ref)
+            continue
+        iid = str(obj["id"]) if obj.get("id") is not None else ref
+        if skip(iid):
+            continue
+        if isinstance(obj.get("path"), str):
+            p = Path(obj["path"])
+            yield _image_item(p if p.is_absolute() else base / p, input_shape, iid)
+        elif isinstance(obj.get("image"), str):
+            data = obj["image"]
+            if data.startswith("data:"):
+                data = data.partition(",")[2]
+            try:
+                raw = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError) as e:
+                yield InputItem(iid, error=f"invalid base64 image: {e}", source=ref)
+                continue
+            try:
+                x, resized = decode_image(raw, input_shape)
+                yield InputItem(iid, x, resized=resized, source=ref)
+            except Exception as e:  # noqa: BLE001
+                yield InputItem(iid, error=f"unreadable image: {type(e).__name__}: {e}", source=ref)
+        else:
+            yield InputItem(iid, error="JSONL line has neither a 'path' nor an 'image' (base64) string",
+                            source=ref)
+
+
+# ------------------------------------------------------------------------------------------------ all sources
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under ``root`` in sorted order, one directory listing in memory at a time (hidden entries skipped)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                yield Path(dirpath) / f
+
+
+def _file_items(path: Path, input_shape: Sequence[int], skip: Skip, in_folder: bool = False) -> Iterator[InputItem]:
     ext = path.suffix.lower()
     if ext in IMAGE_EXTS:
-        yield _image_item(path, input_shape)
+        if not skip(str(path)):
+            yield _image_item(path, input_shape)
     elif ext in ARRAY_EXTS:
-        yield from _array_items(path, input_shape)
-    else:
-        yield InputItem(str(path), error=f"unsupported file type {ext or '(none)'}")
+        yield from _array_items(path, input_shape, skip)
+    elif ext in JSONL_EXTS and not in_folder:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield from _jsonl_items(str(path), f, path.parent, input_shape, skip)
+        except OSError as e:
+            if not skip(str(path)):
+                yield InputItem(str(path), error=f"unreadable JSONL file: {e}", source=str(path))
+    elif not skip(str(path)):
+        yield InputItem(str(path), error=f"unsupported file type: {ext or '(none)'}", source=str(path))
+
+
+def iter_inputs(sources: Iterable[str | os.PathLike], input_shape: Sequence[int], skip: Skip | None = None,
+                stdin: IO[str] | None = None) -> Iterator[InputItem]:
+    """Items from folders (recursive, sorted), image files, array files and JSONL files, in order.
+
+    ``-`` reads JSONL from ``stdin`` (default ``sys.stdin``). ``skip(id)`` is asked before an input is decoded
+    (``--resume``); a skipped input yields nothing. JSONL files inside folders are data, not inputs: they get an
+    "unsupported file type" record like any other non-image file.
+    """
+    skip = skip or _never
+    for src in sources:
+        if str(src) == STDIN:
+            yield from _jsonl_items(STDIN, stdin or sys.stdin, Path.cwd(), input_shape, skip)
+            continue
+        path = Path(src)
+        if path.is_dir():
+            for f in _walk(path):
+                yield from _file_items(f, input_shape, skip, in_folder=True)
+        elif path.is_file():
+            yield from _file_items(path, input_shape, skip)
+        elif not skip(str(path)):
+            yield InputItem(str(path), error="no such file or directory", source=str(path))
+
+
+# ------------------------------------------------------------------------------------------------ re-reading
+
+
+def read_source(source: str) -> np.ndarray | None:
+    """Re-read an input for display from a record's ``source``: uint8 ``(H, W, C)``, or ``None`` when it cannot be
+    read (stdin, moved files). Images are shown as stored, arrays as given (floats scaled from [0, 1])."""
+    try:
+        path, sep, row = source.rpartition("#")
+        if sep and row.isdigit() and Path(path).suffix.lower() in ARRAY_EXTS:
+            return _display(_array_row(Path(path), int(row)))
+        path, sep, line = source.rpartition(":")
+        if sep and line.isdigit() and Path(path).suffix.lower() in JSONL_EXTS and Path(path).is_file():
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for i, text in enumerate(f, 1):
+                    if i == int(line):
+                        obj = json.loads(text)
+                        obj = {"path": obj} if isinstance(obj, str) else obj
+                        if isinstance(obj.get("path"), str):
+                            p = Path(obj["path"])
+                            return _pil_display(p if p.is_absolute() else Path(path).parent / p)
+                        data = obj["image"].partition(",")[2] if obj["image"].startswith("data:") else obj["image"]
+                        return _pil_display(io.BytesIO(base64.b64decode(data)))
+            return None
+        if Path(source).suffix.lower() in IMAGE_EXTS and Path(source).is_file():
+            return _pil_display(Path(source))
+    except Exception as e:  # noqa: BLE001 - a thumbnail that cannot be shown is not an error
+        log.debug("cannot re-read %s: %s", source, e)
+    return None
+
+
+def _array_row(path: Path, row: int) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return np.array(np.load(path, mmap_mode="r", allow_pickle=False)[row])
+    return _npz_images(str(path))[row]
+
+
+@functools.lru_cache(maxsize=2)
+def _npz_images(path: str) -> np.ndarray:
+    key, member = _npz_rows(Path(path))
+    member.close()
+    with np.load(path, allow_pickle=False) as z:
+        return z[key]
+
+
+def _pil_display(src: Any) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(src) as img:
+        img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _display(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.dtype != np.uint8:
+        a = np.clip(np.nan_to_num(a.astype(np.float64)) * 255.0, 0, 255).astype(np.uint8)
+    return a
