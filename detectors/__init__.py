@@ -1,5 +1,16 @@
-"""Detectors: pure numpy / scikit-learn scores on model observations (higher = more suspicious)."""
+"""Detectors: pure numpy / scikit-learn scores on model observations (higher = more suspicious).
 
+Importing this package registers every detector with :func:`make_detector` (and so with ``abl-guard calibrate``):
+
+| lens | detectors |
+|---|---|
+| sensitivity | ``mutation`` (model mutation), ``squeeze`` (feature squeezing) — two-sided |
+| activation space | ``nic`` (value + provenance invariants) |
+| feature space | ``mahalanobis``, ``mahalanobis-layers``, ``knn`` |
+| baselines | ``msp``, ``energy``, ``strip`` (two-sided) |
+"""
+
+from .activation import NIC
 from .base import (
     REGISTRY,
     Detector,
@@ -10,9 +21,12 @@ from .base import (
     make_detector,
     register,
 )
-from .feature import Mahalanobis
+from .baselines import Energy, MaxSoftmax, Strip
+from .feature import KNNDistance, LayerMahalanobis, Mahalanobis
+from .sensitivity import InputSqueezing, ModelMutation
 
 __all__ = [
-    "REGISTRY", "Detector", "Mahalanobis", "ModelFn", "NotFittedError", "Observations", "detector_from_state",
+    "NIC", "REGISTRY", "Detector", "Energy", "InputSqueezing", "KNNDistance", "LayerMahalanobis", "Mahalanobis",
+    "MaxSoftmax", "ModelFn", "ModelMutation", "NotFittedError", "Observations", "Strip", "detector_from_state",
     "make_detector", "register",
 ]

@@ -75,3 +75,83 @@ class OnnxModel:
         return {n: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for n, v in parts.items()}
 
     __call__ = run
+
+    def dense_head(self, tap: str) -> list[dict[str, Any]]:
+        """The layers between output ``tap`` and ``logits`` when they are a pure dense head; see :func:`dense_head`."""
+        if tap not in self.tap_names:
+            raise KeyError(f"model has no tap {tap!r}; it has {self.tap_names}")
+        return dense_head(self.path, tap)
+
+
+#: ONNX ops a dense head may consist of (Gemm / MatMul+Add are the dense layers)
+_HEAD_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Identity"}
+
+
+def dense_head(path: str | os.PathLike, tap: str, output: str = "logits") -> list[dict[str, Any]]:
+    """Read the dense layers that map graph tensor ``tap`` to ``output`` from an ONNX file.
+
+    Walks the graph from ``tap`` to ``output``; every step must be the only consumer of its input and one of Gemm
+    (``transA = 0``), MatMul with a constant right operand, Add of a constant bias, Relu, Flatten (axis 1) or
+    Identity. Returns ``[{"op": "linear", "weight": (out, in), "bias": (out,)}, {"op": "relu"}, {"op": "flatten"},
+    ...]`` as float32 arrays in application order, so ``logits = head(tap)`` can be recomputed (and mutated) in
+    numpy. Raises ``ValueError`` naming the first node that is not part of a dense head.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for node in g.node:  # Constant nodes are initializers too, for our purposes
+        if node.op_type == "Constant" and node.attribute:
+            a = node.attribute[0]
+            if a.name == "value":
+                inits[node.output[0]] = numpy_helper.to_array(a.t)
+    consumers: dict[str, list[Any]] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    layers: list[dict[str, Any]] = []
+    current = tap
+    for _ in range(len(g.node) + 1):
+        if current == output:
+            return layers
+        nodes = [n for n in consumers.get(current, []) if n.op_type != "Constant"]
+        if len(nodes) != 1:
+            raise ValueError(f"{path}: tensor {current!r} has {len(nodes)} consumers; not a dense head after {tap!r}")
+        node = nodes[0]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        others = [i for i in node.input if i != current]
+        if node.op_type not in _HEAD_OPS or any(i and i not in inits for i in others) \
+                or (node.op_type != "Add" and node.input[0] != current):
+            raise ValueError(f"{path}: node {node.name or node.op_type!r} ({node.op_type}) after tap {tap!r} is not "
+                             "part of a dense head (Gemm/MatMul/Add/Relu/Flatten with constant weights)")
+        if node.op_type == "Gemm":
+            if attrs.get("transA", 0):
+                raise ValueError(f"{path}: Gemm with transA after tap {tap!r} is not supported")
+            b = inits[node.input[1]].astype(np.float32)
+            w = (b if attrs.get("transB", 0) else b.T) * np.float32(attrs.get("alpha", 1.0))
+            bias = np.zeros(w.shape[0], np.float32)
+            if len(node.input) > 2 and node.input[2]:
+                bias = np.broadcast_to(inits[node.input[2]].astype(np.float32) * np.float32(attrs.get("beta", 1.0)),
+                                       (w.shape[0],)).copy()
+            layers.append({"op": "linear", "weight": np.ascontiguousarray(w), "bias": bias})
+        elif node.op_type == "MatMul":
+            w = inits[node.input[1]].astype(np.float32)
+            if w.ndim != 2:
+                raise ValueError(f"{path}: MatMul with a {w.ndim}-D weight after tap {tap!r} is not supported")
+            layers.append({"op": "linear", "weight": np.ascontiguousarray(w.T), "bias": np.zeros(w.shape[1],
+                                                                                                  np.float32)})
+        elif node.op_type == "Add":
+            if not layers or layers[-1]["op"] != "linear":
+                raise ValueError(f"{path}: Add after tap {tap!r} does not follow a dense layer")
+            layers[-1]["bias"] = layers[-1]["bias"] + np.broadcast_to(inits[others[0]].astype(np.float32),
+                                                                      layers[-1]["bias"].shape)
+        elif node.op_type == "Relu":
+            layers.append({"op": "relu"})
+        elif node.op_type == "Flatten":
+            if attrs.get("axis", 1) != 1:
+                raise ValueError(f"{path}: Flatten with axis != 1 after tap {tap!r} is not supported")
+            layers.append({"op": "flatten"})
+        current = node.output[0]
+    raise ValueError(f"{path}: no path from {tap!r} to {output!r}")

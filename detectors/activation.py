@@ -1,0 +1,249 @@
+"""Activation-space lens: NIC (Ma, Liu, Tao, Lee, Zhang — NDSS 2019), value and provenance invariants.
+
+Every learned piece is kept as plain arrays (scaler, PCA basis, one-class-SVM support vectors and dual coefficients,
+probe weights) and evaluated in numpy, so the bundle holds no pickled estimator; scikit-learn only does the fitting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.svm import OneClassSVM
+
+from ._util import adaptive_avg_pool, softmax, subsample
+from .base import Detector, ModelFn, NotFittedError, Observations, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RbfOneClassSVM:
+    """A fitted RBF one-class SVM as arrays: ``f(x) = sum_i a_i exp(-gamma ||x - s_i||^2) + b`` (scikit-learn's
+    ``decision_function``: positive inside the learned support, negative outside)."""
+
+    support: np.ndarray  # (n_sv, d)
+    dual: np.ndarray  # (n_sv,)
+    intercept: float
+    gamma: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, nu: float, gamma: float | str) -> RbfOneClassSVM:
+        svm = OneClassSVM(kernel="rbf", nu=nu, gamma=gamma).fit(x)
+        return cls(np.asarray(svm.support_vectors_, np.float64), np.asarray(svm.dual_coef_, np.float64).ravel(),
+                   float(svm.intercept_[0]), float(svm._gamma))
+
+    def decision(self, x: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        out = np.empty(len(x))
+        s_sq = (self.support**2).sum(axis=1)
+        for start in range(0, len(x), chunk):
+            xc = np.asarray(x[start : start + chunk], np.float64)
+            d2 = (xc**2).sum(axis=1)[:, None] - 2.0 * xc @ self.support.T + s_sq[None]
+            out[start : start + chunk] = np.exp(-self.gamma * np.maximum(d2, 0.0)) @ self.dual + self.intercept
+        return out
+
+    def to_state(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}support": self.support, f"{prefix}dual": self.dual,
+                f"{prefix}scalars": np.array([self.intercept, self.gamma])}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray], prefix: str) -> RbfOneClassSVM:
+        intercept, gamma = (float(v) for v in state[f"{prefix}scalars"])
+        return cls(np.asarray(state[f"{prefix}support"], np.float64), np.asarray(state[f"{prefix}dual"], np.float64),
+                   intercept, gamma)
+
+
+@register
+class NIC(Detector):
+    """NIC's value and provenance invariants, combined by a final one-class SVM.
+
+    Per tapped layer: activations are average-pooled to a ``grid x grid`` map per channel (conv layers), standardised,
+    and PCA-reduced to ``max_dim`` dimensions when wider. *Value invariant*: an RBF one-class SVM on those features.
+    *Provenance invariant*: per layer a linear probe (multinomial logistic regression, i.e. a linear layer + softmax
+    trained with cross-entropy) predicts the model's label from the layer's features; for each pair of consecutive
+    layers a one-class SVM models the concatenated probe probabilities — how the evidence for each class evolves
+    through the network. The VI and PI decision values are standardised and fed to a final one-class SVM; the score
+    is its negated decision value (higher = more suspicious). NIC's public code never trains its probes (random dense
+    layers in ``svm_2.2.py``); these are trained.
+
+    Fit cost is kept sane on CPU: the reference is subsampled to ``max_samples`` (seeded) and split in two halves —
+    the per-layer models (scalers, PCA, VI/PI SVMs, probes) are fitted on the first, the final SVM on the per-layer
+    decision values of the *second*, so it sees the spread of fresh clean inputs rather than the SVMs' own training
+    points. With 4,000 samples a fit takes seconds to a few tens of seconds on one core.
+
+    Deviations from NIC: pooled (not full, flattened) activations and PCA to 64 rather than 5,000 dimensions (cost);
+    one ``nu``/``gamma`` for all layer SVMs (NIC tunes them per layer; ``nu = 0.1, gamma = "scale"`` is its PI/final
+    setting); the default taps are the model's named taps, not every layer.
+    """
+
+    name = "nic"
+    tail_kinds = {"high": "activation-anomaly"}
+
+    def __init__(self, taps: Sequence[str] = ("block1", "block2", "block3", "penultimate"), grid: int = 2,
+                 max_dim: int = 64, nu: float = 0.1, gamma: float | str = "scale", final_nu: float = 0.1,
+                 probe_c: float = 1.0, max_samples: int = 4000, seed: int = 0, chunk_size: int = 4096) -> None:
+        super().__init__(chunk_size)
+        if isinstance(taps, str):
+            taps = [t for t in taps.split(",") if t]
+        if len(taps) < 1 or len(set(taps)) != len(taps):
+            raise ValueError(f"taps must be a non-empty list of distinct tap names, got {taps!r}")
+        if grid < 1 or max_dim < 1:
+            raise ValueError("grid and max_dim must be >= 1")
+        if not (0 < nu <= 1 and 0 < final_nu <= 1):
+            raise ValueError("nu and final_nu must be in (0, 1]")
+        if max_samples < 20:
+            raise ValueError("max_samples must be >= 20")
+        self.taps = [str(t) for t in taps]
+        self.grid = int(grid)
+        self.max_dim = int(max_dim)
+        self.nu = float(nu)
+        self.gamma = gamma if isinstance(gamma, str) else float(gamma)
+        self.final_nu = float(final_nu)
+        self.probe_c = float(probe_c)
+        self.max_samples = int(max_samples)
+        self.seed = int(seed)
+        self.num_classes_: int | None = None
+        self.layers_: list[dict[str, np.ndarray]] = []
+        self.vi_: list[RbfOneClassSVM] = []
+        self.pi_: list[RbfOneClassSVM] = []
+        self.final_: RbfOneClassSVM | None = None
+        self.final_mean_: np.ndarray | None = None
+        self.final_std_: np.ndarray | None = None
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return (*self.taps, "logits")
+
+    def get_params(self) -> dict[str, Any]:
+        return {"taps": list(self.taps), "grid": self.grid, "max_dim": self.max_dim, "nu": self.nu,
+                "gamma": self.gamma, "final_nu": self.final_nu, "probe_c": self.probe_c,
+                "max_samples": self.max_samples, "seed": self.seed, "chunk_size": self.chunk_size}
+
+    # ------------------------------------------------------------------ features
+
+    def _pooled(self, obs: Observations, tap: str, rows: slice | np.ndarray) -> np.ndarray:
+        return adaptive_avg_pool(self._get(obs, tap)[rows], self.grid).astype(np.float64)
+
+    def _project(self, x: np.ndarray, layer: Mapping[str, np.ndarray]) -> np.ndarray:
+        if x.shape[1] != len(layer["mean"]):
+            raise ValueError(f"a tapped layer has {x.shape[1]} pooled features, fitted on {len(layer['mean'])}")
+        z = (x - layer["mean"]) / layer["scale"]
+        if layer["components"].size:
+            z = (z - layer["pca_mean"]) @ layer["components"].T
+        return z
+
+    def _probe_proba(self, z: np.ndarray, layer: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Probe probabilities over all ``num_classes_`` (classes absent from the fit data get probability 0)."""
+        assert self.num_classes_ is not None
+        p = softmax(z @ layer["probe_coef"].T + layer["probe_intercept"])
+        full = np.zeros((len(z), self.num_classes_))
+        full[:, layer["probe_classes"]] = p
+        return full
+
+    def _decisions(self, obs: Observations, rows: slice | np.ndarray) -> np.ndarray:
+        """Per-layer VI and per-pair PI decision values ``(n, 2L - 1)`` for the selected rows."""
+        zs = [self._project(self._pooled(obs, t, rows), layer) for t, layer in zip(self.taps, self.layers_)]
+        probs = [self._probe_proba(z, layer) for z, layer in zip(zs, self.layers_)]
+        cols = [svm.decision(z) for svm, z in zip(self.vi_, zs)]
+        cols += [svm.decision(np.hstack([probs[i], probs[i + 1]])) for i, svm in enumerate(self.pi_)]
+        return np.stack(cols, axis=1)
+
+    # ------------------------------------------------------------------ fit / score
+
+    def fit(self, reference: Observations, labels: np.ndarray | None = None, model: ModelFn | None = None) -> NIC:
+        t0 = time.perf_counter()
+        logits = self._get(reference, "logits", 2)
+        self.num_classes_ = int(logits.shape[1])
+        n = len(logits)
+        if n < 20:
+            raise ValueError(f"NIC needs at least 20 reference inputs, got {n}")
+        idx = subsample(n, self.max_samples, self.seed)
+        idx = idx[np.random.default_rng(self.seed + 1).permutation(len(idx))]
+        a_idx, b_idx = np.sort(idx[: len(idx) // 2]), np.sort(idx[len(idx) // 2 :])
+        pred = logits.argmax(axis=1)
+        if len(np.unique(pred[a_idx])) < 2:
+            raise ValueError("NIC's probes need reference inputs the model assigns to at least two classes")
+
+        self.layers_, self.vi_, zs = [], [], []
+        for tap in self.taps:
+            x = self._pooled(reference, tap, a_idx)
+            mean, scale = x.mean(axis=0), x.std(axis=0)
+            scale = np.where(scale > 1e-8, scale, 1.0)
+            z = (x - mean) / scale
+            layer = {"mean": mean, "scale": scale, "pca_mean": np.zeros(0), "components": np.zeros((0, 0))}
+            if z.shape[1] > self.max_dim:
+                pca = PCA(n_components=min(self.max_dim, len(z)), svd_solver="full", random_state=self.seed).fit(z)
+                layer["pca_mean"], layer["components"] = pca.mean_, pca.components_
+                z = (z - pca.mean_) @ pca.components_.T
+            probe = LogisticRegression(C=self.probe_c, max_iter=2000).fit(z, pred[a_idx])
+            layer["probe_coef"] = probe.coef_ if len(probe.classes_) > 2 else np.vstack([-probe.coef_, probe.coef_])
+            layer["probe_intercept"] = (probe.intercept_ if len(probe.classes_) > 2
+                                        else np.concatenate([-probe.intercept_, probe.intercept_]))
+            if len(probe.classes_) == 2:  # binary logistic regression: softmax over (-w, w) / 2 is the same model
+                layer["probe_coef"], layer["probe_intercept"] = layer["probe_coef"] / 2, layer["probe_intercept"] / 2
+            layer["probe_classes"] = probe.classes_.astype(np.int64)
+            self.layers_.append(layer)
+            self.vi_.append(RbfOneClassSVM.fit(z, self.nu, self.gamma))
+            zs.append(z)
+        probs = [self._probe_proba(z, layer) for z, layer in zip(zs, self.layers_)]
+        self.pi_ = [RbfOneClassSVM.fit(np.hstack([probs[i], probs[i + 1]]), self.nu, self.gamma)
+                    for i in range(len(self.taps) - 1)]
+
+        d = self._decisions(reference, b_idx)
+        self.final_mean_ = d.mean(axis=0)
+        self.final_std_ = np.maximum(d.std(axis=0), 1e-12)
+        self.final_ = RbfOneClassSVM.fit((d - self.final_mean_) / self.final_std_, self.final_nu, "scale")
+        log.info("NIC fitted on %d + %d inputs, %d layers, in %.1fs", len(a_idx), len(b_idx), len(self.taps),
+                 time.perf_counter() - t0)
+        return self
+
+    def _check(self) -> None:
+        if self.final_ is None or not self.layers_:
+            raise NotFittedError("NIC is not fitted: call fit() first")
+
+    def layer_decisions(self, batch: Observations) -> np.ndarray:
+        """The per-layer VI and per-pair PI decision values ``(N, 2L - 1)`` (positive = like clean data)."""
+        self._check()
+        n = len(self._get(batch, self.taps[0]))
+        return np.concatenate([self._decisions(batch, s) for s in self._chunks(n)]) if n else np.zeros((0, 0))
+
+    def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
+        self._check()
+        assert self.final_ is not None
+        n = len(self._get(batch, self.taps[0]))
+        out = np.empty(n)
+        for s in self._chunks(n):
+            d = (self._decisions(batch, s) - self.final_mean_) / self.final_std_
+            out[s] = -self.final_.decision(d)
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        self._check()
+        assert self.final_ is not None and self.final_mean_ is not None and self.final_std_ is not None
+        state: dict[str, np.ndarray] = {"num_classes": np.array(self.num_classes_, np.int64),
+                                        "final_mean": self.final_mean_, "final_std": self.final_std_}
+        for i, layer in enumerate(self.layers_):
+            state.update({f"layer{i}__{k}": v for k, v in layer.items()})
+            state.update(self.vi_[i].to_state(f"vi{i}__"))
+        for i, svm in enumerate(self.pi_):
+            state.update(svm.to_state(f"pi{i}__"))
+        state.update(self.final_.to_state("final__"))
+        return state
+
+    def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.num_classes_ = int(state["num_classes"])
+        keys = ("mean", "scale", "pca_mean", "components", "probe_coef", "probe_intercept", "probe_classes")
+        self.layers_ = [{k: np.asarray(state[f"layer{i}__{k}"]) for k in keys} for i in range(len(self.taps))]
+        self.vi_ = [RbfOneClassSVM.from_state(state, f"vi{i}__") for i in range(len(self.taps))]
+        self.pi_ = [RbfOneClassSVM.from_state(state, f"pi{i}__") for i in range(len(self.taps) - 1)]
+        self.final_ = RbfOneClassSVM.from_state(state, "final__")
+        self.final_mean_ = np.asarray(state["final_mean"], np.float64)
+        self.final_std_ = np.asarray(state["final_std"], np.float64)
