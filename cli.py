@@ -473,9 +473,13 @@ def adversarial(checkpoint: str, attack: str, dataset: str | None, data_root: st
     if limit and limit < len(data):
         data = data.subset(np.arange(limit))
     params = parse_kv(attack_params)
-    if eps is not None and attack != "cw":
+    if eps is not None:
+        if attack == "cw":
+            raise click.UsageError("--eps does not apply to cw (an L2 attack that minimises the perturbation)")
         params["eps"] = eps
-    if steps is not None and attack != "fgsm":
+    if steps is not None:
+        if attack == "fgsm":
+            raise click.UsageError("--steps does not apply to fgsm (a single step)")
         params["steps"] = steps
     if target_class is not None:
         params["targets"] = target_class

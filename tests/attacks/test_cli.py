@@ -116,3 +116,20 @@ def test_adversarial_cli(clean_ckpt, tmp_path):
 
     orig = load_dataset("digits", "test").images[:60]
     assert np.abs(ds.images.astype(int) - orig).max() <= 25 and np.abs(f - orig / 255).max() <= 0.1 + 1e-6
+
+
+def test_poison_trojan_with_trigger_optimisation(clean_ckpt, tmp_path):
+    r = CliRunner().invoke(main, ["-q", "poison", "--attack", "trojan", "--dataset", "digits", "--device", "cpu",
+                                  "--attack-param", f"model={clean_ckpt}", "--attack-param", "layer=fc1",
+                                  "--attack-param", "steps=20", "-o", str(tmp_path / "p.npz")])
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "p.json").read_text())
+    assert man["params"]["layer"] == "fc1" and man["params"]["model"] == clean_ckpt
+    assert len(man["optimisation"]["neurons"]) == 1 and man["optimisation"]["steps"] == 20
+
+
+def test_adversarial_cli_rejects_options_that_do_not_apply(clean_ckpt, tmp_path):
+    for args in (["--attack", "cw", "--eps", "0.1"], ["--attack", "fgsm", "--steps", "5"]):
+        r = CliRunner().invoke(main, ["-q", "adversarial", clean_ckpt, *args, "--limit", "5", "-o",
+                                      str(tmp_path / "a.npz")])
+        assert r.exit_code == 2 and "does not apply" in r.output
