@@ -27,21 +27,27 @@ def conformal_pvalues(reference: np.ndarray, scores: np.ndarray, two_sided: bool
     With ``leave_one_out`` the scores *are* the reference and each is compared with the other ``n - 1``
     (so calibration p-values are distributed like those of fresh inputs).
     """
-    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    p, low = _conformal(np.sort(np.asarray(reference, dtype=np.float64)), scores, two_sided, leave_one_out)
+    return p, np.where(low, "low", "high").astype(object)
+
+
+def _conformal(ref: np.ndarray, scores: np.ndarray, two_sided: bool, leave_one_out: bool
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`conformal_pvalues` on an already sorted reference; the tail as a boolean ``low`` mask."""
     s = np.asarray(scores, dtype=np.float64)
     n = len(ref)
     if n == 0:
         raise ValueError("no reference scores")
     ge = n - np.searchsorted(ref, s, side="left")  # #{ref >= s}
-    le = np.searchsorted(ref, s, side="right")  # #{ref <= s}
     if leave_one_out:
-        ge, le, n = ge - 1, le - 1, n - 1
+        ge, n = ge - 1, n - 1
     p_high = (1.0 + ge) / (n + 1.0)
     if not two_sided:
-        return p_high, np.full(len(s), "high", dtype=object)
+        return p_high, np.zeros(len(s), bool)
+    le = np.searchsorted(ref, s, side="right") - (1 if leave_one_out else 0)  # #{ref <= s}
     p_low = (1.0 + le) / (n + 1.0)
-    tail = np.where(p_low < p_high, "low", "high").astype(object)
-    return np.minimum(1.0, 2.0 * np.minimum(p_high, p_low)), tail
+    low = p_low < p_high
+    return np.minimum(1.0, 2.0 * np.minimum(p_high, p_low)), low
 
 
 def combine_pvalues(pvals: np.ndarray, method: str = "fisher") -> np.ndarray:
@@ -203,7 +209,7 @@ class Calibrator:
         N, k = len(pred), len(self.names)
         P = np.empty((N, k))
         low = np.zeros((N, k), bool)
-        groups: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        groups: list[tuple[np.ndarray | None, dict[str, np.ndarray]]] = []
         if self.mondrian and not pooled:
             rest = np.ones(N, bool)
             for c, ref in self._class_ref.items():
@@ -214,13 +220,12 @@ class Calibrator:
             if rest.any():
                 groups.append((rest, self.ref))
         else:
-            groups.append((np.ones(N, bool), self.ref))
-        for m, ref in groups:
+            groups.append((None, self.ref))
+        for mask, ref in groups:
+            m = slice(None) if mask is None else mask
             for j, name in enumerate(self.names):
-                p, tail = conformal_pvalues(ref[name], np.asarray(scores[name], np.float64)[m],
-                                            self.two_sided[j], leave_one_out)
-                P[m, j] = p
-                low[m, j] = tail == "low"
+                P[m, j], low[m, j] = _conformal(ref[name], np.asarray(scores[name], np.float64)[m],
+                                                self.two_sided[j], leave_one_out)
         combined = P[:, 0].copy() if k == 1 else combine_pvalues(P, self.combine)
         return combined, P, low
 
@@ -235,26 +240,26 @@ class Calibrator:
 # ------------------------------------------------------------------------------------------------ class alarm
 
 
-def alarm_null(cal_pred: np.ndarray, cal_combined: np.ndarray, num_classes: int, mondrian: bool,
-               relaxed: float = 0.1) -> tuple[np.ndarray, str]:
-    """What share of a *clean* stream's flags each predicted class should get (the alarm's null hypothesis).
+def alarm_null(clean_flag_pred: np.ndarray, cal_pred: np.ndarray, num_classes: int,
+               prior_flags: float | None = None) -> tuple[np.ndarray, str]:
+    """The alarm's null hypothesis: how a *clean* stream's flags spread over the predicted classes, as the
+    concentration parameters of a Dirichlet distribution (its uncertainty included) — returns ``(alpha, method)``.
 
-    Under Mondrian calibration every class is flagged at the same rate, so the flags follow the calibration
-    distribution of predicted labels. Under pooled calibration classes differ in how often they are flagged; the
-    share is estimated from the ``relaxed`` fraction of calibration inputs with the smallest leave-one-out combined
-    p-values (1% of a calibration part is too few inputs to estimate ten shares). Add-one smoothed either way.
+    ``clean_flag_pred`` are the predicted labels of the clean inputs flagged at the guard's threshold (the calibration
+    part's leave-one-out flags and the validation part's flags); ``prior_flags`` pseudo-flags (default: one per
+    class) are spread like the calibration distribution of predicted labels ``cal_pred``.
+
+    Why not the predicted-label distribution itself: with pooled calibration hard classes collect most false alarms,
+    and even with Mondrian calibration each class's *realised* false-positive rate varies with its calibration
+    sample (conformally it is ``Beta(k, n + 1 - k)``, ``k = floor(fpr (n + 1))``: about 0.3%-1.8% for n = 600 at
+    1%), so clean flags do not follow the predicted labels closely enough for a sharp binomial test. Under Mondrian
+    the leave-one-out flags plus one pseudo-flag per class give exactly that ``k`` per class. Few clean flags make the
+    Dirichlet broad, which the beta-binomial test honours: less power, no false alarms from a noisy estimate.
     """
-    pred = np.asarray(cal_pred, np.int64)
-    if mondrian:
-        counts = np.bincount(pred, minlength=num_classes)
-        method = "predicted-labels"
-    else:
-        n_tail = max(1, int(np.ceil(relaxed * len(pred))))
-        tail = np.argsort(np.asarray(cal_combined), kind="stable")[:n_tail]
-        counts = np.bincount(pred[tail], minlength=num_classes)
-        method = f"predicted-labels-of-lowest-{relaxed:g}"
-    counts = counts[:num_classes].astype(np.float64) + 1.0
-    return counts / counts.sum(), method
+    shares = np.bincount(np.asarray(cal_pred, np.int64), minlength=num_classes)[:num_classes] + 1.0
+    flags = np.bincount(np.asarray(clean_flag_pred, np.int64), minlength=num_classes)[:num_classes]
+    prior = (num_classes if prior_flags is None else prior_flags) * shares / shares.sum()
+    return flags.astype(np.float64) + prior, "clean-flags-at-threshold"
 
 
 @dataclass
@@ -276,7 +281,7 @@ class ClassAlarm:
         if self.fired:
             return (f"suspected backdoor target: {self.target} ({self.target_name}) — {self.flagged_on_target} of "
                     f"{self.flagged_total} flagged inputs predicted as it, {self.expected_on_target:.1f} expected; "
-                    f"binomial p = {self.p_value:.2g} (Bonferroni over classes)")
+                    f"p = {self.p_value:.2g} (Bonferroni over classes)")
         top = min(self.per_class, key=lambda r: r["p_value"], default=None)
         few = (f"; class {top['class']} is the most concentrated, but {top['flagged']} flags are fewer than the "
                f"{self.min_flags} an alarm needs" if top is not None and self.p_value < self.alpha else "")
@@ -290,23 +295,30 @@ class ClassAlarm:
                 "min_flags": self.min_flags, "message": self.message(), "per_class": self.per_class}
 
 
-def target_class_alarm(flagged_by_class: Sequence[int], null_probs: Sequence[float],
+def target_class_alarm(flagged_by_class: Sequence[int], null: Sequence[float],
                        class_names: Sequence[str] | None = None, alpha: float = 1e-3,
                        min_flags: int = 5) -> ClassAlarm:
-    """One-sided binomial test per class: ``P(X >= k_c)`` for ``X ~ Bin(F, pi_c)``, Bonferroni over classes.
+    """Is the flagged-label distribution concentrated on one class? One-sided test per class, Bonferroni over classes.
 
-    ``flagged_by_class[c]`` counts flagged inputs predicted as ``c`` (``F`` in all); ``null_probs`` is the clean
-    share from :func:`alarm_null`. Fires when the smallest adjusted p-value is below ``alpha`` and that class holds at
-    least ``min_flags`` flags — ABL's second observation: a backdoor sends its inputs to one target class.
+    ``flagged_by_class[c]`` counts flagged inputs predicted as ``c`` (``F`` in all). ``null`` holds the Dirichlet
+    concentrations from :func:`alarm_null`: class ``c``'s clean share is ``Beta(a_c, A - a_c)`` and the test is the
+    beta-binomial tail ``P(X >= k_c)``, ``X ~ BetaBinom(F, a_c, A - a_c)`` (plain probabilities summing to 1 are
+    taken as known shares: the binomial test). Fires when the smallest adjusted p-value is below ``alpha`` and that
+    class holds at least ``min_flags`` flags — ABL's second observation: a backdoor sends its inputs to one class.
     """
     k = np.asarray(flagged_by_class, np.int64)
-    pi = np.asarray(null_probs, np.float64)
-    if k.shape != pi.shape:
-        raise ValueError(f"{len(k)} class counts but {len(pi)} null probabilities")
+    a = np.asarray(null, np.float64)
+    if k.shape != a.shape:
+        raise ValueError(f"{len(k)} class counts but {len(a)} null parameters")
     names = list(class_names) if class_names is not None else [str(i) for i in range(len(k))]
-    F = int(k.sum())
-    K = len(k)
-    raw = stats.binom.sf(k - 1, F, pi) if F else np.ones(K)
+    F, K, A = int(k.sum()), len(k), float(a.sum())
+    pi = a / A if A > 0 else np.full(K, 1.0 / max(K, 1))
+    if not F:
+        raw = np.ones(K)
+    elif abs(A - 1.0) < 1e-9:
+        raw = stats.binom.sf(k - 1, F, pi)
+    else:
+        raw = stats.betabinom.sf(k - 1, F, a, A - a)
     adj = np.minimum(1.0, raw * K)
     per_class = [{"class": c, "name": names[c], "flagged": int(k[c]), "expected": float(F * pi[c]),
                   "p_value": float(adj[c])} for c in range(K)]

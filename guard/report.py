@@ -46,7 +46,7 @@ class ReportData:
     calibration_scores: dict[str, np.ndarray] | None = None
     calibration_combined: np.ndarray | None = None
     thresholds: list[float] = field(default_factory=list)  # -log10 p-thresholds (one, or one per class)
-    null_probs: list[float] | None = None
+    null_probs: list[float] | None = None  # the alarm's Dirichlet concentrations
     bundle: str | None = None
 
 
@@ -101,7 +101,7 @@ def build_report(verdicts: str | os.PathLike, bundle: str | os.PathLike | None =
         c = manifest["calibration"]
         thr = c["class_thresholds"] if c.get("mondrian") else [c["p_threshold"]]
         data.thresholds = sorted({float(-np.log10(t)) for t in thr if t > 0})
-        data.null_probs = c.get("alarm_null", {}).get("probs")
+        data.null_probs = c.get("alarm_null", {}).get("dirichlet")
     else:
         k = max(names) + 1 if names else 0
         data.class_names = [names.get(i, str(i)) for i in range(k)]
@@ -114,30 +114,39 @@ def build_report(verdicts: str | os.PathLike, bundle: str | os.PathLike | None =
 
 def _hist(ax: Any, scanned: Sequence[float], flagged: Sequence[float], cal: np.ndarray | None, title: str,
           xlabel: str, thresholds: Sequence[float] = ()) -> None:
-    allv = np.concatenate([np.asarray(v, float) for v in (scanned, flagged, cal if cal is not None else [])])
+    """Shares of inputs per bin: clean calibration (grey), scanned not flagged (blue) and flagged (red; the two
+    scanned series are shares of *all* scanned inputs, so they add up to the scan's distribution). Heavy-tailed
+    positive scores get logarithmic bins."""
+    scanned, flagged = np.asarray(scanned, float), np.asarray(flagged, float)
+    cal = np.asarray(cal, float) if cal is not None else np.zeros(0)
+    allv = np.concatenate([scanned, flagged, cal])
     allv = allv[np.isfinite(allv)]
+    ax.set_title(title, fontsize=9)
     if allv.size == 0:
         ax.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title, fontsize=9)
         return
-    lo, hi = np.quantile(allv, [0.0, 0.995])
-    hi = max(hi, max(thresholds, default=hi), float(np.max(flagged)) if len(flagged) else hi)
-    bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
-    if cal is not None and len(cal):
-        ax.hist(np.clip(cal, lo, hi), bins=bins, density=True, alpha=0.35, color="tab:gray",
+    lo, hi = float(allv.min()), float(allv.max())
+    hi = max(hi, max(thresholds, default=hi))
+    log_x = lo > 0 and hi / lo > 30
+    if log_x:
+        bins = np.geomspace(lo, hi * 1.0001, 41)
+        ax.set_xscale("log")
+    else:
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 41)
+    n_scan = max(len(scanned) + len(flagged), 1)
+    if len(cal):
+        ax.hist(cal, bins=bins, weights=np.full(len(cal), 1 / len(cal)), alpha=0.35, color="tab:gray",
                 label=f"clean calibration (n={len(cal)})")
-    # both scanned series are shares of *all* scanned inputs per unit, so together they are the scan's density
-    unit = 1.0 / max(len(scanned) + len(flagged), 1) / (bins[1] - bins[0])
     if len(scanned):
-        ax.hist(np.clip(scanned, lo, hi), bins=bins, weights=np.full(len(scanned), unit), histtype="step",
-                color="tab:blue", lw=1.5, label=f"scanned, not flagged (n={len(scanned)})")
+        ax.hist(scanned, bins=bins, weights=np.full(len(scanned), 1 / n_scan), histtype="step", color="tab:blue",
+                lw=1.5, label=f"scanned, not flagged (n={len(scanned)})")
     if len(flagged):
-        ax.hist(np.clip(flagged, lo, hi), bins=bins, weights=np.full(len(flagged), unit), color="tab:red",
-                alpha=0.8, label=f"scanned, flagged (n={len(flagged)})")
+        ax.hist(flagged, bins=bins, weights=np.full(len(flagged), 1 / n_scan), color="tab:red", alpha=0.8,
+                label=f"scanned, flagged (n={len(flagged)})")
     for t in thresholds:
         ax.axvline(t, color="k", ls="--", lw=0.8)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_xlabel(xlabel + (" (log scale)" if log_x else ""), fontsize=8)
+    ax.set_ylabel("share of inputs", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6, loc="upper right")
 
@@ -150,7 +159,8 @@ def _classes(ax: Any, data: ReportData) -> None:
     colors = ["tab:red" if s.alarm and s.alarm.fired and c == s.alarm.target else "tab:blue" for c in range(k)]
     ax.bar(x, counts, color=colors, label="flagged")
     if data.null_probs is not None and counts.sum():
-        ax.plot(x, counts.sum() * np.asarray(data.null_probs), "k_", ms=14, mew=2, label="expected if clean")
+        share = np.asarray(data.null_probs) / np.sum(data.null_probs)
+        ax.plot(x, counts.sum() * share, "k_", ms=14, mew=2, label="expected if clean")
     ax.set_xticks(x, [n[:10] for n in data.class_names], rotation=45, ha="right", fontsize=7)
     ax.set_title("flagged inputs by predicted class", fontsize=9)
     ax.tick_params(labelsize=7)
@@ -339,6 +349,6 @@ def write_png(data: ReportData, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
     return out

@@ -230,7 +230,6 @@ def calibrate_bundle(
         log.warning("Mondrian calibration: classes %s have fewer than %d calibration inputs and use the pooled "
                     "threshold", cal.fallback_classes, min_calibration_size(fpr))
     cal_loo, _, _ = cal.pvalues(cal_scores, cal_pred, leave_one_out=True)
-    null_probs, null_method = alarm_null(cal_pred, cal_loo, k, mondrian)
 
     obs_val = observe(model, x[val_idx], outputs)
     val_scores = _raw_scores(names, detectors, obs_val, model)
@@ -243,6 +242,8 @@ def calibrate_bundle(
         n: float(np.mean(val_p[:, i] <= val_thr)) for i, n in enumerate(names)
     }
     validation["clean_accuracy"] = float(np.mean(val_pred == labels[val_idx]))
+    clean_flag_pred = np.r_[cal_pred[cal_loo <= cal.thresholds(cal_pred)], val_pred[val_flags]]
+    null_alpha, null_method = alarm_null(clean_flag_pred, cal_pred, k)
     validation["per_class"] = {
         model.class_names[c]: RateEstimate.of(val_flags[val_pred == c]).to_json()
         for c in range(k) if np.any(val_pred == c)
@@ -285,7 +286,8 @@ def calibrate_bundle(
                 "fractions": [float(f) for f in fractions],
                 "split": {"fit": len(fit_idx), "calibration": len(cal_idx), "validation": len(val_idx)},
                 "predicted_class_counts": np.bincount(cal_pred, minlength=k).tolist(),
-                "alarm_null": {"method": null_method, "probs": [float(p) for p in null_probs]},
+                "alarm_null": {"method": null_method, "dirichlet": [float(a) for a in null_alpha],
+                               "probs": [float(a / null_alpha.sum()) for a in null_alpha]},
                 "validation": validation,
             },
             "provenance": {

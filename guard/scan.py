@@ -404,7 +404,7 @@ def scan(guard: Guard, items: Iterable[InputItem], out: IO[str], batch_size: int
         log.warning("scan interrupted after %d records; the output ends on a complete record — rerun with --resume",
                     summary.total)
     cal = guard.manifest.get("calibration", {})
-    null = (cal.get("alarm_null") or {}).get("probs")
+    null = (cal.get("alarm_null") or {}).get("dirichlet")
     summary.finish(guard.class_names, null, alarm_alpha)
     return summary
 

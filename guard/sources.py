@@ -127,19 +127,37 @@ class _NpzMember:
         return self.shape[0] if self.shape else 0
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)``; sequential calls only (the zip stream is read once, front to back)."""
+        """Rows ``[start, stop)`` — fewer when the member is truncated; sequential calls only (the zip stream is
+        read once, front to back)."""
         if self._full is not None:
             return self._full[start:stop]
-        n = stop - start
-        raw = self._fp.read(n * self._row * self.dtype.itemsize)
-        if len(raw) != n * self._row * self.dtype.itemsize:
-            raise ValueError(f"member {self.key!r} is truncated")
-        return np.frombuffer(raw, self.dtype).reshape((n, *self.shape[1:]))
+        row_bytes = self._row * self.dtype.itemsize
+        raw = self._fp.read((stop - start) * row_bytes)
+        got = len(raw) // row_bytes  # a truncated member yields its complete rows only
+        return np.frombuffer(raw[: got * row_bytes], self.dtype).reshape((got, *self.shape[1:]))
 
     def close(self) -> None:
         if self._full is None:
             self._fp.close()
             self._zf.close()
+
+
+def _rows_to_items(ids: Sequence[str], chunk: np.ndarray, input_shape: Sequence[int]) -> Iterator[InputItem]:
+    try:
+        xs = to_model_input(chunk, input_shape)
+        if len(xs) != len(ids):  # e.g. rows that together look like one image
+            raise InputError(f"rows of shape {chunk.shape[1:]} do not fit the model")
+        for iid, x in zip(ids, xs):
+            yield InputItem(iid, x, source=iid)
+    except InputError:
+        for j, iid in enumerate(ids):  # find which rows are bad, keep the good ones
+            try:
+                x = to_model_input(chunk[j : j + 1], input_shape)
+                if len(x) != 1:
+                    raise InputError(f"row of shape {chunk.shape[1:]} does not fit the model") from None
+                yield InputItem(iid, x[0], source=iid)
+            except InputError as e:
+                yield InputItem(iid, error=f"invalid input: {e}", source=iid)
 
 
 def _is_one_image(shape: tuple[int, ...], input_shape: Sequence[int]) -> bool:
@@ -184,33 +202,25 @@ def _array_items(path: Path, input_shape: Sequence[int], skip: Skip, batch: int 
             stop = min(start + batch, n)
             ids = [f"{path}#{i}" for i in range(start, stop)]
             todo = [i for i, iid in enumerate(ids) if not skip(iid)]
-            if not todo:
-                if member is not None:
-                    read(start, stop)  # the zip stream is sequential: consume the rows anyway
+            if not todo and member is None:
                 continue
             try:
-                chunk = read(start, stop)
-            except Exception as e:  # noqa: BLE001 - a truncated file: every remaining row gets the reason
-                rest = [ids[i] for i in todo] + [f"{path}#{i}" for i in range(stop, n) if not skip(f"{path}#{i}")]
-                for iid in rest:
-                    yield InputItem(iid, error=f"unreadable array rows: {e}", source=iid)
+                chunk = read(start, stop)  # the zip stream is sequential: rows are read even when all are skipped
+            except Exception as e:  # noqa: BLE001 - an unreadable file: every remaining row gets the reason
+                chunk, reason = None, f"unreadable array rows: {type(e).__name__}: {e}"
+            else:
+                reason = "unreadable array rows: the file is truncated"
+            avail = 0 if chunk is None else len(chunk)
+            ok = [i for i in todo if i < avail]
+            if ok:
+                yield from _rows_to_items([ids[i] for i in ok], chunk[ok] if len(ok) < avail else chunk,
+                                          input_shape)
+            if avail < stop - start:  # truncated: the lost rows of this chunk and all later rows
+                lost = [ids[i] for i in todo if i >= avail]
+                lost += [f"{path}#{i}" for i in range(stop, n) if not skip(f"{path}#{i}")]
+                for iid in lost:
+                    yield InputItem(iid, error=reason, source=iid)
                 return
-            chunk = chunk[todo] if len(todo) < len(ids) else chunk
-            try:
-                xs = to_model_input(chunk, input_shape)
-                if len(xs) != len(todo):  # e.g. a (N, H, W) batch read as one image
-                    raise InputError(f"rows of shape {chunk.shape[1:]} do not fit the model")
-                for j, i in enumerate(todo):
-                    yield InputItem(ids[i], xs[j], source=ids[i])
-            except InputError:
-                for j, i in enumerate(todo):  # find which rows are bad, keep the good ones
-                    try:
-                        x = to_model_input(chunk[j : j + 1], input_shape)
-                        if len(x) != 1:
-                            raise InputError(f"row of shape {chunk.shape[1:]} does not fit the model")
-                        yield InputItem(ids[i], x[0], source=ids[i])
-                    except InputError as e:
-                        yield InputItem(ids[i], error=f"invalid input: {e}", source=ids[i])
     finally:
         if member is not None:
             member.close()
@@ -267,12 +277,29 @@ def _jsonl_items(name: str, stream: IO[str], base: Path, input_shape: Sequence[i
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    """Files under ``root`` in sorted order, one directory listing in memory at a time (hidden entries skipped)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if not f.startswith("."):
-                yield Path(dirpath) / f
+    """Files under ``root`` in path order (names sorted, sub-folders where their name sorts), holding only the
+    listings of the folders on the current path in memory; hidden entries are skipped, symlinked folders not
+    followed (no cycles)."""
+
+    def listing(d: Path) -> Iterator[tuple[str, bool]]:
+        try:
+            with os.scandir(d) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith("."))
+        except OSError as e:
+            log.warning("cannot list %s: %s", d, e)
+            entries = []
+        return iter(entries)
+
+    stack = [(root, listing(root))]
+    while stack:
+        d, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            stack.pop()
+        elif nxt[1]:
+            stack.append((d / nxt[0], listing(d / nxt[0])))
+        else:
+            yield d / nxt[0]
 
 
 def _file_items(path: Path, input_shape: Sequence[int], skip: Skip, in_folder: bool = False) -> Iterator[InputItem]:

@@ -1,0 +1,138 @@
+"""The target-class alarm: fires when flags concentrate on one predicted class, stays quiet on clean streams."""
+
+import numpy as np
+import pytest
+
+from guard.calibration import Calibrator, alarm_null, target_class_alarm
+
+K = 5
+
+
+def simulate(n, rng):
+    """Clean scores of two detectors; class 3 is 'hard' (its clean scores run high), so pooled calibration flags
+    it more often than the others — the null distribution must account for that."""
+    pred = rng.integers(0, K, n)
+    z = rng.standard_normal((n, 2)) * np.array([1.0, 1.0, 1.0, 1.8, 1.0])[pred][:, None]
+    return {"a": z[:, 0], "b": z[:, 1]}, pred
+
+
+def calibrated(rng, mondrian=False, n=3000):
+    """Calibration part (n) and validation part (n / 2), as calibrate_bundle splits them."""
+    s, p = simulate(n, rng)
+    cal = Calibrator.fit(s, p, [False, False], "fisher", 0.01, K, mondrian)
+    loo, _, _ = cal.pvalues(s, p, leave_one_out=True)
+    vs, vp = simulate(n // 2, rng)
+    vc, _, _ = cal.pvalues(vs, vp)
+    clean_flags = np.r_[p[loo <= cal.thresholds(p)], vp[vc <= cal.thresholds(vp)]]
+    return cal, alarm_null(clean_flags, p, K)
+
+
+def flag_counts(cal, scores, pred):
+    comb, _, _ = cal.pvalues(scores, pred)
+    flags = comb <= cal.thresholds(pred)
+    return np.bincount(pred[flags], minlength=K)
+
+
+@pytest.mark.parametrize("mondrian", [False, True])
+def test_quiet_on_clean_streams(mondrian):
+    rng = np.random.default_rng(0)
+    cal, (null, method) = calibrated(rng, mondrian)
+    assert method == "clean-flags-at-threshold"
+    fired = 0
+    for _ in range(40):
+        counts = flag_counts(cal, *simulate(5000, rng))
+        fired += target_class_alarm(counts, null, alpha=1e-3).fired
+    assert fired <= 1
+
+
+def test_pooled_null_needs_the_flag_propensity():
+    """With pooled calibration the hard class collects most clean flags: a null that ignores that (the plain
+    predicted-label distribution) cries wolf on clean data; the bundle's null does not."""
+    rng = np.random.default_rng(1)
+    cal, (null, _) = calibrated(rng, mondrian=False)
+    assert np.argmax(null) == 3
+    naive = np.full(K, 1.0 / K)
+    for _ in range(10):
+        counts = flag_counts(cal, *simulate(20000, rng))
+        assert target_class_alarm(counts, naive).fired and target_class_alarm(counts, naive).target == 3
+        assert not target_class_alarm(counts, null).fired
+
+
+def test_mondrian_needs_the_uncertain_null_too():
+    """Even under Mondrian calibration the classes' realised FPRs differ (conformal Beta spread), so treating the
+    predicted-label shares as known false-alarms on clean streams; the Dirichlet null does not."""
+    rng = np.random.default_rng(0)
+    cal, (null, _) = calibrated(rng, mondrian=True)
+    known = np.bincount(cal.pred, minlength=K) / cal.n
+    naive = quiet = 0
+    for _ in range(40):
+        counts = flag_counts(cal, *simulate(5000, rng))
+        naive += target_class_alarm(counts, known).fired
+        quiet += not target_class_alarm(counts, null).fired
+    assert naive >= 4 and quiet >= 39
+
+
+@pytest.mark.parametrize("mondrian", [False, True])
+def test_fires_on_a_planted_concentration(mondrian):
+    rng = np.random.default_rng(2)
+    cal, (null, _) = calibrated(rng, mondrian)
+    s, p = simulate(5000, rng)
+    # 60 backdoor inputs: predicted as the target class 1 and far off the clean distribution
+    s = {k: np.r_[v, rng.normal(6.0, 1.0, 60)] for k, v in s.items()}
+    p = np.r_[p, np.ones(60, np.int64)]
+    alarm = target_class_alarm(flag_counts(cal, s, p), null, class_names=list("ABCDE"))
+    assert alarm.fired and alarm.target == 1 and alarm.target_name == "B"
+    assert alarm.flagged_on_target >= 60 and alarm.p_value < 1e-6
+    assert "suspected backdoor target: 1" in alarm.message()
+    assert alarm.to_json()["per_class"][1]["flagged"] == alarm.flagged_on_target
+
+
+def test_alarm_needs_enough_flags_and_checks_shapes():
+    null = np.full(10, 0.1)  # known shares (sum 1): the binomial test
+    few = np.zeros(10, int)
+    few[4] = 5  # 5 of 5 flags on one class: significant (p = 10 * 0.1^5), but too few to call
+    a = target_class_alarm(few, null, min_flags=6)
+    assert not a.fired and a.p_value < 1e-3 and "fewer than the 6" in a.message()
+    assert target_class_alarm(few, null, min_flags=5).fired
+    assert not target_class_alarm(np.zeros(10, int), null).fired
+    with pytest.raises(ValueError):
+        target_class_alarm(np.zeros(3, int), null)
+    # an uncertain null (few clean flags seen) needs more evidence than a known one
+    k = np.zeros(10, int)
+    k[2], k[5] = 9, 11
+    known = target_class_alarm(k, null, min_flags=1)
+    vague = target_class_alarm(k, np.full(10, 0.3), min_flags=1)  # Dirichlet from 3 pseudo-flags
+    assert known.p_value < vague.p_value
+
+
+@pytest.fixture(scope="module")
+def backdoor_bundle(tiny_backdoored, tmp_path_factory):
+    from detectors import make_detector
+    from guard import calibrate_bundle
+
+    t = tiny_backdoored
+    out = tmp_path_factory.mktemp("alarm") / "g"
+    # calibrate on the clean training images (as the e2e test does); the test split is the fresh stream
+    from abl.data import load_dataset
+
+    clean = load_dataset("digits", "train")
+    calibrate_bundle(t["onnx"], clean.images, clean.labels, [make_detector("mahalanobis")], out, fpr=0.05,
+                     fractions=(0.5, 0.3, 0.2))
+    return out
+
+
+def test_alarm_on_a_real_backdoored_model(backdoor_bundle, tiny_backdoored, tmp_path):
+    from guard import Guard
+    from guard.scan import scan_sources
+
+    t = tiny_backdoored
+    g = Guard.load(backdoor_bundle)
+    clean, trig = t["test"].images, t["triggered"].images
+    np.save(tmp_path / "clean.npy", clean)
+    np.save(tmp_path / "trig.npy", trig[:120])
+    quiet = scan_sources(g, [str(tmp_path / "clean.npy")], tmp_path / "clean.jsonl", quiet=True)
+    assert quiet.alarm is not None and not quiet.alarm.fired, quiet.alarm.message()
+    mixed = scan_sources(g, [str(tmp_path / "clean.npy"), str(tmp_path / "trig.npy")], tmp_path / "mixed.jsonl",
+                         quiet=True)
+    assert mixed.alarm.fired and mixed.alarm.target == t["attack"].target, mixed.alarm.message()
+    assert mixed.to_json()["alarm"]["target"] == t["attack"].target
