@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--detectors", default="mahalanobis")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--n-triggered", type=int, default=1000)
+    ap.add_argument("--results", default=None, metavar="STEM",
+                    help="Also write STEM.md and STEM.json (e.g. bench/results/demo) with the machine's CPU.")
     args = ap.parse_args()
 
     from abl.data import load_dataset
@@ -92,7 +94,30 @@ def main() -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     (out / "demo_summary.json").write_text(json.dumps(dict(rows), indent=2))
+    if args.results:
+        cpu = cpu_name()
+        cmd = "python bench/demo.py " + " ".join(sys.argv[1:])
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.results}.json").write_text(json.dumps(
+            {"command": cmd, "cpu": cpu, "cores": os.cpu_count(), "rows": dict(rows),
+             "scan_summary": json.loads((out / "scan_summary.json").read_text())}, indent=2))
+        md = [f"# abl-guard demo: BadNets on {args.dataset}", "", f"Command: `{cmd}`  ", f"Machine: {cpu}, "
+              f"{os.cpu_count()} cores, no GPU.", "", "| metric | value |", "|---|---|"]
+        md += [f"| {k.strip()} | {v} |" for k, v in rows]
+        Path(f"{args.results}.md").write_text("\n".join(md) + "\n")
     return 0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
