@@ -37,11 +37,14 @@ class OnnxModel:
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
-                 batch_size: int = 256, intra_op_threads: int | None = None) -> None:
+                 batch_size: int = 256, intra_op_threads: int | None = None,
+                 allow_spinning: bool | None = None) -> None:
         self.path = Path(path)
         opts = ort.SessionOptions()
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
+        if allow_spinning is not None:  # idle worker threads busy-wait by default: fast on a dedicated machine
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         opts.log_severity_level = 3
         available = ort.get_available_providers()
         chosen = list(providers) if providers else [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")

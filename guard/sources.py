@@ -85,9 +85,8 @@ def _image_item(path: Path, input_shape: Sequence[int], item_id: str | None = No
 # ------------------------------------------------------------------------------------------------ arrays
 
 
-def _npz_rows(path: Path) -> tuple[str, Any]:
-    """Choose the images member of an ``.npz`` and return ``(key, reader)``; the reader streams rows from the zip
-    (a C-order ``.npy`` member) or, for Fortran-order members, holds the loaded array."""
+def _npz_rows(path: Path) -> tuple[str, _ArrayStream]:
+    """Choose the images member of an ``.npz`` and return ``(key, stream)``."""
     with np.load(path, allow_pickle=False) as z:
         files = list(z.files)
     key = next((k for k in NPZ_KEYS if k in files), None)
@@ -95,51 +94,65 @@ def _npz_rows(path: Path) -> tuple[str, Any]:
         key = files[0]
     if key is None:
         raise ValueError(f"no 'images' array among {files}")
-    return key, _NpzMember(path, key)
+    zf = zipfile.ZipFile(path)
+    try:
+        return key, _ArrayStream(zf.open(f"{key}.npy"), zf, lambda: _load_npz_member(path, key))
+    except BaseException:
+        zf.close()
+        raise
 
 
-class _NpzMember:
-    """Row-block access to one array inside an ``.npz`` without loading the whole array."""
+def _load_npz_member(path: Path, key: str) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as z:
+        return z[key]
 
-    def __init__(self, path: Path, key: str) -> None:
-        self.path, self.key = path, key
-        self._zf = zipfile.ZipFile(path)
-        self._fp = self._zf.open(f"{key}.npy")
-        version = np.lib.format.read_magic(self._fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(self._fp)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(self._fp)
-        else:
-            raise ValueError(f"unsupported .npy version {version} for member {key!r}")
+
+class _ArrayStream:
+    """Row blocks of a ``.npy`` stream (a file, or a member of an ``.npz`` zip) read front to back with plain reads:
+    neither loaded whole nor memory-mapped, so memory stays at one block (mapped pages would count towards the
+    process's resident memory as a scan touches them). Fortran-order arrays are loaded whole (``load_all``)."""
+
+    def __init__(self, fp: IO[bytes], owner: Any = None, load_all: Callable[[], np.ndarray] | None = None) -> None:
+        self._fp, self._owner = fp, owner
+        try:
+            version = np.lib.format.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        except BaseException:
+            self.close()
+            raise
         if dtype.hasobject:
-            raise ValueError(f"member {key!r} has object dtype (pickled data is never loaded)")
-        self.shape, self.dtype = tuple(shape), dtype
+            self.close()
+            raise ValueError("object arrays are never loaded (they would need pickle)")
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+        self._row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         self._full = None
         if fortran and len(shape) > 1:
             self.close()
-            with np.load(path, allow_pickle=False) as z:
-                self._full = z[key]
-        self._row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        self.ndim = len(shape)
+            if load_all is None:
+                raise ValueError("Fortran-order array cannot be streamed")
+            self._full = load_all()
 
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 0
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` — fewer when the member is truncated; sequential calls only (the zip stream is
-        read once, front to back)."""
+        """Rows ``[start, stop)`` — fewer when the data is truncated; sequential calls only."""
         if self._full is not None:
             return self._full[start:stop]
         row_bytes = self._row * self.dtype.itemsize
         raw = self._fp.read((stop - start) * row_bytes)
-        got = len(raw) // row_bytes  # a truncated member yields its complete rows only
+        got = len(raw) // row_bytes  # a truncated file yields its complete rows only
         return np.frombuffer(raw[: got * row_bytes], self.dtype).reshape((got, *self.shape[1:]))
 
     def close(self) -> None:
-        if self._full is None:
-            self._fp.close()
-            self._zf.close()
+        self._fp.close()
+        if self._owner is not None:
+            self._owner.close()
 
 
 def _rows_to_items(ids: Sequence[str], chunk: np.ndarray, input_shape: Sequence[int]) -> Iterator[InputItem]:
@@ -169,16 +182,11 @@ def _array_items(path: Path, input_shape: Sequence[int], skip: Skip, batch: int 
     member = None
     try:
         if path.suffix.lower() == ".npy":
-            arr: Any = np.load(path, mmap_mode="r", allow_pickle=False)
-            if arr.dtype.hasobject:
-                raise ValueError("object arrays are never loaded (pickle)")
-            n, ndim = len(arr) if arr.ndim else 0, arr.ndim
-
-            def read(a: int, b: int) -> np.ndarray:
-                return np.asarray(arr[a:b])
+            fp = open(path, "rb")  # noqa: SIM115 - the stream owns and closes it
+            member = _ArrayStream(fp, None, lambda: np.load(path, mmap_mode="r", allow_pickle=False))
         else:
             _, member = _npz_rows(path)
-            n, ndim, read = len(member), member.ndim, member.read
+        n, ndim, read = len(member), member.ndim, member.read
     except FileNotFoundError:
         yield InputItem(str(path), error=f"no such file: {path}", source=str(path))
         return
@@ -186,8 +194,7 @@ def _array_items(path: Path, input_shape: Sequence[int], skip: Skip, batch: int 
         yield InputItem(str(path), error=f"unreadable array file: {type(e).__name__}: {e}", source=str(path))
         return
     try:
-        if ndim in (2, 3) and _is_one_image((n, *(arr.shape[1:] if member is None else member.shape[1:])),
-                                            input_shape):
+        if ndim in (2, 3) and _is_one_image(member.shape, input_shape):
             if not skip(str(path)):  # the file holds a single image
                 try:
                     yield InputItem(str(path), to_model_input(read(0, n), input_shape)[0], source=str(path))
@@ -202,10 +209,8 @@ def _array_items(path: Path, input_shape: Sequence[int], skip: Skip, batch: int 
             stop = min(start + batch, n)
             ids = [f"{path}#{i}" for i in range(start, stop)]
             todo = [i for i, iid in enumerate(ids) if not skip(iid)]
-            if not todo and member is None:
-                continue
             try:
-                chunk = read(start, stop)  # the zip stream is sequential: rows are read even when all are skipped
+                chunk = read(start, stop)  # the stream is sequential: rows are read even when all are skipped
             except Exception as e:  # noqa: BLE001 - an unreadable file: every remaining row gets the reason
                 chunk, reason = None, f"unreadable array rows: {type(e).__name__}: {e}"
             else:
@@ -383,8 +388,7 @@ def _array_row(path: Path, row: int) -> np.ndarray:
 def _npz_images(path: str) -> np.ndarray:
     key, member = _npz_rows(Path(path))
     member.close()
-    with np.load(path, allow_pickle=False) as z:
-        return z[key]
+    return _load_npz_member(Path(path), key)
 
 
 def _pil_display(src: Any) -> np.ndarray:

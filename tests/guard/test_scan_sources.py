@@ -180,3 +180,18 @@ def test_failing_batch_is_retried_one_by_one(guard, tmp_path, digits_test, monke
     assert len(recs) == 10 and s.errors == 1
     assert "scoring failed: RuntimeError: boom" in recs[3]["error"]
     assert all("label" in r for i, r in enumerate(recs) if i != 3)
+
+
+def test_npy_streaming_fortran_and_truncated(guard, tmp_path, digits_test):
+    im = digits_test.images[:56]
+    np.save(tmp_path / "c.npy", im)
+    np.save(tmp_path / "f.npy", np.asfortranarray(im))
+    c = [i.image for i in iter_inputs([str(tmp_path / "c.npy")], guard.input_shape)]
+    f = [i.image for i in iter_inputs([str(tmp_path / "f.npy")], guard.input_shape)]
+    np.testing.assert_array_equal(np.stack(c), np.stack(f))
+    raw = (tmp_path / "c.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[:-100])  # the last two 64-byte rows lose bytes
+    items = list(iter_inputs([str(tmp_path / "cut.npy")], guard.input_shape))
+    assert len(items) == 56 and all(i.error is None for i in items[:54])
+    assert all("truncated" in i.error for i in items[54:])
+    np.testing.assert_array_equal(np.stack([i.image for i in items[:54]]), np.stack(c[:54]))

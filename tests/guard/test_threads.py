@@ -111,3 +111,20 @@ def test_verdict_fields(guard, digits_test):
     assert set(j["detectors"]["mahalanobis"]) == {"score", "p_value", "tail"}
     assert 0 < j["confidence"] <= 1 and j["flagged"] == (v.p_value <= v.p_threshold)
     assert (j["kind"] is None) == (not j["flagged"])
+
+
+def test_blas_cap_held_while_scoring_and_restored(guard, digits_test, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    seen = []
+    det = guard.detectors[0]
+    real = det.score
+    monkeypatch.setattr(det, "score", lambda obs, model=None: seen.append(blas_threads()) or real(obs, model))
+    guard.predict(digits_test.images[:16])
+    guard.predict(digits_test.images[:1])  # too small to bother
+    assert seen[0] == [1] * len(before) and seen[1] == before
+    assert blas_threads() == before
