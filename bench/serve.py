@@ -228,12 +228,15 @@ def write_results(res: dict, path_md: Path) -> None:
         "",
         f"CPU: {res['cpu']} ({res['cores']} cores visible; machine shared with other jobs, so absolute numbers "
         "drift — ratios are taken within one interleaved round and the median over rounds is shown).",
+        "",
         f"Command: `{res['command']}`",
+        "",
         f"onnxruntime {res['versions']['onnxruntime']}, numpy {res['versions']['numpy']}, "
         f"{res['throughput']['threads']} intra-op threads on both sides. Bare uses onnxruntime's defaults (idle "
         "workers spin); the guard uses its own (`Guard.load` defaults: no spinning, BLAS capped at 1 thread while "
         "detectors score — both because the guard alternates onnxruntime with numpy work on the same cores). "
         "`bare (no spinning)` shows what the spinning setting alone does to bare onnxruntime.",
+        "",
         f"Model: {res['model']}. Bundles calibrated on 3,000 clean Fashion-MNIST test images at 1% FPR, "
         "literature-default detector parameters. Default set = `abl-guard calibrate` without `--detectors`: "
         f"{', '.join(res['default_set'])}.",
