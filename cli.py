@@ -75,6 +75,34 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--test-limit", type=int, default=None, help="Use a random subset of the test set.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Autocast precision of the forward pass; auto = bf16 on CUDA (when supported), fp32 on CPU.")
+@click.option("--memory-format", type=click.Choice(["auto", "channels-last", "contiguous"]), default="auto",
+              show_default=True, help="Tensor layout for training; auto = channels-last on CUDA only.")
+@click.option("--abl-gamma", type=float, default=0.5, show_default=True,
+              help="ABL: LGA threshold gamma; the isolation loss is sign(loss - gamma) * loss.")
+@click.option("--abl-lga", type=click.Choice(["flooding", "per-example"]), default="flooding", show_default=True,
+              help="ABL: LGA on the batch-mean loss (official code) or on every example (BackdoorBox).")
+@click.option("--abl-isolation-epochs", type=int, default=None,
+              help="ABL: isolation epochs T_te, part of --epochs (the rest is the clean stage). "
+                   "[default: 20% of --epochs, the paper's 20 of 100]")
+@click.option("--abl-isolation-ratio", type=float, default=0.01, show_default=True,
+              help="ABL: fraction p of the training set isolated as suspected poison (lowest loss at T_te).")
+@click.option("--abl-unlearning-epochs", type=int, default=5, show_default=True,
+              help="ABL: gradient-ascent epochs on the isolated set, after --epochs.")
+@click.option("--abl-unlearning-lr", type=float, default=5e-4, show_default=True,
+              help="ABL: unlearning learning rate (official code 5e-4).")
+@click.option("--abl-unlearning-bn", type=click.Choice(["train", "frozen"]), default="train", show_default=True,
+              help="ABL: BatchNorm during unlearning: batch statistics (official code) or frozen running statistics.")
+@click.option("--abl-max-ca-drop", type=float, default=0.02, show_default=True,
+              help="ABL: stop unlearning (and roll back the epoch) when held-out accuracy drops more than this "
+                   "(0.02 = 2 points).")
+@click.option("--abl-holdout", type=float, default=0.02, show_default=True,
+              help="ABL: fraction of the training set held out (never trained on) for the unlearning guard; "
+                   "0 disables the guard.")
+@click.option("--abl-eval-every", type=int, default=1, show_default=True,
+              help="ABL: evaluate CA/ASR every N epochs (0 = only after each stage).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --defense abl run from its run directory.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Run directory (model.pt, run.json, poison_indices.npy).")
 @click.pass_context
@@ -82,23 +110,41 @@ def train(ctx: click.Context, dataset: str, data_root: str | None, attack: str, 
           attack_params: tuple[str, ...], defense: str, defense_params: tuple[str, ...], arch: str, epochs: int,
           batch_size: int, lr: float, momentum: float, weight_decay: float, lr_milestones: str, augment: str,
           pad: int | None, train_limit: int | None, test_limit: int | None, seed: int, device: str,
-          out_dir: str) -> None:
-    """Train a classifier on (possibly poisoned) data; reports clean accuracy (CA) and attack success (ASR)."""
+          precision: str, memory_format: str, resume: bool, out_dir: str, **abl_options: Any) -> None:
+    """Train a classifier on (possibly poisoned) data; reports clean accuracy (CA) and attack success (ASR).
+
+    With --defense abl, --epochs is ABL's total T (isolation + clean stage) and the --abl-* options set the rest.
+    """
     from abl.experiment import ExperimentConfig, run_experiment
     from abl.train import TrainConfig
 
     milestones = tuple(int(m) for m in lr_milestones.split(",") if m.strip())
+    params = parse_kv(defense_params)
+    explicit = {k[len("abl_"):] for k in abl_options
+                if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    if defense == "abl":
+        clash = sorted(explicit & set(params))
+        if clash:
+            raise click.UsageError(f"ABL parameter(s) {clash} given both as --abl-* options and --defense-param")
+        params = {**{k[len("abl_"):]: v for k, v in abl_options.items() if v is not None}, **params}
+    elif explicit:
+        raise click.UsageError(f"--abl-* options need --defense abl (got {', '.join(sorted(explicit))})")
     cfg = ExperimentConfig(
         dataset=dataset, data_root=data_root,
         attack=None if attack == "none" else attack,
         attack_params={"rate": rate, "target": target, **parse_kv(attack_params)},
-        arch=arch, defense=defense, defense_params=parse_kv(defense_params),
+        arch=arch, defense=defense, defense_params=params,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, lr_milestones=milestones, augment=augment, seed=seed,
-                          device=device),
-        pad=pad, train_limit=train_limit, test_limit=test_limit,
+                          device=device, precision=precision, memory_format=memory_format),
+        pad=pad, train_limit=train_limit, test_limit=test_limit, resume=resume,
     )
     record = run_experiment(cfg, out_dir, quiet=ctx.obj["quiet"])
+    if "abl" in record:
+        from abl.abl import summary_lines
+
+        for line in summary_lines(record["abl"]):
+            click.echo(line)
     m = record["metrics"]
     msg = f"CA {100 * m['clean_accuracy']:.2f}%"
     if "attack_success_rate" in m:

@@ -42,6 +42,8 @@ class ExperimentConfig:
     pad: int | None = None
     train_limit: int | None = None
     test_limit: int | None = None
+    #: continue an interrupted run from the state in the run directory (not part of the run's identity)
+    resume: bool = False
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "data_root": self.data_root, "attack": self.attack,
@@ -106,11 +108,30 @@ def _defense_none(model: nn.Module, data: PreparedData, cfg: ExperimentConfig, o
                   evaluate: Callable[[nn.Module], dict[str, float]], quiet: bool) -> tuple[list[dict], dict]:
     if cfg.defense_params:
         raise ValueError(f"--defense none takes no defence parameters, got {sorted(cfg.defense_params)}")
+    if cfg.resume:
+        raise ValueError("--resume is supported for --defense abl only (plain training keeps no resume state)")
     history = train_plain(model, data.train.images, data.train.labels, cfg.train, evaluate, quiet)
     return history, {}
 
 
-DEFENSES: dict[str, Defense] = {"none": _defense_none}
+def _defense_abl(model: nn.Module, data: PreparedData, cfg: ExperimentConfig, out_dir: Path,
+                 evaluate: Callable[[nn.Module], dict[str, float]], quiet: bool) -> tuple[list[dict], dict]:
+    """Anti-Backdoor Learning (abl/abl.py); stage checkpoints, isolation files and resume state go to ``out_dir``."""
+    from .abl import ABLConfig, run_abl
+
+    abl_cfg = ABLConfig.from_train(cfg.train, cfg.defense_params)
+    spec = data.train.spec
+
+    def save_stage(path: Path, m: nn.Module, stage: str) -> None:
+        save_checkpoint(path, m, cfg.arch, spec, extra={"defense": "abl", "stage": stage})
+
+    result = run_abl(model, data.train.images, data.train.labels, abl_cfg, out_dir=out_dir, evaluate=evaluate,
+                     poison_indices=data.poison_indices if data.attack is not None else None, quiet=quiet,
+                     resume=cfg.resume, save_stage=save_stage)
+    return result.history, {"abl": result.report}
+
+
+DEFENSES: dict[str, Defense] = {"none": _defense_none, "abl": _defense_abl}
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:

@@ -1,0 +1,710 @@
+"""Anti-Backdoor Learning (Li, Lyu, Koren, Lyu, Li, Ma — NeurIPS 2021, arXiv 2110.11571).
+
+Training on poisoned data is treated as a clean task and a backdoor task learned together. Backdoor examples are
+learned much faster, so ABL runs in three stages on one model:
+
+1. **Isolation** (epochs ``0 .. T_te``): training with local gradient ascent (LGA), ``sign(l - gamma) * l``. The loss
+   hovers around ``gamma`` instead of reaching zero, so clean examples stay near ``gamma`` while the fast-learned
+   backdoor examples fall far below it. At ``T_te`` the per-example loss of every training example is computed in eval
+   mode, without augmentation, batched; the lowest fraction ``p`` is the isolated set ``D_b``.
+2. **Clean stage** (epochs ``T_te .. T``): ordinary cross-entropy training on the rest, ``D_c = D \\ D_b``.
+3. **Unlearning**: gradient ascent on ``D_b`` with its own (possibly poisoned) labels at a small learning rate, which
+   breaks the link between the trigger and the target class.
+
+Defaults are the paper's (``gamma = 0.5``, ``p = 1%``, ``T_te = 20`` of ``T = 100``) and the official code's
+(unlearning lr 5e-4 for 5 epochs, batch size 128, SGD with Nesterov momentum 0.9).
+
+Deviations from the paper and the official code (``bboylyg/ABL``), each deliberate:
+
+* **LGA form.** ``lga="flooding"`` (default) applies ``|L - gamma| + gamma`` to the mini-batch *mean* loss ``L`` as the
+  official code and BackdoorBench do (same gradient as ``sign(L - gamma) * L``); ``lga="per-example"`` applies
+  ``sign(l_i - gamma) * l_i`` to each example and then averages (BackdoorBox; closer to the paper's E[.] notation).
+  Flooding is the default because it isolates better in our measurement (``bench/abl.py --lga-compare``,
+  ``bench/results/abl.md``): per-example ascent also pushes the backdoor examples back up to ``gamma``, which
+  shrinks the very loss gap the isolation relies on.
+* **One schedule, not two scripts.** Isolation and clean stage share one SGD optimiser and one step schedule over the
+  global epoch count (``lr_milestones`` are global epochs, as for plain training), so ``--epochs`` means the same total
+  training ``T`` with and without ABL. The official code restarts the optimiser between its scripts and runs
+  10 + 60 epochs (the paper: 20 + 80). The isolation stage uses no augmentation (official code); the clean stage uses
+  ``augment``. The official isolation loader does not shuffle; ours does.
+* **Unlearning runs a real epoch each time** (the official loop only evaluates in its epoch 0, so its "5 epochs" are
+  4 ascent epochs). BatchNorm is in train mode during unlearning, as in the official code.
+* **Clean-accuracy guard on unlearning** (not in the paper). Unlearning is learning-rate sensitive (BackdoorBench
+  issue #12) and can wreck the model. ABL assumes *no* clean data, so the guard uses a small random held-out split
+  of the *training* data (``holdout``, default 2%), which never takes part in training. That split may itself be
+  poisoned: all-to-one and clean-label poisons carry the target label, so the guard measures accuracy only on
+  held-out examples whose label is not the isolated set's majority label (the suspected target). After every
+  unlearning epoch, if that accuracy has fallen more than ``max_ca_drop`` below its value before unlearning,
+  the epoch is rolled back and unlearning stops. ``holdout = 0`` trains on everything and disables the guard.
+* **Isolated loss ranking** never uses batch size 1 (the official code does); eval-mode BatchNorm makes it identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .train import (
+    ArrayBatches,
+    LossFn,
+    TrainConfig,
+    accuracy,
+    make_optimizer,
+    per_example_loss,
+    predict_logits,
+    resolve_autocast,
+    resolve_channels_last,
+    select_device,
+    train_one_epoch,
+)
+
+log = logging.getLogger(__name__)
+
+LGA_FORMS = ("flooding", "per-example")
+STAGES = ("isolation", "clean", "unlearning", "done")
+STATE_FILE = "abl_state.pt"
+STATE_FORMAT = "abl-guard-abl-state/1"
+
+# ------------------------------------------------------------------------------------------------- losses
+
+
+def lga_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, form: str = "flooding") -> torch.Tensor:
+    """Local gradient ascent loss.
+
+    ``flooding``: ``|L - gamma| + gamma`` on the batch-mean cross-entropy ``L`` (gradient ``sign(L - gamma) dL``).
+    ``per-example``: ``mean_i sign(l_i - gamma) * l_i``; every example below ``gamma`` is pushed back up on its own.
+    """
+    if form == "flooding":
+        return (F.cross_entropy(logits, labels) - gamma).abs() + gamma
+    if form == "per-example":
+        per = F.cross_entropy(logits, labels, reduction="none")
+        return (torch.sign(per - gamma) * per).mean()
+    raise ValueError(f"lga form must be one of {LGA_FORMS}, got {form!r}")
+
+
+def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent on the isolated examples: the negated cross-entropy with their own labels."""
+    return -F.cross_entropy(logits, labels)
+
+
+def unlearning_epoch(model: nn.Module, batches: ArrayBatches, optimizer: torch.optim.Optimizer,
+                     bn: str = "train", autocast_dtype: torch.dtype | None = None,
+                     channels_last: bool = False) -> float:
+    """One epoch of gradient ascent on ``batches`` (the isolated set); returns the mean cross-entropy (positive).
+
+    ``bn="train"`` (official code) lets BatchNorm use and update batch statistics of the isolated batches;
+    ``bn="frozen"`` keeps every BatchNorm layer in eval mode (running statistics from the clean stage).
+    """
+    if bn not in ("train", "frozen"):
+        raise ValueError(f"unlearning bn must be 'train' or 'frozen', got {bn!r}")
+    model.train()
+    if bn == "frozen":
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.eval()
+    total = torch.zeros((), device=batches.device)
+    count = 0
+    for x, y, _ in batches:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(x)
+        loss = unlearning_loss(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total -= loss.detach()
+        count += 1
+    return float(total) / max(count, 1)
+
+
+def isolate_lowest(losses: np.ndarray, ratio: float) -> np.ndarray:
+    """Positions of the lowest-loss fraction ``ratio`` of ``losses`` (at least one), lowest first (stable on ties)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"isolation ratio must be in (0, 1), got {ratio}")
+    if losses.ndim != 1 or len(losses) == 0:
+        raise ValueError("losses must be a non-empty 1-D array")
+    k = max(1, int(round(ratio * len(losses))))
+    return np.argsort(losses, kind="stable")[:k]
+
+
+def rank_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` (higher = more positive) (Mann-Whitney U; ties averaged)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    avg_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    ranks = avg_rank[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class ABLConfig:
+    """Every ABL knob. ``isolation_epochs + clean_epochs`` is the paper's total ``T`` (20 + 80)."""
+
+    gamma: float = 0.5
+    lga: str = "flooding"
+    isolation_epochs: int = 20
+    isolation_ratio: float = 0.01
+    clean_epochs: int = 80
+    lr: float = 0.1
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    unlearning_epochs: int = 5
+    unlearning_lr: float = 5e-4
+    unlearning_bn: str = "train"
+    max_ca_drop: float = 0.02
+    holdout: float = 0.02
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    augment: str = "none"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    memory_format: str = "auto"
+    eval_every: int = 1
+
+    #: the knobs a caller may set through ``--defense-param`` / ``--abl-*`` (the rest come from the training options)
+    ABL_KNOBS = ("gamma", "lga", "isolation_epochs", "isolation_ratio", "unlearning_epochs", "unlearning_lr",
+                 "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
+
+    def __post_init__(self) -> None:
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        if self.lga not in LGA_FORMS:
+            raise ValueError(f"lga must be one of {LGA_FORMS}, got {self.lga!r}")
+        if self.isolation_epochs < 1:
+            raise ValueError("isolation_epochs (T_te) must be >= 1")
+        if self.clean_epochs < 0 or self.unlearning_epochs < 0:
+            raise ValueError("clean_epochs and unlearning_epochs must be >= 0")
+        if not 0.0 < self.isolation_ratio < 1.0:
+            raise ValueError(f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}")
+        if not 0.0 <= self.holdout < 0.5:
+            raise ValueError(f"holdout must be in [0, 0.5), got {self.holdout}")
+        if self.max_ca_drop < 0:
+            raise ValueError("max_ca_drop must be >= 0")
+        if self.lr <= 0 or self.unlearning_lr <= 0:
+            raise ValueError("learning rates must be > 0")
+        if self.unlearning_bn not in ("train", "frozen"):
+            raise ValueError(f"unlearning_bn must be 'train' or 'frozen', got {self.unlearning_bn!r}")
+        if self.batch_size < 1 or self.eval_every < 0:
+            raise ValueError("batch_size must be >= 1 and eval_every >= 0")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.isolation_epochs + self.clean_epochs
+
+    def lr_at(self, epoch: int) -> float:
+        """Step schedule over global epochs (isolation and clean stage share it)."""
+        return self.lr * self.lr_gamma ** sum(1 for m in self.lr_milestones if epoch >= m)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    @classmethod
+    def from_train(cls, train: TrainConfig, params: dict[str, Any] | None = None) -> ABLConfig:
+        """Build from the shared training options plus ABL knobs (``params``; unknown keys are an error).
+
+        ``train.epochs`` is the total ``T``; ``isolation_epochs`` defaults to 20% of it (the paper's 20 of 100, at
+        least 1) and the clean stage takes the rest.
+        """
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(cls.ABL_KNOBS))
+        if unknown:
+            hint = " (the clean stage is --epochs minus the isolation epochs)" if "clean_epochs" in unknown else ""
+            raise ValueError(f"unknown ABL parameter(s) {unknown}{hint}; known: {list(cls.ABL_KNOBS)}")
+        iso = params.pop("isolation_epochs", None)
+        iso = max(1, int(round(0.2 * train.epochs))) if iso is None else int(iso)
+        clean = train.epochs - iso
+        if clean < 0:
+            raise ValueError(f"isolation epochs ({iso}) exceed the total --epochs ({train.epochs})")
+        return cls(isolation_epochs=iso, clean_epochs=clean, lr=train.lr, lr_milestones=train.lr_milestones,
+                   lr_gamma=train.lr_gamma, batch_size=train.batch_size, momentum=train.momentum,
+                   weight_decay=train.weight_decay, augment=train.augment, seed=train.seed, device=train.device,
+                   precision=train.precision, memory_format=train.memory_format, **params)
+
+
+# ------------------------------------------------------------------------------------------------- result
+
+
+@dataclass
+class ABLResult:
+    """What :func:`run_abl` returns; ``report`` is JSON-able and goes into the run record under ``abl``."""
+
+    history: list[dict[str, Any]]
+    report: dict[str, Any]
+    isolated: np.ndarray  # dataset indices, lowest loss first
+    holdout: np.ndarray  # dataset indices never trained on
+    losses: np.ndarray  # per-example loss at T_te, NaN for held-out examples
+
+
+SaveStage = Callable[[Path, nn.Module, str], None]
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
+def _fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(str(images.shape).encode())
+    h.update(np.ascontiguousarray(images).data)
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).data)
+    return h.hexdigest()
+
+
+class _State:
+    """Resume state: one file, rewritten atomically after every epoch (weights, optimiser, RNGs, partial report)."""
+
+    def __init__(self, out_dir: Path | None) -> None:
+        self.path = None if out_dir is None else Path(out_dir) / STATE_FILE
+
+    def save(self, blob: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"format": STATE_FORMAT, **blob}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.exists():
+            return None
+        blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
+            raise ValueError(f"{self.path} is not an ABL resume state")
+        return blob
+
+
+def _rng_state(batches: ArrayBatches | None) -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    if batches is not None:
+        out["batches"] = batches.generator.get_state()
+    return out
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], batches: ArrayBatches | None) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if batches is not None and "batches" in state:
+        batches.generator.set_state(state["batches"])
+
+
+def _sd(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+def run_abl(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ABLConfig,
+            out_dir: str | Path | None = None, evaluate: Evaluate | None = None,
+            poison_indices: np.ndarray | None = None, quiet: bool = False, resume: bool = False,
+            save_stage: SaveStage | None = None) -> ABLResult:
+    """Train ``model`` with ABL on ``images``/``labels`` (uint8 NHWC, int64) and return its history and report.
+
+    ``evaluate(model)`` (CA / ASR on test data) runs after every stage and every ``eval_every`` epochs.
+    ``poison_indices`` (ground truth, when known) adds precision / recall / AUROC of the isolation to the report.
+    ``out_dir`` receives the isolated indices, the loss histogram, the isolated-image grid, stage checkpoints (via
+    ``save_stage(path, model, stage)``) and the resume state; ``resume=True`` continues from that state.
+    """
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    device = select_device(cfg.device)
+    autocast_dtype = resolve_autocast(cfg.precision, device)
+    channels_last = resolve_channels_last(cfg.memory_format, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    step_kw = {"quiet": quiet, "autocast_dtype": autocast_dtype, "channels_last": channels_last}
+
+    # the held-out split (never trained on) for the clean-accuracy guard of the unlearning stage
+    n_hold = int(round(cfg.holdout * n))
+    rng = np.random.default_rng(cfg.seed + 7919)
+    holdout = np.sort(rng.choice(n, n_hold, replace=False)) if n_hold else np.zeros(0, np.int64)
+    pool = np.setdiff1d(np.arange(n), holdout)
+
+    state_io = _State(out)
+    config_json = json.dumps(cfg.to_json(), sort_keys=True)
+    fingerprint = _fingerprint(images, labels)
+    history: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"config": cfg.to_json(), "stages": {}, "seconds": {}, "warnings": [], "files": {},
+                              "holdout": {"n": int(len(holdout)), "fraction": cfg.holdout}}
+    stage, epoch_in_stage = "isolation", 0
+    isolated = np.zeros(0, np.int64)
+    losses = np.full(n, np.nan, np.float32)
+    opt = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    saved: dict[str, Any] | None = state_io.load() if resume else None
+    pending_rng: dict[str, Any] = {}  # RNG state to restore at the first stage that runs after a resume
+    if resume and saved is None:
+        log.warning("--resume: no ABL state in %s, starting from scratch", out)
+    if saved is not None:
+        if saved["config_json"] != config_json or saved["fingerprint"] != fingerprint:
+            raise ValueError(f"cannot resume from {state_io.path}: the ABL configuration or the training data "
+                             "differ from the interrupted run")
+        model.load_state_dict(saved["model"])
+        history = json.loads(saved["history_json"])
+        report = json.loads(saved["report_json"])
+        stage, epoch_in_stage = str(saved["stage"]), int(saved["epoch"])
+        isolated = saved["isolated"].numpy().astype(np.int64)
+        losses = saved["losses"].numpy()
+        if stage in ("isolation", "clean") and "optimizer" in saved:
+            opt.load_state_dict(saved["optimizer"])
+        pending_rng.update(saved.get("rng", {}))
+        log.info("resuming ABL at stage %s, epoch %d", stage, epoch_in_stage)
+
+    def snapshot(stage_: str, epoch_: int, optimizer: torch.optim.Optimizer | None,
+                 batches: ArrayBatches | None) -> None:
+        blob: dict[str, Any] = {"stage": stage_, "epoch": epoch_, "model": _sd(model), "config_json": config_json,
+                                "fingerprint": fingerprint, "history_json": json.dumps(history),
+                                "report_json": json.dumps(report), "isolated": torch.as_tensor(isolated),
+                                "losses": torch.as_tensor(losses), "rng": _rng_state(batches)}
+        if optimizer is not None:
+            blob["optimizer"] = optimizer.state_dict()
+        state_io.save(blob)
+
+    def add_time(key: str, seconds: float) -> None:
+        report["seconds"][key] = report["seconds"].get(key, 0.0) + seconds
+
+    def stage_end(name: str) -> None:
+        metrics = evaluate(model) if evaluate is not None else {}
+        report["stages"][name] = {**metrics, "seconds": report["seconds"].get(name, 0.0)}
+        log.info("ABL after %s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+        if save_stage is not None and out is not None:
+            save_stage(out / f"stage_{name}.pt", model, name)
+            report["files"][f"stage_{name}"] = f"stage_{name}.pt"
+
+    def run_epochs(name: str, first_epoch: int, n_epochs: int, batches: ArrayBatches, optimizer,
+                   loss_fn: LossFn, lr_of: Callable[[int], float]) -> None:
+        nonlocal epoch_in_stage
+        if pending_rng:
+            _set_rng_state(pending_rng, batches)
+            pending_rng.clear()
+        for e in range(epoch_in_stage, n_epochs):
+            t0 = time.perf_counter()
+            lr = lr_of(first_epoch + e)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_one_epoch(model, batches, optimizer, loss_fn,
+                                   f"ABL {name} {e + 1}/{n_epochs}", **step_kw)
+            secs = time.perf_counter() - t0
+            add_time(name, secs)
+            rec: dict[str, Any] = {"stage": name, "epoch": first_epoch + e + 1, "loss": loss, "lr": lr,
+                                   "seconds": secs}
+            if evaluate is not None and cfg.eval_every and (e + 1) % cfg.eval_every == 0 and e + 1 < n_epochs:
+                rec.update(evaluate(model))
+            log.info("ABL %s epoch %d: %s", name, first_epoch + e + 1,
+                     {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
+            history.append(rec)
+            epoch_in_stage = e + 1
+            snapshot(name, epoch_in_stage, optimizer, batches)
+
+    # ---------------------------------------------------------------- stage 1: LGA isolation training
+    if stage == "isolation":
+        batches = ArrayBatches(images, labels, device, cfg.batch_size, augment="none", seed=cfg.seed,
+                               indices=pool)
+
+        def lga(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return lga_loss(logits, y, cfg.gamma, cfg.lga)
+
+        run_epochs("isolation", 0, cfg.isolation_epochs, batches, opt, lga, cfg.lr_at)
+        del batches
+        stage_end("isolation")
+        t0 = time.perf_counter()
+        pool_losses = per_example_loss(model, images[pool], labels[pool], device, batch_size=max(512, cfg.batch_size))
+        losses = np.full(n, np.nan, np.float32)
+        losses[pool] = pool_losses
+        isolated = pool[isolate_lowest(pool_losses, cfg.isolation_ratio)]
+        add_time("isolate", time.perf_counter() - t0)
+        report["isolation"] = isolation_report(losses, isolated, labels, pool, poison_indices, cfg)
+        _write_isolation_artifacts(out, images, labels, losses, isolated, pool, poison_indices, report)
+        stage, epoch_in_stage = "clean", 0
+        snapshot(stage, 0, opt, None)
+
+    # ---------------------------------------------------------------- stage 2: clean training on D \ D_b
+    if stage == "clean":
+        rest = np.setdiff1d(pool, isolated)
+        batches = ArrayBatches(images, labels, device, cfg.batch_size, augment=cfg.augment, seed=cfg.seed + 1,
+                               indices=rest)
+        run_epochs("clean", cfg.isolation_epochs, cfg.clean_epochs, batches, opt, F.cross_entropy, cfg.lr_at)
+        del batches
+        stage_end("clean")
+        stage, epoch_in_stage = "unlearning", 0
+        snapshot(stage, 0, None, None)
+
+    # ---------------------------------------------------------------- stage 3: unlearning D_b
+    if stage == "unlearning":
+        _unlearn(model, images, labels, isolated, holdout, cfg, device, report, history, step_kw, evaluate,
+                 saved if saved is not None and saved["stage"] == "unlearning" else None, dict(pending_rng),
+                 snapshot, add_time)
+        pending_rng.clear()
+        stage_end("unlearning")
+        report["warnings"] = failure_warnings(report, cfg)
+        for w in report["warnings"]:
+            log.warning("ABL: %s", w)
+        stage = "done"
+        report["seconds"]["total"] = sum(v for k, v in report["seconds"].items() if k != "total")
+        snapshot("done", 0, None, None)
+    elif stage == "done":
+        log.info("ABL state in %s is complete; nothing to resume", out)
+
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return ABLResult(history, report, isolated, holdout, losses)
+
+
+def guard_metrics(model: nn.Module, images: np.ndarray, labels: np.ndarray, target: int,
+                  device: torch.device) -> dict[str, float]:
+    """The two quantities the unlearning guard watches on the held-out split (one batched forward pass).
+
+    ``nontarget_accuracy``: accuracy on held-out examples whose label is not the suspected target (all-to-one and
+    clean-label poisons carry the target label, so these are clean). ``target_rate``: the fraction of all held-out
+    examples predicted as the suspected target; it cannot be scored against the (possibly poisoned) labels, but it
+    reveals the classic unlearning failure where the model stops predicting the target class altogether.
+    """
+    if len(labels) == 0:
+        return {"nontarget_accuracy": float("nan"), "target_rate": float("nan")}
+    pred = predict_logits(model, images, device).argmax(1)
+    keep = labels != target
+    return {"nontarget_accuracy": float((pred[keep] == labels[keep]).mean()) if keep.any() else float("nan"),
+            "target_rate": float((pred == target).mean())}
+
+
+def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated: np.ndarray, holdout: np.ndarray,
+             cfg: ABLConfig, device: torch.device, report: dict[str, Any], history: list[dict[str, Any]],
+             step_kw: dict[str, Any], evaluate: Evaluate | None, saved: dict[str, Any] | None,
+             rng_state: dict[str, Any], snapshot: Callable[..., None], add_time: Callable[[str, float], None]) -> None:
+    """Gradient ascent on the isolated set, epoch by epoch; an epoch that trips the guard is rolled back and stops it.
+
+    The guard trips when (a) accuracy on held-out non-target examples falls more than ``max_ca_drop`` below its value
+    before unlearning, or (b) the held-out target-prediction rate falls below ``prior * r - max_ca_drop``, where
+    ``prior`` is the median share of the other labels among held-out examples (the size a clean target class would
+    have) and ``r`` the non-target accuracy before unlearning (its expected recall). (b) is the clean-accuracy cost on
+    the target class, estimated without trusting the target labels: after a successful unlearning only the clean
+    target images should still be predicted as the target.
+    """
+    iso_images, iso_labels = images[isolated], labels[isolated]
+    hold_x, hold_y = images[holdout], labels[holdout]
+    un = report.setdefault("unlearning", {})
+    if "guard" not in un:
+        target = int(np.bincount(iso_labels).argmax()) if len(iso_labels) else -1
+        others = np.bincount(hold_y[hold_y != target]) if len(hold_y) else np.zeros(0, np.int64)
+        prior = float(np.median(others[others > 0]) / len(hold_y)) if (others > 0).any() else float("nan")
+        base = guard_metrics(model, hold_x, hold_y, target, device)
+        enabled = bool(len(hold_y)) and not np.isnan(base["nontarget_accuracy"])
+        un.update({
+            "guard": {"n_holdout": int(len(hold_y)), "n_nontarget": int((hold_y != target).sum()),
+                      "suspected_target": target, "max_ca_drop": cfg.max_ca_drop, "enabled": enabled,
+                      "baseline": base, "target_prior": prior,
+                      "target_rate_floor": prior * base["nontarget_accuracy"] - cfg.max_ca_drop},
+            "epochs_run": 0, "stopped_early": False, "trajectory": [],
+            "isolated_accuracy_before": accuracy(model, iso_images, iso_labels, device),
+        })
+        if not enabled:
+            log.warning("ABL: no held-out split, unlearning runs without the clean-accuracy guard")
+        elif len(hold_y) < 200:
+            log.warning("ABL: the clean-accuracy guard has only %d held-out examples", len(hold_y))
+    guard = un["guard"]
+    target = guard["suspected_target"]
+
+    opt = make_optimizer(model, cfg.unlearning_lr, cfg.momentum, cfg.weight_decay)
+    batches = ArrayBatches(iso_images, iso_labels, device, cfg.batch_size, augment="none", seed=cfg.seed + 2)
+    start = 0
+    if saved is not None:
+        start = int(saved["epoch"])
+        if "optimizer" in saved:
+            opt.load_state_dict(saved["optimizer"])
+    if rng_state:
+        _set_rng_state(rng_state, batches)
+    for e in range(start, 0 if un["stopped_early"] else cfg.unlearning_epochs):
+        t0 = time.perf_counter()
+        accepted = _sd(model)
+        accepted_opt = copy.deepcopy(opt.state_dict())
+        loss = unlearning_epoch(model, batches, opt, cfg.unlearning_bn, step_kw["autocast_dtype"],
+                                step_kw["channels_last"])
+        g = guard_metrics(model, hold_x, hold_y, target, device)
+        iso_acc = accuracy(model, iso_images, iso_labels, device)
+        secs = time.perf_counter() - t0
+        add_time("unlearning", secs)
+        rec: dict[str, Any] = {"stage": "unlearning", "epoch": cfg.total_epochs + e + 1, "loss": loss,
+                               "lr": cfg.unlearning_lr, "seconds": secs, "guard_nontarget_accuracy":
+                               g["nontarget_accuracy"], "guard_target_rate": g["target_rate"],
+                               "isolated_accuracy": iso_acc}
+        if evaluate is not None and cfg.eval_every:
+            rec.update(evaluate(model))
+        history.append(rec)
+        un["trajectory"].append({k: v for k, v in rec.items() if k not in ("stage", "lr")})
+        reasons = []
+        if guard["enabled"]:
+            if guard["baseline"]["nontarget_accuracy"] - g["nontarget_accuracy"] > cfg.max_ca_drop:
+                reasons.append("non-target accuracy drop")
+            if g["target_rate"] < guard["target_rate_floor"]:
+                reasons.append("target-class collapse")
+        log.info("ABL unlearning epoch %d: ascent CE %.4f, held-out non-target acc %.4f, target rate %.4f, "
+                 "isolated acc %.4f%s", e + 1, loss, g["nontarget_accuracy"], g["target_rate"], iso_acc,
+                 f" -> guard tripped ({', '.join(reasons)}), epoch rolled back" if reasons else "")
+        if reasons:
+            model.load_state_dict(accepted)
+            opt.load_state_dict(accepted_opt)
+            un.update({"stopped_early": True, "stopped_at_epoch": e + 1, "stop_reasons": reasons})
+            snapshot("unlearning", e, opt, batches)
+            break
+        un["epochs_run"] = e + 1
+        snapshot("unlearning", e + 1, opt, batches)
+    un["isolated_accuracy_after"] = accuracy(model, iso_images, iso_labels, device)
+    un["guard"]["final"] = guard_metrics(model, hold_x, hold_y, target, device)
+
+
+# ------------------------------------------------------------------------------------------------- reports
+
+
+def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarray, pool: np.ndarray,
+                     poison_indices: np.ndarray | None, cfg: ABLConfig) -> dict[str, Any]:
+    """Statistics of the isolation at ``T_te``; precision / recall / AUROC when the ground truth is known."""
+    pool_losses = losses[pool]
+    rest = np.setdiff1d(pool, isolated)
+    counts = np.bincount(labels[isolated], minlength=int(labels.max()) + 1)
+    iso_med = float(np.median(losses[isolated]))
+    rest_med = float(np.median(losses[rest])) if len(rest) else float("nan")
+    rep: dict[str, Any] = {
+        "n_pool": int(len(pool)), "n_isolated": int(len(isolated)), "ratio": cfg.isolation_ratio,
+        "lga": cfg.lga, "gamma": cfg.gamma, "epoch": cfg.isolation_epochs,
+        "cutoff_loss": float(losses[isolated].max()),
+        "isolated_loss_median": iso_med, "rest_loss_median": rest_med,
+        # how far below the bulk the isolated losses sit (orders of magnitude); large = a clear low-loss cluster
+        "loss_gap_log10": float(np.log10(max(rest_med, 1e-12)) - np.log10(max(iso_med, 1e-12))),
+        "pool_loss_quantiles": {str(q): float(np.quantile(pool_losses, q)) for q in (0.01, 0.05, 0.1, 0.25, 0.5)},
+        "isolated_label_counts": {str(i): int(c) for i, c in enumerate(counts) if c},
+        "isolated_majority_label": int(counts.argmax()),
+        "isolated_majority_fraction": float(counts.max() / max(1, len(isolated))),
+    }
+    if poison_indices is not None:
+        poison = np.intersect1d(np.asarray(poison_indices, np.int64), pool)
+        is_poison = np.isin(pool, poison)
+        hits = int(np.isin(isolated, poison).sum())
+        rep.update({
+            "n_poison_in_pool": int(len(poison)),
+            "true_positives": hits,
+            "precision": hits / max(1, len(isolated)),
+            "recall": hits / len(poison) if len(poison) else float("nan"),
+            # recall is capped by ratio * n_pool / n_poison: ABL isolates a fixed fraction, not every poison
+            "max_recall": min(1.0, len(isolated) / len(poison)) if len(poison) else float("nan"),
+            "auroc": rank_auroc(-pool_losses.astype(np.float64), is_poison),
+            "poison_loss_median": float(np.median(losses[poison])) if len(poison) else float("nan"),
+            "clean_loss_median": float(np.median(pool_losses[~is_poison])) if (~is_poison).any() else float("nan"),
+        })
+    return rep
+
+
+def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
+    """Evidence that ABL likely failed, from quantities available without ground truth.
+
+    Thresholds come from the measurements in ``bench/results/abl.md`` (successful BadNets runs vs clean data).
+    """
+    out: list[str] = []
+    iso = report.get("isolation", {})
+    un = report.get("unlearning", {})
+    gap = iso.get("loss_gap_log10", float("inf"))
+    if gap < 1.0:
+        out.append(f"isolation loss gap is small ({gap:.2f} orders of magnitude between the isolated examples and "
+                   "the rest): no clearly fast-learned cluster, so the isolated set may be mostly clean examples "
+                   "(clean data, a slow-learned trigger, or a poisoning rate below the isolation ratio)")
+    if iso and iso.get("isolated_majority_fraction", 1.0) < 0.5:
+        out.append(f"the isolated examples spread over several labels (majority {iso['isolated_majority_fraction']:.0%}"
+                   "): an all-to-one backdoor would concentrate them on its target class")
+    after = un.get("isolated_accuracy_after")
+    if after is not None and after > 0.2:
+        out.append(f"after unlearning the model still predicts the isolated examples' labels {after:.0%} of the time "
+                   "(ASR probe on the isolated set): the backdoor link is probably not broken")
+    if un.get("stopped_early"):
+        out.append(f"unlearning was stopped by the clean-accuracy guard after {un.get('epochs_run', 0)} epoch(s) "
+                   f"(drop > {cfg.max_ca_drop:.3f}); unlearning the isolated set hurts held-out accuracy, "
+                   "which suggests it holds clean examples, or the unlearning lr is too high")
+    if "precision" in iso and iso["precision"] < 0.5:
+        out.append(f"isolation precision is {iso['precision']:.0%} against the known poison indices")
+    return out
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A short human summary of an ABL report (for the CLI)."""
+    lines = []
+    for name in ("isolation", "clean", "unlearning"):
+        s = report.get("stages", {}).get(name)
+        if s is None:
+            continue
+        parts = [f"{name:>10}:"]
+        if "clean_accuracy" in s:
+            parts.append(f"CA {100 * s['clean_accuracy']:.2f}%")
+        if "attack_success_rate" in s:
+            parts.append(f"ASR {100 * s['attack_success_rate']:.2f}%")
+        parts.append(f"({s.get('seconds', 0.0):.0f}s)")
+        lines.append(" ".join(parts))
+    iso = report.get("isolation", {})
+    if iso:
+        msg = (f"isolated {iso['n_isolated']} of {iso['n_pool']} (majority label {iso['isolated_majority_label']}, "
+               f"{iso['isolated_majority_fraction']:.0%}; loss gap {iso['loss_gap_log10']:.1f} decades)")
+        if "precision" in iso:
+            msg += f"; precision {100 * iso['precision']:.1f}%, recall {100 * iso['recall']:.1f}%"
+        lines.append(msg)
+    un = report.get("unlearning", {})
+    if un:
+        lines.append(f"unlearning: {un.get('epochs_run', 0)} epoch(s)"
+                     + (" (stopped by the CA guard)" if un.get("stopped_early") else "")
+                     + f"; isolated-set accuracy {100 * un.get('isolated_accuracy_before', float('nan')):.1f}% -> "
+                       f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
+    return lines
+
+
+def _write_isolation_artifacts(out: Path | None, images: np.ndarray, labels: np.ndarray, losses: np.ndarray,
+                               isolated: np.ndarray, pool: np.ndarray, poison_indices: np.ndarray | None,
+                               report: dict[str, Any]) -> None:
+    if out is None:
+        return
+    files = report["files"]
+    np.save(out / "isolated_indices.npy", isolated.astype(np.int64))
+    np.save(out / "isolation_losses.npy", losses.astype(np.float32))
+    with open(out / "isolated.csv", "w") as f:
+        f.write("rank,index,label,loss\n")
+        for r, i in enumerate(isolated):
+            f.write(f"{r},{int(i)},{int(labels[i])},{float(losses[i]):.6g}\n")
+    files.update({"isolated_indices": "isolated_indices.npy", "isolated_csv": "isolated.csv",
+                  "isolation_losses": "isolation_losses.npy"})
+    try:
+        from .abl_plots import isolated_grid_png, loss_histogram_png
+
+        loss_histogram_png(out / "isolation_hist.png", losses, pool, isolated, poison_indices)
+        isolated_grid_png(out / "isolated_grid.png", images[isolated], labels[isolated])
+        files.update({"loss_histogram": "isolation_hist.png", "isolated_grid": "isolated_grid.png"})
+    except ImportError as e:  # matplotlib is a declared dependency; keep training if a minimal install lacks it
+        log.warning("ABL: could not write the isolation plots (%s)", e)
+
+
+__all__ = ["ABLConfig", "ABLResult", "LGA_FORMS", "failure_warnings", "isolate_lowest", "isolation_report",
+           "lga_loss", "rank_auroc", "run_abl", "summary_lines", "unlearning_loss"]

@@ -1,0 +1,188 @@
+"""Every ABL knob is honoured: by the config, by the CLI, and in behaviour."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from abl.abl import ABLConfig, run_abl
+from abl.train import TrainConfig
+
+FAST = dict(isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0)
+
+
+def test_from_train_maps_the_shared_options_and_splits_the_epochs():
+    t = TrainConfig(epochs=10, batch_size=32, lr=0.02, momentum=0.8, weight_decay=1e-3, lr_milestones=(6,),
+                    lr_gamma=0.5, augment="crop", seed=4, device="cpu", precision="bf16",
+                    memory_format="channels-last")
+    c = ABLConfig.from_train(t)
+    assert (c.isolation_epochs, c.clean_epochs) == (2, 8)  # the paper's 20% of T
+    assert (c.batch_size, c.lr, c.momentum, c.weight_decay, c.lr_milestones, c.lr_gamma, c.augment, c.seed,
+            c.device, c.precision, c.memory_format) == (32, 0.02, 0.8, 1e-3, (6,), 0.5, "crop", 4, "cpu", "bf16",
+                                                         "channels-last")
+    assert ABLConfig.from_train(t, {"isolation_epochs": 3}).clean_epochs == 7
+    assert ABLConfig.from_train(TrainConfig(epochs=100)).isolation_epochs == 20
+    assert [c.lr_at(e) for e in (0, 5, 6, 9)] == [0.02, 0.02, 0.01, 0.01]
+    with pytest.raises(ValueError, match="unknown ABL parameter"):
+        ABLConfig.from_train(t, {"gama": 0.5})
+    with pytest.raises(ValueError, match="clean stage is --epochs"):
+        ABLConfig.from_train(t, {"clean_epochs": 5})
+    with pytest.raises(ValueError, match="exceed"):
+        ABLConfig.from_train(t, {"isolation_epochs": 11})
+
+
+@pytest.mark.parametrize("bad", [dict(lga="mean"), dict(isolation_ratio=0.0), dict(isolation_ratio=1.0),
+                                 dict(holdout=0.6), dict(max_ca_drop=-1), dict(unlearning_lr=0),
+                                 dict(isolation_epochs=0), dict(unlearning_bn="off"), dict(eval_every=-1)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        ABLConfig(**bad)
+
+
+def test_epoch_knobs_set_the_stage_lengths_and_ratio_holdout_seed_the_split(small_poisoned):
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=1, unlearning_epochs=2, max_ca_drop=1.0, holdout=0.1, **FAST)
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, quiet=True)
+    assert [h["stage"] for h in res.history] == ["isolation", "isolation", "clean", "unlearning", "unlearning"]
+    assert len(res.holdout) == 60 and res.report["isolation"]["n_pool"] == 540
+    assert len(res.isolated) == 27 and not np.isin(res.isolated, res.holdout).any()
+    assert np.isnan(res.losses[res.holdout]).all() and np.isfinite(np.delete(res.losses, res.holdout)).all()
+
+    other = run_abl(d.model(width=8), d.images, d.labels,
+                    ABLConfig(isolation_epochs=1, clean_epochs=0, unlearning_epochs=0, holdout=0.0, seed=5,
+                              **{**FAST, "isolation_ratio": 0.1}), quiet=True)
+    assert len(other.holdout) == 0 and len(other.isolated) == 60
+    assert not other.report["unlearning"]["guard"]["enabled"]
+    assert [h["stage"] for h in other.history] == ["isolation"]
+
+
+def test_gamma_and_lga_form_change_the_isolation_training(small_poisoned):
+    d = small_poisoned
+
+    def iso_losses(**kw):
+        cfg = ABLConfig(isolation_epochs=2, clean_epochs=0, unlearning_epochs=0, **{**FAST, **kw})
+        return run_abl(d.model(width=8), d.images, d.labels, cfg, quiet=True).losses
+
+    base = iso_losses()
+    # gamma inside the loss range of this barely trained model: the two forms now take different steps
+    assert not np.allclose(iso_losses(gamma=2.2), iso_losses(gamma=2.2, lga="per-example"), equal_nan=True)
+    ascent = iso_losses(gamma=50.0)  # gamma above every loss: pure gradient ascent, losses grow
+    assert np.nanmean(ascent) > np.nanmean(base) + 1.0
+
+
+def test_unlearning_lr_and_bn_mode_are_honoured(small_poisoned):
+    d = small_poisoned
+    snaps = {}
+
+    def run(**kw):
+        def save_stage(path, model, stage):
+            snaps[(kw.get("unlearning_bn", "train"), kw.get("unlearning_lr"), stage)] = copy.deepcopy(
+                model.state_dict())
+
+        cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, unlearning_epochs=1, max_ca_drop=1.0, **{**FAST, **kw})
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            res = run_abl(d.model(width=8), d.images, d.labels, cfg, out_dir=tmp, quiet=True, save_stage=save_stage)
+        return res.report["unlearning"]
+
+    small, big = run(unlearning_lr=1e-5), run(unlearning_lr=1e-2)
+    assert big["isolated_accuracy_after"] < small["isolated_accuracy_after"]
+
+    run(unlearning_lr=1e-2, unlearning_bn="frozen")
+    key = "block1.0.1.running_mean"
+    clean_stats = snaps[("frozen", 1e-2, "clean")][key]
+    assert torch.equal(snaps[("frozen", 1e-2, "unlearning")][key], clean_stats)  # frozen: running stats kept
+    assert not torch.equal(snaps[("train", 1e-2, "unlearning")][key], snaps[("train", 1e-2, "clean")][key])
+
+
+def test_eval_every_sets_how_often_evaluate_runs(small_poisoned):
+    d = small_poisoned
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        return d.evaluate(model)
+
+    for every, expected in ((0, 3), (1, 2 + 3 + 1 + 3)):
+        calls.clear()
+        cfg = ABLConfig(isolation_epochs=3, clean_epochs=2, unlearning_epochs=1, max_ca_drop=1.0,
+                        **{**FAST, "eval_every": every})
+        run_abl(d.model(width=8), d.images, d.labels, cfg, evaluate=evaluate, quiet=True)
+        # every=1: epochs 1-2 of isolation, epoch 1 of clean, the unlearning epoch, and the 3 stage ends
+        assert len(calls) == (expected if every == 0 else 2 + 1 + 1 + 3)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+ABL_FLAGS = {
+    "gamma": ("--abl-gamma", "0.3", 0.3),
+    "lga": ("--abl-lga", "per-example", "per-example"),
+    "isolation_epochs": ("--abl-isolation-epochs", "3", 3),
+    "isolation_ratio": ("--abl-isolation-ratio", "0.05", 0.05),
+    "unlearning_epochs": ("--abl-unlearning-epochs", "7", 7),
+    "unlearning_lr": ("--abl-unlearning-lr", "0.001", 0.001),
+    "unlearning_bn": ("--abl-unlearning-bn", "frozen", "frozen"),
+    "max_ca_drop": ("--abl-max-ca-drop", "0.1", 0.1),
+    "holdout": ("--abl-holdout", "0.05", 0.05),
+    "eval_every": ("--abl-eval-every", "2", 2),
+}
+
+
+def test_every_abl_knob_has_a_cli_option_with_the_config_default():
+    from cli import train
+
+    opts = {p.name: p for p in train.params}
+    assert set(ABL_FLAGS) == set(ABLConfig.ABL_KNOBS)
+    for knob in ABLConfig.ABL_KNOBS:
+        p = opts[f"abl_{knob}"]
+        default = None if knob == "isolation_epochs" else getattr(ABLConfig(), knob)
+        assert p.default == default, knob
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    import abl.experiment
+
+    seen = {}
+
+    def fake_run(cfg, out_dir, quiet=False):
+        seen["cfg"] = cfg
+        return {"metrics": {"clean_accuracy": 0.5}, "train_seconds": 0.0, "device": "cpu"}
+
+    monkeypatch.setattr(abl.experiment, "run_experiment", fake_run)
+    return seen
+
+
+def test_cli_passes_every_knob_through(captured, tmp_path):
+    from cli import main
+
+    args = ["train", "--dataset", "digits", "--defense", "abl", "--epochs", "12", "-o", str(tmp_path),
+            "--precision", "bf16", "--memory-format", "channels-last", "--resume", "--seed", "3"]
+    for flag, text, _ in ABL_FLAGS.values():
+        args += [flag, text]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    cfg = captured["cfg"]
+    assert cfg.resume and cfg.train.precision == "bf16" and cfg.train.memory_format == "channels-last"
+    abl_cfg = ABLConfig.from_train(cfg.train, cfg.defense_params)
+    for knob, (_, _, value) in ABL_FLAGS.items():
+        assert getattr(abl_cfg, knob) == value, knob
+    assert abl_cfg.clean_epochs == 9 and abl_cfg.seed == 3
+
+
+def test_cli_defense_param_route_and_conflicts(captured, tmp_path):
+    from cli import main
+
+    base = ["train", "--dataset", "digits", "-o", str(tmp_path)]
+    r = CliRunner().invoke(main, base + ["--defense", "abl", "--defense-param", "gamma=0.25"])
+    assert r.exit_code == 0, r.output
+    assert ABLConfig.from_train(captured["cfg"].train, captured["cfg"].defense_params).gamma == 0.25
+    r = CliRunner().invoke(main, base + ["--defense", "abl", "--abl-gamma", "0.3", "--defense-param", "gamma=0.2"])
+    assert r.exit_code == 2 and "gamma" in r.output
+    r = CliRunner().invoke(main, base + ["--abl-gamma", "0.3"])  # --defense none
+    assert r.exit_code == 2 and "--defense abl" in r.output

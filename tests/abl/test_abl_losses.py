@@ -1,0 +1,95 @@
+"""LGA loss (both forms), unlearning loss, isolation ranking and the AUROC helper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from abl.abl import isolate_lowest, lga_loss, rank_auroc, unlearning_loss
+
+
+def _logits_with_losses(target_losses: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-class logits whose per-example cross-entropy equals ``target_losses`` (label 0)."""
+    ls = torch.tensor(target_losses, dtype=torch.float64)
+    # CE = log(1 + exp(-m)) for margin m = z0 - z1  =>  m = -log(exp(CE) - 1)
+    margin = -torch.log(torch.expm1(ls))
+    logits = torch.stack([margin, torch.zeros_like(margin)], 1).requires_grad_(True)
+    return logits, torch.zeros(len(target_losses), dtype=torch.long)
+
+
+def _grad(loss_fn, logits, labels):
+    logits = logits.detach().clone().requires_grad_(True)
+    loss = loss_fn(logits, labels)
+    (g,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), g
+
+
+@pytest.mark.parametrize("losses,above", [([1.0, 2.0, 0.8], True), ([0.1, 0.2, 0.05], False)])
+def test_flooding_is_descent_above_gamma_and_ascent_below(losses, above):
+    logits, y = _logits_with_losses(losses)
+    ce_val, ce_grad = _grad(F.cross_entropy, logits, y)
+    val, grad = _grad(lambda z, t: lga_loss(z, t, 0.5, "flooding"), logits, y)
+    sign = 1.0 if above else -1.0
+    assert torch.allclose(grad, sign * ce_grad)
+    assert torch.isclose(val, (ce_val - 0.5).abs() + 0.5)
+    # the batch-mean form flips the sign for the whole batch even when single examples sit on the other side
+    mixed, y2 = _logits_with_losses([0.01, 3.0])  # mean 1.5 > gamma: plain descent for both
+    _, g_mixed = _grad(lambda z, t: lga_loss(z, t, 0.5, "flooding"), mixed, y2)
+    _, g_ce = _grad(F.cross_entropy, mixed, y2)
+    assert torch.allclose(g_mixed, g_ce)
+
+
+def test_per_example_lga_flips_each_example_on_its_own():
+    logits, y = _logits_with_losses([0.01, 0.2, 3.0, 1.0])  # two below gamma = 0.5, two above
+    val, grad = _grad(lambda z, t: lga_loss(z, t, 0.5, "per-example"), logits, y)
+    _, per_grad = _grad(lambda z, t: F.cross_entropy(z, t, reduction="sum"), logits, y)
+    signs = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64)[:, None]
+    assert torch.allclose(grad, signs * per_grad / 4)
+    assert torch.isclose(val, torch.tensor((-0.01 - 0.2 + 3.0 + 1.0) / 4, dtype=torch.float64))
+    # the batch-mean form would descend on all four here (mean 1.05 > gamma)
+    _, g_flood = _grad(lambda z, t: lga_loss(z, t, 0.5, "flooding"), logits, y)
+    assert (torch.sign(g_flood[:2, 0]) != torch.sign(grad[:2, 0])).all()
+
+
+def test_gamma_moves_the_switch_point():
+    logits, y = _logits_with_losses([0.3, 0.3])
+    _, g_low = _grad(lambda z, t: lga_loss(z, t, 0.2, "flooding"), logits, y)
+    _, g_high = _grad(lambda z, t: lga_loss(z, t, 0.5, "flooding"), logits, y)
+    assert torch.allclose(g_low, -g_high)
+
+
+def test_lga_rejects_unknown_form():
+    logits, y = _logits_with_losses([1.0])
+    with pytest.raises(ValueError, match="lga form"):
+        lga_loss(logits, y, 0.5, "batch")
+
+
+def test_unlearning_loss_is_negated_cross_entropy():
+    logits, y = _logits_with_losses([0.1, 2.0])
+    assert torch.isclose(unlearning_loss(logits, y), -F.cross_entropy(logits, y))
+
+
+def test_isolate_lowest_picks_the_lowest_fraction(rng):
+    losses = rng.exponential(size=1000)
+    iso = isolate_lowest(losses, 0.05)
+    assert len(iso) == 50
+    assert set(iso) == set(np.argsort(losses)[:50])
+    assert losses[iso].max() <= np.sort(losses)[50]
+    assert list(losses[iso]) == sorted(losses[iso])  # lowest first
+    assert len(isolate_lowest(losses[:10], 0.01)) == 1  # at least one
+    assert list(isolate_lowest(np.zeros(10), 0.3)) == [0, 1, 2]  # stable on ties
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError):
+            isolate_lowest(losses, bad)
+
+
+def test_rank_auroc_matches_sklearn(rng):
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.round(rng.normal(size=300), 1)  # many ties
+    pos = rng.random(300) < 0.3
+    scores[pos] += 0.8
+    assert rank_auroc(scores, pos) == pytest.approx(roc_auc_score(pos, scores))
+    assert np.isnan(rank_auroc(scores, np.zeros(300, bool)))

@@ -1,0 +1,159 @@
+"""ABL end to end on tiny digits: ASR drops vs no defence, unlearning raises the isolated loss, the guard, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from abl.abl import ABLConfig, run_abl, unlearning_epoch
+from abl.train import ArrayBatches, TrainConfig, per_example_loss, train_plain
+
+CPU = torch.device("cpu")
+#: 6 training epochs (2 isolation + 4 clean); 5% isolation because 10% of 1,437 images are poisoned
+E2E = dict(isolation_epochs=2, clean_epochs=4, isolation_ratio=0.05, lr=0.05, batch_size=64, unlearning_epochs=3,
+           device="cpu", eval_every=0)
+
+
+def test_abl_clearly_lowers_asr_vs_no_defence(poisoned_digits):
+    d = poisoned_digits
+    plain = d.model()
+    train_plain(plain, d.images, d.labels, TrainConfig(epochs=6, lr=0.05, batch_size=64, device="cpu"), quiet=True)
+    base = d.evaluate(plain)
+    assert base["attack_success_rate"] > 0.9 and base["clean_accuracy"] > 0.9
+
+    # the guard is relaxed here: on 8x8 digits the 3x3 trigger covers 14% of the image and unlearning it also
+    # costs target-class accuracy (test_guard_rolls_back... covers the guard)
+    res = run_abl(d.model(), d.images, d.labels, ABLConfig(**E2E, max_ca_drop=1.0), evaluate=d.evaluate,
+                  poison_indices=d.poison, quiet=True)
+    rep = res.report
+    assert rep["isolation"]["precision"] >= 0.9
+    assert rep["stages"]["clean"]["attack_success_rate"] > 0.9  # the clean stage still learns the other poisons
+    final = rep["stages"]["unlearning"]
+    assert final["attack_success_rate"] < 0.15 < base["attack_success_rate"] - 0.7
+    assert final["clean_accuracy"] > 0.6
+    assert rep["unlearning"]["isolated_accuracy_after"] < 0.2 < rep["unlearning"]["isolated_accuracy_before"]
+    assert [h["stage"] for h in res.history] == ["isolation"] * 2 + ["clean"] * 4 + ["unlearning"] * 3
+
+
+def test_unlearning_increases_loss_on_the_isolated_set(small_poisoned):
+    d = small_poisoned
+    model = d.model()
+    train_plain(model, d.images, d.labels, TrainConfig(epochs=3, lr=0.05, batch_size=64, device="cpu"), quiet=True)
+    iso = d.poison[:30]
+    before = per_example_loss(model, d.images[iso], d.labels[iso], CPU).mean()
+    opt = torch.optim.SGD(model.parameters(), lr=5e-4, momentum=0.9)
+    batches = ArrayBatches(d.images[iso], d.labels[iso], CPU, 16, seed=0)
+    ascent_ce = [unlearning_epoch(model, batches, opt) for _ in range(3)]
+    after = per_example_loss(model, d.images[iso], d.labels[iso], CPU).mean()
+    assert after > before + 0.5
+    assert ascent_ce[-1] > ascent_ce[0]  # the reported (positive) cross-entropy grows
+    with pytest.raises(ValueError):
+        unlearning_epoch(model, batches, opt, bn="none")
+
+
+def test_guard_rolls_back_and_stops_a_destructive_unlearning(small_poisoned):
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, unlearning_epochs=4, unlearning_lr=0.5, isolation_ratio=0.05,
+                    lr=0.05, batch_size=64, device="cpu", eval_every=0, holdout=0.1, max_ca_drop=0.0)
+    res = run_abl(d.model(width=16), d.images, d.labels, cfg, evaluate=d.evaluate, quiet=True)
+    un = res.report["unlearning"]
+    g = un["guard"]
+    assert g["enabled"] and g["n_holdout"] == 60
+    assert un["stopped_early"] and un["stop_reasons"]
+    assert un["epochs_run"] == un["stopped_at_epoch"] - 1 < 4
+    tripped = un["trajectory"][un["epochs_run"]]
+    assert (g["baseline"]["nontarget_accuracy"] - tripped["guard_nontarget_accuracy"] > 0.0
+            or tripped["guard_target_rate"] < g["target_rate_floor"])
+    # the tripping epoch was rolled back: the final model is the last accepted one
+    accepted_iso_acc = (un["isolated_accuracy_before"] if un["epochs_run"] == 0
+                        else un["trajectory"][un["epochs_run"] - 1]["isolated_accuracy"])
+    assert un["isolated_accuracy_after"] == accepted_iso_acc
+    assert g["final"]["nontarget_accuracy"] >= g["baseline"]["nontarget_accuracy"]
+    assert any("guard" in w for w in res.report["warnings"])
+
+
+@pytest.fixture(scope="module")
+def resume_reference(small_poisoned, tmp_path_factory):
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=3, clean_epochs=2, unlearning_epochs=2, isolation_ratio=0.05, lr=0.05,
+                    batch_size=64, device="cpu", eval_every=1, unlearning_lr=2e-3, max_ca_drop=1.0)
+    model = d.model()
+    res = run_abl(model, d.images, d.labels, cfg, out_dir=tmp_path_factory.mktemp("ref"), evaluate=d.evaluate,
+                  quiet=True)
+    return cfg, model, res
+
+
+class _InterruptError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at_call", [2, 4, 7])  # isolation epoch 2, clean epoch 1, unlearning epoch 2
+def test_resume_continues_an_interrupted_run_exactly(small_poisoned, resume_reference, tmp_path, stop_at_call):
+    d = small_poisoned
+    cfg, ref_model, ref = resume_reference
+    calls = {"n": 0}
+
+    def flaky(model):
+        calls["n"] += 1
+        if calls["n"] == stop_at_call:
+            raise _InterruptError
+        return d.evaluate(model)
+
+    with pytest.raises(_InterruptError):
+        run_abl(d.model(), d.images, d.labels, cfg, out_dir=tmp_path, evaluate=flaky, quiet=True)
+    assert (tmp_path / "abl_state.pt").exists()
+    model = d.model(seed=123)  # a different init: everything must come from the state file
+    res = run_abl(model, d.images, d.labels, cfg, out_dir=tmp_path, evaluate=d.evaluate, quiet=True, resume=True)
+    np.testing.assert_array_equal(res.isolated, ref.isolated)
+    assert [(h["stage"], h["epoch"]) for h in res.history] == [(h["stage"], h["epoch"]) for h in ref.history]
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+    assert res.report["stages"]["unlearning"]["clean_accuracy"] == pytest.approx(
+        ref.report["stages"]["unlearning"]["clean_accuracy"], abs=0.01)
+    # resuming a finished run changes nothing
+    again = run_abl(d.model(seed=7), d.images, d.labels, cfg, out_dir=tmp_path, quiet=True, resume=True)
+    assert again.report["stages"] == res.report["stages"]
+
+
+def test_resume_refuses_a_changed_configuration(small_poisoned, tmp_path):
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=0, unlearning_epochs=0, isolation_ratio=0.05, device="cpu",
+                    eval_every=0, lr=0.05)
+    run_abl(d.model(), d.images, d.labels, cfg, out_dir=tmp_path, quiet=True)
+    cfg.gamma = 0.3
+    with pytest.raises(ValueError, match="cannot resume"):
+        run_abl(d.model(), d.images, d.labels, cfg, out_dir=tmp_path, quiet=True, resume=True)
+
+
+def test_bf16_and_channels_last_run_on_cpu(small_poisoned):
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=3, unlearning_epochs=1, isolation_ratio=0.05, lr=0.05,
+                    batch_size=32, device="cpu", eval_every=0, precision="bf16", memory_format="channels-last")
+    model = d.model(width=16)
+    res = run_abl(model, d.images, d.labels, cfg, evaluate=d.evaluate, quiet=True)
+    losses = [h["loss"] for h in res.history]
+    assert all(np.isfinite(losses))
+    assert losses[3] < 0.7 * losses[1]  # the clean stage learns under bf16 autocast
+    assert res.report["stages"]["clean"]["clean_accuracy"] > 0.3
+    assert model.block1[0][0].weight.is_contiguous()  # converted back for saving / export
+    with pytest.raises(ValueError):
+        run_abl(d.model(), d.images, d.labels, ABLConfig(device="cpu", precision="fp16"), quiet=True)
+
+
+def test_loss_fn_sees_float32_logits_under_bf16_autocast(small_poisoned):
+    from abl.train import train_one_epoch
+
+    d = small_poisoned
+    seen = []
+
+    def loss_fn(logits, y):
+        seen.append(logits.dtype)
+        return F.cross_entropy(logits, y)
+
+    model = d.model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = ArrayBatches(d.images[:128], d.labels[:128], CPU, 64)
+    train_one_epoch(model, batches, opt, loss_fn, quiet=True, autocast_dtype=torch.bfloat16, channels_last=True)
+    assert seen == [torch.float32, torch.float32]
