@@ -1,7 +1,8 @@
 """Activation-space lens: NIC (Ma, Liu, Tao, Lee, Zhang — NDSS 2019), value and provenance invariants.
 
 Every learned piece is kept as plain arrays (scaler, PCA basis, one-class-SVM support vectors and dual coefficients,
-probe weights) and evaluated in numpy, so the bundle holds no pickled estimator; scikit-learn only does the fitting.
+probe weights) and evaluated in numpy, so the bundle holds no pickled estimator; scikit-learn only does the fitting
+(and is imported only then, so serving does not load it).
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
-from sklearn.svm import OneClassSVM
 
 from ._util import adaptive_avg_pool, softmax, subsample
 from .base import Detector, ModelFn, NotFittedError, Observations, register
@@ -35,6 +33,8 @@ class RbfOneClassSVM:
 
     @classmethod
     def fit(cls, x: np.ndarray, nu: float, gamma: float | str) -> RbfOneClassSVM:
+        from sklearn.svm import OneClassSVM
+
         svm = OneClassSVM(kernel="rbf", nu=nu, gamma=gamma).fit(x)
         return cls(np.asarray(svm.support_vectors_, np.float64), np.asarray(svm.dual_coef_, np.float64).ravel(),
                    float(svm.intercept_[0]), float(svm._gamma))
@@ -157,6 +157,9 @@ class NIC(Detector):
     # ------------------------------------------------------------------ fit / score
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None, model: ModelFn | None = None) -> NIC:
+        from sklearn.decomposition import PCA
+        from sklearn.linear_model import LogisticRegression
+
         t0 = time.perf_counter()
         logits = self._get(reference, "logits", 2)
         self.num_classes_ = int(logits.shape[1])
