@@ -20,6 +20,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+# bench/abl.py would shadow the abl package when this script runs from bench/: import the installed packages
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
 def run(cmd: list[str]) -> None:
