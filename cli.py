@@ -190,7 +190,7 @@ def export(checkpoint: str, output: str, taps: tuple[str, ...], arch: str | None
            penultimate: str | None, opset: int, atol: float) -> None:
     """Export a checkpoint to one ONNX file with logits and named taps; verifies parity with onnxruntime."""
     from export import NormalizedModel, build_foreign_model, default_penultimate, export_onnx
-    from export.onnx import sha256_file
+    from guard.bundle import sha256_file
 
     tap_map = _parse_taps(taps)
     source_sha = sha256_file(checkpoint)

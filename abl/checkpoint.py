@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,18 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from guard.bundle import sha256_file
+
 from .data import DatasetSpec
 from .models import build_model
 
 FORMAT = "abl-guard-checkpoint/1"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, spec: DatasetSpec,

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import cpu_name  # noqa: E402
+
 from abl.data import load_dataset  # noqa: E402
 from abl.models import build_model  # noqa: E402
 from abl.train import ArrayBatches, accuracy, make_optimizer, set_seed  # noqa: E402
@@ -36,14 +36,6 @@ from attacks.adversarial import evaluate, quantize, run_attack  # noqa: E402
 
 BACKDOORS = ["badnets", "blend", "trojan", "sig", "wanet", "label-consistent"]
 CPU = torch.device("cpu")
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def train(images: np.ndarray, labels: np.ndarray, spec, epochs: int, seed: int, lr: float) -> torch.nn.Module:

@@ -20,8 +20,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-# bench/abl.py would shadow the abl package when this script runs from bench/: import the installed packages
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+# the repository root first: bench/abl.py would otherwise shadow the abl package for scripts run from bench/
+sys.path.insert(0, str(HERE.parent))
+
+from _common import cpu_name  # noqa: E402
 
 
 def run(cmd: list[str]) -> None:
@@ -109,17 +111,6 @@ def main() -> int:
         Path(f"{args.results}.md").write_text("\n".join(md) + "\n")
     return 0
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -42,6 +40,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import cpu_name  # noqa: E402
 
 from abl.checkpoint import load_checkpoint  # noqa: E402
 from abl.data import load_dataset  # noqa: E402
@@ -82,14 +82,6 @@ GUARDS = {
     "guard: lenses + strip (fisher)": ["mutation (σ=0.65)", "squeeze", "nic", "mahalanobis-layers", "knn", "strip"],
 }
 ADVERSARIAL = [("fgsm", {"eps": 0.1}), ("pgd", {"eps": 0.1}), ("cw", {})]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------------------------------------ metrics

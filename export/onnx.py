@@ -10,7 +10,6 @@ onnxruntime alone (:func:`read_metadata`), so serving needs neither torch nor on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from guard.bundle import sha256_file
 from guard.model import METADATA_KEY, model_metadata
 from guard.model import MODEL_FORMAT as FORMAT
 
@@ -109,14 +109,6 @@ class ExportReport:
     parity: dict[str, float]
     sha256: str
     metadata: dict[str, Any]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(
