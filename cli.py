@@ -101,7 +101,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="ABL: fraction of the training set held out (never trained on) for the unlearning guard; "
                    "0 disables the guard.")
 @click.option("--abl-eval-every", type=int, default=1, show_default=True,
-              help="ABL: evaluate CA/ASR every N epochs (0 = only after each stage).")
+              help="ABL: evaluate CA/ASR every N isolation/clean epochs (0 = only after each stage; unlearning "
+                   "epochs are always evaluated).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --defense abl run from its run directory.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Run directory (model.pt, run.json, poison_indices.npy).")

@@ -23,6 +23,8 @@ and attacks that land later are added by re-running with ``--attacks``.
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import logging
 import platform
@@ -38,13 +40,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from abl.abl import ABLConfig, run_abl  # noqa: E402
+from abl.abl import ABLConfig, guard_metrics, run_abl, unlearning_epoch  # noqa: E402
 from abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl.models import build_model  # noqa: E402
-from abl.train import TrainConfig, set_seed, train_plain  # noqa: E402
+from abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
 from attacks import REGISTRY  # noqa: E402
 
 CPU = torch.device("cpu")
+#: (BatchNorm mode, unlearning lr): the official code's 5e-4, BackdoorBench's 1e-4, frozen BatchNorm
+SWEEP = [("train", 5e-4), ("train", 1e-4), ("frozen", 5e-4)]
+NOTES_MARK = "<!-- notes: kept when the script rewrites this file -->"
 log = logging.getLogger("bench.abl")
 
 
@@ -76,7 +81,11 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------ caching
     def key(self, attack: str, seed: int, kind: str) -> dict[str, Any]:
-        return {"attack": attack, "seed": seed, "kind": kind, "settings": self.settings}
+        # ABL knobs do not change the no-defence and clean-data runs: keep those cached across ABL settings
+        abl_only = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop")
+        settings = (self.settings if kind.startswith(("abl", "isolation")) else
+                    {k: v for k, v in self.settings.items() if k not in abl_only})
+        return {"attack": attack, "seed": seed, "kind": kind, "settings": settings}
 
     def cached(self, attack: str, seed: int, kind: str) -> dict[str, Any] | None:
         k = self.key(attack, seed, kind)
@@ -122,13 +131,22 @@ class Bench:
         return model, row
 
     def get_clean(self, seed: int) -> torch.nn.Module | None:
-        """The clean-data model of ``seed`` (trained when needed; the label-consistent surrogate)."""
-        if seed not in self.clean_models:
+        """The clean-data model of ``seed`` (trained when needed, kept in ``--work``; label-consistent's surrogate)."""
+        if seed in self.clean_models:
+            return self.clean_models[seed]
+        key = json.dumps(self.settings, sort_keys=True)
+        path = Path(self.args.work) / f"clean_seed{seed}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+        if path.exists() and self.cached("none", seed, "clean") is not None:
+            data = prepare_data(self.exp_cfg(None, seed))
+            model = self.fresh_model(data, seed)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
             model, row = self.clean_model(seed)
-            self.clean_models[seed] = model
-            if self.cached("none", seed, "clean") is None:
-                self.add(row)
+            self.add(row)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), path)
             log.info("seed %d clean model: CA %.4f (%.0fs)", seed, row["clean_accuracy"], row["seconds"])
+        self.clean_models[seed] = model.eval()
         return self.clean_models[seed]
 
     def poisoned_data(self, attack: str, seed: int) -> tuple[PreparedData, ExperimentConfig]:
@@ -196,6 +214,33 @@ class Bench:
                 "seconds": res.report["seconds"].get("isolation", float("nan"))}
 
 
+    def run_unlearning_sweep(self, attack: str, seed: int, data: PreparedData, cfg: ExperimentConfig,
+                             variants: list[tuple[str, float]]) -> dict[str, Any]:
+        """One isolation + clean stage, then unlearning from that same model with each (BN mode, lr), unguarded:
+        test CA / ASR and the guard's two held-out quantities after every unlearning epoch."""
+        model = self.fresh_model(data, seed)
+        abl_cfg = self.abl_config(cfg, unlearning_epochs=0)
+        evaluate = make_evaluator(data, CPU)
+        res = run_abl(model, data.train.images, data.train.labels, abl_cfg, evaluate=evaluate,
+                      poison_indices=data.poison_indices, quiet=True)
+        base = copy.deepcopy(model.state_dict())
+        iso_x, iso_y = data.train.images[res.isolated], data.train.labels[res.isolated]
+        hold_x, hold_y = data.train.images[res.holdout], data.train.labels[res.holdout]
+        target = res.report["isolation"]["isolated_majority_label"]
+        out = {}
+        for bn, lr in variants:
+            model.load_state_dict(base)
+            opt = make_optimizer(model, lr, abl_cfg.momentum, abl_cfg.weight_decay)
+            batches = ArrayBatches(iso_x, iso_y, CPU, abl_cfg.batch_size, seed=seed + 2)
+            traj = []
+            for _ in range(self.args.unlearning_epochs):
+                unlearning_epoch(model, batches, opt, bn)
+                traj.append({**evaluate(model), **guard_metrics(model, hold_x, hold_y, target, CPU)})
+            out[f"{bn}@{lr:g}"] = traj
+        return {**self.key(attack, seed, "unlearning-sweep"), "precision": res.report["isolation"]["precision"],
+                "before": res.report["stages"]["clean"], "variants": out}
+
+
 def mean_std(values: list[float], scale: float = 100.0) -> str:
     v = np.asarray([x for x in values if x is not None and not np.isnan(x)], np.float64) * scale
     if len(v) == 0:
@@ -205,7 +250,7 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
 
 def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Path) -> None:
     a = bench.args
-    rows = [r for r in bench.rows if r.get("settings") == bench.settings]
+    rows = [r for r in bench.rows if r.get("settings") == bench.key(r["attack"], r["seed"], r["kind"])["settings"]]
     pick = lambda attack, kind: [r for r in rows if r["attack"] == attack and r["kind"] == kind  # noqa: E731
                                  and r["seed"] in seeds]
     clean = pick("none", "clean")
@@ -230,7 +275,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         "| attack | n poisoned | no defence CA % | no defence ASR % | ABL CA % | ABL ASR % "
         "| ABL ASR before unlearning % | isolation precision % | isolation recall % (max) "
         "| AUROC of the loss ranking | unlearning epochs run "
-        "| ABL / plain time |",
+        "| ABL / plain wall time per seed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for attack in attacks:
@@ -238,7 +283,8 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         if not none and not abl:
             continue
         iso = [r["isolation"] for r in abl]
-        ratio = [x["seconds"] / y["seconds"] for x in abl for y in none if x["seed"] == y["seed"]]
+        ratio = [f"{x['seconds'] / y['seconds']:.2f}" for x in sorted(abl, key=lambda r: r["seed"]) for y in none
+                 if x["seed"] == y["seed"]]
         epochs_run = [r["unlearning"]["epochs_run"] for r in abl]
         stopped = sum(bool(r["unlearning"]["stopped_early"]) for r in abl)
         lines.append(
@@ -249,7 +295,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             f"| {mean_std([i['precision'] for i in iso])} | {mean_std([i['recall'] for i in iso])} "
             f"({mean_std([i['max_recall'] for i in iso])}) | {mean_std([i['auroc'] for i in iso], 1.0)} "
             f"| {', '.join(str(e) for e in epochs_run)}{f' ({stopped} stopped by the guard)' if stopped else ''} "
-            f"| {f'{np.mean(ratio):.2f}' if ratio else '—'} |")
+            f"| {', '.join(ratio) if ratio else '—'} |")
     lines += ["", "Per run (CA / ASR % after each ABL stage; guard = held-out non-target accuracy and "
               "target-prediction rate before → after unlearning; warnings raised by the run):", ""]
     for attack in attacks:
@@ -266,12 +312,14 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
                          f"{100 * r['isolation']['precision']:.1f}%; guard {guard_txt}"
                          f"{f'; stopped: {stop}' if stop else ''}; {len(r['warnings'])} warning(s)"
                          + (f": {'; '.join(w.split(':')[0] for w in r['warnings'])}" if r["warnings"] else ""))
-    iso_rows = [r for r in rows if r["kind"].startswith("isolation-") and r["seed"] in seeds]
+    iso_rows = [r for r in rows if r["kind"].startswith("isolation-")]  # every seed measured with these settings
+    attacks = attacks + sorted({r["attack"] for r in iso_rows} - set(attacks))
     if iso_rows:
         lines += ["", f"## LGA form: isolation after T_te = {a.isolation_epochs or max(1, round(0.2 * a.epochs))} "
                   "epochs (isolation stage only)", "",
-                  "| attack | LGA form | precision % | recall % | AUROC | poison / clean median loss | runs |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| attack | LGA form | precision % | precision % per seed | recall % | AUROC "
+                  "| poison / clean median loss | runs |",
+                  "|---|---|---|---|---|---|---|---|"]
         for attack in attacks:
             for form in ("flooding", "per-example"):
                 rs = [r for r in iso_rows if r["attack"] == attack and r["kind"] == f"isolation-{form}"]
@@ -279,12 +327,36 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
                     continue
                 med = (f"{np.median([r['poison_loss_median'] for r in rs]):.2e} / "
                        f"{np.median([r['clean_loss_median'] for r in rs]):.2e}")
-                lines.append(f"| {attack} | {form} | {mean_std([r['precision'] for r in rs])} "
+                per_seed = " ".join(f"{100 * r['precision']:.0f}" for r in sorted(rs, key=lambda r: r["seed"]))
+                lines.append(f"| {attack} | {form} | {mean_std([r['precision'] for r in rs])} | {per_seed} "
                              f"| {mean_std([r['recall'] for r in rs])} | {mean_std([r['auroc'] for r in rs], 1.0)} "
                              f"| {med} | {len(rs)} |")
+    sweep_rows = [r for r in rows if r["kind"] == "unlearning-sweep"]
+    if sweep_rows:
+        lines += ["", "## Unlearning without the guard: test CA / ASR % after each unlearning epoch", "",
+                  "One isolation + clean stage, then unguarded unlearning of the isolated set; in brackets the guard's "
+                  "held-out non-target accuracy / target-prediction rate %.", ""]
+        for attack in sorted({r["attack"] for r in sweep_rows}):
+            rs = sorted((r for r in sweep_rows if r["attack"] == attack), key=lambda r: r["seed"])
+            lines += [f"{attack}:", "",
+                      "| seed (isolation precision %; CA / ASR before) | BN @ lr | "
+                      + " | ".join(f"epoch {i + 1}" for i in range(a.unlearning_epochs)) + " |",
+                      "|---|---" + "|---" * a.unlearning_epochs + "|"]
+            for r in rs:
+                head = (f"{r['seed']} ({100 * r['precision']:.0f}; {100 * r['before']['clean_accuracy']:.1f} / "
+                        f"{100 * r['before']['attack_success_rate']:.1f})")
+                for name, traj in r["variants"].items():
+                    cells = [f"{100 * p['clean_accuracy']:.1f} / {100 * p['attack_success_rate']:.1f} "
+                             f"({100 * p['nontarget_accuracy']:.1f} / {100 * p['target_rate']:.1f})" for p in traj]
+                    lines.append(f"| {head} | {name} | " + " | ".join(cells) + " |")
+            lines.append("")
     lines += ["", "GPU run (PreAct-ResNet-18, Fashion-MNIST padded to 32×32, the full 100-epoch paper schedule): "
               "**not done** — no GPU was available in this session.", ""]
-    path.with_suffix(".md").write_text("\n".join(lines))
+    md = path.with_suffix(".md")
+    notes = ""
+    if md.exists() and NOTES_MARK in md.read_text():  # hand-written analysis below the mark survives a re-run
+        notes = md.read_text().split(NOTES_MARK, 1)[1]
+    md.write_text("\n".join(lines) + ("\n" + NOTES_MARK + notes if notes else ""))
 
 
 def main() -> None:
@@ -304,10 +376,13 @@ def main() -> None:
     ap.add_argument("--max-ca-drop", type=float, default=0.02)
     ap.add_argument("--lc-steps", type=int, default=20, help="PGD steps of label-consistent (attack default 100)")
     ap.add_argument("--lga-compare", action="store_true", help="isolation-only runs, both LGA forms")
+    ap.add_argument("--unlearning-sweep", action="store_true",
+                    help="unguarded unlearning from one clean-stage model with several BN modes / learning rates")
     ap.add_argument("--quick", action="store_true", help="smoke run: BadNets, 1 seed, 3,000 images, 3 epochs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="ignore cached runs in the JSON")
     ap.add_argument("--out", default=None, help="results path without suffix (default bench/results/abl)")
+    ap.add_argument("--work", default="/tmp/abl-bench", help="where the clean-data models are kept between runs")
     args = ap.parse_args()
     if args.quick:
         args.attacks = args.attacks or "badnets"
@@ -325,13 +400,12 @@ def main() -> None:
         raise SystemExit(f"unknown attacks {unknown}; registered: {sorted(REGISTRY)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     bench = Bench(args)
-    for seed in seeds:
-        if bench.cached("none", seed, "clean") is None:
+    for seed in seeds:  # seed-major, so that the first seed of every attack lands first
+        if bench.cached("none", seed, "clean") is None and not (args.lga_compare or args.unlearning_sweep):
             bench.get_clean(seed)
-    for attack in attacks:
-        for seed in seeds:
+        for attack in attacks:
             kinds = ([f"isolation-{f}" for f in ("flooding", "per-example")] if args.lga_compare
-                     else ["none", "abl"])
+                     else ["unlearning-sweep"] if args.unlearning_sweep else ["abl", "none"])
             todo = [k for k in kinds if bench.cached(attack, seed, k) is None]
             if not todo:
                 continue
@@ -342,6 +416,8 @@ def main() -> None:
                     row = bench.run_none(attack, seed, data, cfg)
                 elif kind == "abl":
                     row = bench.run_abl(attack, seed, data, cfg)
+                elif kind == "unlearning-sweep":
+                    row = bench.run_unlearning_sweep(attack, seed, data, cfg, SWEEP)
                 else:
                     row = bench.run_isolation_only(attack, seed, data, cfg, kind.split("-", 1)[1])
                 bench.add(row)

@@ -108,13 +108,14 @@ def test_eval_every_sets_how_often_evaluate_runs(small_poisoned):
         calls.append(1)
         return d.evaluate(model)
 
-    for every, expected in ((0, 3), (1, 2 + 3 + 1 + 3)):
+    # stage ends (3) and unlearning epochs (2) always; every=1 adds isolation epochs 1-2 and clean epoch 1
+    # (the last epoch of a stage is covered by its stage end); every=2 adds isolation epoch 2 only
+    for every, expected in ((0, 5), (1, 5 + 3), (2, 5 + 1)):
         calls.clear()
-        cfg = ABLConfig(isolation_epochs=3, clean_epochs=2, unlearning_epochs=1, max_ca_drop=1.0,
+        cfg = ABLConfig(isolation_epochs=3, clean_epochs=2, unlearning_epochs=2, max_ca_drop=1.0,
                         **{**FAST, "eval_every": every})
         run_abl(d.model(width=8), d.images, d.labels, cfg, evaluate=evaluate, quiet=True)
-        # every=1: epochs 1-2 of isolation, epoch 1 of clean, the unlearning epoch, and the 3 stage ends
-        assert len(calls) == (expected if every == 0 else 2 + 1 + 1 + 3)
+        assert len(calls) == expected, every
 
 
 # ------------------------------------------------------------------------------------------------ CLI
