@@ -88,6 +88,16 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
                    "[default: 20% of --epochs, the paper's 20 of 100]")
 @click.option("--abl-isolation-ratio", type=float, default=0.01, show_default=True,
               help="ABL: fraction p of the training set isolated as suspected poison (lowest loss at T_te).")
+@click.option("--abl-isolation-score", type=click.Choice(["class-relative", "loss"]), default="class-relative",
+              show_default=True,
+              help="ABL: rank by the loss relative to the median loss of the example's own label (class-relative) "
+                   "or by the raw loss (the paper).")
+@click.option("--abl-unlearning", type=click.Choice(["joint", "ascent"]), default="joint", show_default=True,
+              help="ABL: unlearning objective: CE(clean batch) - CE(isolated batch) per step (joint, the paper's "
+                   "L_GGA) or -CE(isolated batch) alone (ascent, the official code).")
+@click.option("--abl-unlearning-bound", type=float, default=5.0, show_default=True,
+              help="ABL: stop the ascent on an isolated example once its cross-entropy exceeds this (0 = unbounded, "
+                   "the paper).")
 @click.option("--abl-unlearning-epochs", type=int, default=5, show_default=True,
               help="ABL: gradient-ascent epochs on the isolated set, after --epochs.")
 @click.option("--abl-unlearning-lr", type=float, default=5e-4, show_default=True,

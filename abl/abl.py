@@ -6,13 +6,17 @@ learned much faster, so ABL runs in three stages on one model:
 1. **Isolation** (epochs ``0 .. T_te``): training with local gradient ascent (LGA), ``sign(l - gamma) * l``. The loss
    hovers around ``gamma`` instead of reaching zero, so clean examples stay near ``gamma`` while the fast-learned
    backdoor examples fall far below it. At ``T_te`` the per-example loss of every training example is computed in eval
-   mode, without augmentation, batched; the lowest fraction ``p`` is the isolated set ``D_b``.
+   mode, without augmentation, batched; the lowest-scoring fraction ``p`` is the isolated set ``D_b``.
 2. **Clean stage** (epochs ``T_te .. T``): ordinary cross-entropy training on the rest, ``D_c = D \\ D_b``.
 3. **Unlearning**: gradient ascent on ``D_b`` with its own (possibly poisoned) labels at a small learning rate, which
-   breaks the link between the trigger and the target class.
+   breaks the link between the trigger and the target class — by default together with descent on ``D_c``, the
+   paper's global gradient ascent ``L_GGA = E_Dc[l] - E_Db[l]``.
 
 Defaults are the paper's (``gamma = 0.5``, ``p = 1%``, ``T_te = 20`` of ``T = 100``) and the official code's
-(unlearning lr 5e-4 for 5 epochs, batch size 128, SGD with Nesterov momentum 0.9).
+(unlearning lr 5e-4 for 5 epochs, batch size 128, SGD with Nesterov momentum 0.9), except for the three measured
+choices below (isolation score, unlearning objective and its bound), which each have a switch back to the paper.
+All numbers quoted here are from ``bench/abl.py`` (``bench/results/abl*.md``): BadNets etc. on 20,000 Fashion-MNIST
+training images, the small CNN, T = 10 epochs with T_te = 2.
 
 Deviations from the paper and the official code (``bboylyg/ABL``), each deliberate:
 
@@ -20,11 +24,27 @@ Deviations from the paper and the official code (``bboylyg/ABL``), each delibera
   official code and BackdoorBench do (same gradient as ``sign(L - gamma) * L``); ``lga="per-example"`` applies
   ``sign(l_i - gamma) * l_i`` to each example and then averages (BackdoorBox; closer to the paper's E[.] notation).
   Flooding is the default because it isolated better on average in our measurement (``bench/abl.py
-  --lga-compare``, ``bench/results/abl.md``: BadNets on Fashion-MNIST, 6 seeds x 3 schedules, mean precision of the
-  isolated 1% 70% vs 55%) and ranks the poison better overall (AUROC 0.87-0.92 vs 0.63-0.83): per-example ascent
+  --lga-compare``: BadNets on Fashion-MNIST, raw-loss ranking, 6 seeds x 3 schedules, mean precision of the
+  isolated 1% 70% vs 58%) and ranks the poison better overall (AUROC 0.87-0.92 vs 0.67-0.83): per-example ascent
   also pushes the backdoor examples back up towards ``gamma``, which shrinks the loss gap the isolation relies on
-  (2.7-3.2 decades between the isolated set and the rest with flooding, 0.5-0.7 per example). Neither form is
-  reliable there: in some seeds both isolate a cluster of easy clean images (e.g. trousers) instead of the poison.
+  (2.7-3.2 decades between the isolated set and the rest with flooding, 0.5-0.7 per example).
+* **Isolation score** (``isolation_score``). The paper ranks the raw per-example loss (``"loss"``). The default
+  ``"class-relative"`` ranks ``log l_i`` minus the median log-loss of the example's own label
+  (:func:`isolation_scores`), using the paper's second premise (a backdoor is tied to one target class): an
+  intrinsically easy clean class then no longer passes for a fast-learned backdoor. Measured with the same isolation
+  runs (``--lga-compare``): BadNets, 6 seeds, precision of the isolated 1% 99% (98-100) vs 74% (3-100; in 2 seeds the
+  raw loss isolated mostly trousers); Blend 85% vs 66%, Trojan better too; on the tiny 8x8 digits set (1,437 images,
+  5% isolated) both rank poorly (precision 54-61% vs 21-91%). It fails where the whole target class is poisoned (SIG /
+  label-consistent at 10% = every target image), as does the raw loss.
+* **Unlearning objective** (``unlearning``). The official code runs plain ascent ``-CE(D_b)`` after the clean stage
+  (``"ascent"``); on our models that removes the backdoor only together with most of the clean accuracy, even from a
+  pure-poison isolated set (the target class collapses first). The default ``"joint"`` uses the paper's own
+  ``L_GGA = E_Dc[l] - E_Db[l]`` in the unlearning stage: each step descends on a batch of ``D_c`` and ascends on a
+  batch of ``D_b`` in one forward pass, the clean stage still running before it as in the official code.
+* **Bounded ascent** (``unlearning_bound``, default 5; 0 = unbounded as in the paper). The ascent term of an isolated
+  example is dropped once its cross-entropy exceeds the bound (its target probability is below ``e^-5``): unbounded
+  ascent keeps a constant push on the target logit long after the link is broken, which is what erodes the clean
+  task.
 * **One schedule, not two scripts.** Isolation and clean stage share one SGD optimiser and one step schedule over the
   global epoch count (``lr_milestones`` are global epochs, as for plain training), so ``--epochs`` means the same total
   training ``T`` with and without ABL. The official code restarts the optimiser between its scripts and runs
@@ -40,21 +60,22 @@ Deviations from the paper and the official code (``bboylyg/ABL``), each delibera
   target (the isolated set's majority label), and the fraction of held-out examples *predicted* as the suspected
   target, which must not fall below what a clean target class would get (median share of the other labels times
   their accuracy, minus the margin). The second catches the typical unlearning failure (measured on digits): the
-  model stops predicting the target class at all. After every unlearning epoch, if either check fails by more than
-  ``max_ca_drop``, the epoch is rolled back and unlearning stops. ``holdout = 0`` trains on everything and
-  disables the guard.
+  model stops predicting the target class at all. An epoch where either check fails by more than ``max_ca_drop`` is
+  rejected; all epochs run (joint unlearning often dips in its first epoch and recovers) and the model kept is the
+  passing epoch (the pre-unlearning model counts as epoch 0) whose isolated examples are least often predicted as
+  their own labels, then the one with the higher estimated held-out accuracy. ``holdout = 0`` trains on everything and
+  disables the guard (the last epoch is kept).
 * **Isolated loss ranking** never uses batch size 1 (the official code does); eval-mode BatchNorm makes it identical.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +102,8 @@ from .train import (
 log = logging.getLogger(__name__)
 
 LGA_FORMS = ("flooding", "per-example")
+ISOLATION_SCORES = ("class-relative", "loss")
+UNLEARNING_MODES = ("joint", "ascent")
 STAGES = ("isolation", "clean", "unlearning", "done")
 STATE_FILE = "abl_state.pt"
 STATE_FORMAT = "abl-guard-abl-state/1"
@@ -107,12 +130,28 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(logits, labels)
 
 
+def cycle_batches(batches: ArrayBatches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless mini-batches: one reshuffled pass of ``batches`` after another."""
+    if len(batches) == 0:
+        raise ValueError("cannot cycle over an empty set of batches")
+    while True:
+        yield from batches
+
+
 def unlearning_epoch(model: nn.Module, batches: ArrayBatches, optimizer: torch.optim.Optimizer,
                      bn: str = "train", autocast_dtype: torch.dtype | None = None,
-                     channels_last: bool = False) -> float:
-    """One epoch of gradient ascent on ``batches`` (the isolated set); returns the mean cross-entropy (positive).
+                     channels_last: bool = False,
+                     clean: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+                     bound: float = 0.0) -> float:
+    """One pass of gradient ascent over ``batches`` (the isolated set); returns their mean cross-entropy (positive).
 
-    ``bn="train"`` (official code) lets BatchNorm use and update batch statistics of the isolated batches;
+    ``clean=None`` (``unlearning="ascent"``, the official code): every step minimises ``-CE(isolated batch)``.
+    With ``clean`` (an endless iterator of batches of the presumed-clean set; ``unlearning="joint"``) every step
+    minimises the paper's global-gradient-ascent objective ``CE(clean batch) - CE(isolated batch)`` on one forward
+    pass of both batches, so the descent on clean data holds clean accuracy while the ascent breaks the backdoor.
+    ``bound > 0`` stops the ascent on an isolated example once its cross-entropy exceeds ``bound`` (0: unbounded,
+    the paper), so the ascent cannot run away once the backdoor link is broken.
+    ``bn="train"`` (official code) lets BatchNorm use and update the statistics of the step's batch;
     ``bn="frozen"`` keeps every BatchNorm layer in eval mode (running statistics from the clean stage).
     """
     if bn not in ("train", "frozen"):
@@ -125,28 +164,61 @@ def unlearning_epoch(model: nn.Module, batches: ArrayBatches, optimizer: torch.o
     total = torch.zeros((), device=batches.device)
     count = 0
     for x, y, _ in batches:
+        n_iso = len(y)
+        if clean is not None:
+            xc, yc, _ = next(clean)
+            x, y = torch.cat([x, xc]), torch.cat([y, yc])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(x)
-        loss = unlearning_loss(logits.float(), y)
+        per = F.cross_entropy(logits.float(), y, reduction="none")
+        iso = per[:n_iso]
+        ascent = iso.mean()
+        pushed = (iso * (iso.detach() < bound)).mean() if bound > 0 else ascent
+        loss = -pushed if clean is None else per[n_iso:].mean() - pushed
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total -= loss.detach()
+        total += ascent.detach()
         count += 1
     return float(total) / max(count, 1)
 
 
-def isolate_lowest(losses: np.ndarray, ratio: float) -> np.ndarray:
-    """Positions of the lowest-loss fraction ``ratio`` of ``losses`` (at least one), lowest first (stable on ties)."""
-    losses = np.asarray(losses, dtype=np.float64)
+def isolate_lowest(scores: np.ndarray, ratio: float) -> np.ndarray:
+    """Positions of the lowest-score fraction ``ratio`` of ``scores`` (at least one), lowest first (stable on ties)."""
+    scores = np.asarray(scores, dtype=np.float64)
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"isolation ratio must be in (0, 1), got {ratio}")
-    if losses.ndim != 1 or len(losses) == 0:
-        raise ValueError("losses must be a non-empty 1-D array")
-    k = max(1, int(round(ratio * len(losses))))
-    return np.argsort(losses, kind="stable")[:k]
+    if scores.ndim != 1 or len(scores) == 0:
+        raise ValueError("scores must be a non-empty 1-D array")
+    k = max(1, int(round(ratio * len(scores))))
+    return np.argsort(scores, kind="stable")[:k]
+
+
+def isolation_scores(losses: np.ndarray, labels: np.ndarray, mode: str = "class-relative") -> np.ndarray:
+    """The score ABL ranks at ``T_te`` (lowest = most suspect).
+
+    ``loss``: the per-example loss itself (the paper). ``class-relative``:
+    ``log(l_i) - median_{j: y_j = y_i} log(l_j)``, i.e. how far below the typical loss *of its own label* an example
+    sits. An intrinsically easy class (Fashion-MNIST trousers) then no longer looks like a fast-learned backdoor,
+    while all-to-one and clean-label poisons, which share the target label with clean examples that are learned at the
+    normal pace, stand out even more.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    labels = np.asarray(labels)
+    if losses.shape != labels.shape:
+        raise ValueError(f"losses {losses.shape} and labels {labels.shape} differ in shape")
+    if mode == "loss":
+        return losses
+    if mode != "class-relative":
+        raise ValueError(f"isolation score must be one of {ISOLATION_SCORES}, got {mode!r}")
+    log_loss = np.log(np.maximum(losses, np.finfo(np.float32).tiny))
+    out = np.empty_like(log_loss)
+    for y in np.unique(labels):
+        m = labels == y
+        out[m] = log_loss[m] - np.median(log_loss[m])
+    return out
 
 
 def rank_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -175,10 +247,13 @@ class ABLConfig:
     lga: str = "flooding"
     isolation_epochs: int = 20
     isolation_ratio: float = 0.01
+    isolation_score: str = "class-relative"
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
+    unlearning: str = "joint"
+    unlearning_bound: float = 5.0
     unlearning_epochs: int = 5
     unlearning_lr: float = 5e-4
     unlearning_bn: str = "train"
@@ -195,13 +270,18 @@ class ABLConfig:
     eval_every: int = 1
 
     #: the knobs a caller may set through ``--defense-param`` / ``--abl-*`` (the rest come from the training options)
-    ABL_KNOBS = ("gamma", "lga", "isolation_epochs", "isolation_ratio", "unlearning_epochs", "unlearning_lr",
-                 "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
+    ABL_KNOBS = ("gamma", "lga", "isolation_epochs", "isolation_ratio", "isolation_score", "unlearning",
+                 "unlearning_bound", "unlearning_epochs", "unlearning_lr", "unlearning_bn", "max_ca_drop", "holdout",
+                 "eval_every")
 
     def __post_init__(self) -> None:
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
         if self.lga not in LGA_FORMS:
             raise ValueError(f"lga must be one of {LGA_FORMS}, got {self.lga!r}")
+        if self.isolation_score not in ISOLATION_SCORES:
+            raise ValueError(f"isolation_score must be one of {ISOLATION_SCORES}, got {self.isolation_score!r}")
+        if self.unlearning not in UNLEARNING_MODES:
+            raise ValueError(f"unlearning must be one of {UNLEARNING_MODES}, got {self.unlearning!r}")
         if self.isolation_epochs < 1:
             raise ValueError("isolation_epochs (T_te) must be >= 1")
         if self.clean_epochs < 0 or self.unlearning_epochs < 0:
@@ -210,6 +290,8 @@ class ABLConfig:
             raise ValueError(f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}")
         if not 0.0 <= self.holdout < 0.5:
             raise ValueError(f"holdout must be in [0, 0.5), got {self.holdout}")
+        if self.unlearning_bound < 0:
+            raise ValueError("unlearning_bound must be >= 0 (0 = unbounded ascent)")
         if self.max_ca_drop < 0:
             raise ValueError("max_ca_drop must be >= 0")
         if self.lr <= 0 or self.unlearning_lr <= 0:
@@ -388,13 +470,14 @@ def run_abl(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ABLCo
         log.info("resuming ABL at stage %s, epoch %d", stage, epoch_in_stage)
 
     def snapshot(stage_: str, epoch_: int, optimizer: torch.optim.Optimizer | None,
-                 batches: ArrayBatches | None) -> None:
+                 batches: ArrayBatches | None, extra: dict[str, Any] | None = None) -> None:
         blob: dict[str, Any] = {"stage": stage_, "epoch": epoch_, "model": _sd(model), "config_json": config_json,
                                 "fingerprint": fingerprint, "history_json": json.dumps(history),
                                 "report_json": json.dumps(report), "isolated": torch.as_tensor(isolated),
                                 "losses": torch.as_tensor(losses), "rng": _rng_state(batches)}
         if optimizer is not None:
             blob["optimizer"] = optimizer.state_dict()
+        blob.update(extra or {})
         state_io.save(blob)
 
     def add_time(key: str, seconds: float) -> None:
@@ -448,10 +531,13 @@ def run_abl(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ABLCo
         pool_losses = per_example_loss(model, images[pool], labels[pool], device, batch_size=max(512, cfg.batch_size))
         losses = np.full(n, np.nan, np.float32)
         losses[pool] = pool_losses
-        isolated = pool[isolate_lowest(pool_losses, cfg.isolation_ratio)]
+        pool_scores = isolation_scores(pool_losses, labels[pool], cfg.isolation_score)
+        isolated = pool[isolate_lowest(pool_scores, cfg.isolation_ratio)]
         add_time("isolate", time.perf_counter() - t0)
         report["isolation"] = isolation_report(losses, isolated, labels, pool, poison_indices, cfg)
-        _write_isolation_artifacts(out, images, labels, losses, isolated, pool, poison_indices, report)
+        scores = np.full(n, np.nan, np.float32)
+        scores[pool] = pool_scores
+        _write_isolation_artifacts(out, images, labels, losses, scores, isolated, pool, poison_indices, report)
         stage, epoch_in_stage = "clean", 0
         snapshot(stage, 0, opt, None)
 
@@ -504,18 +590,39 @@ def guard_metrics(model: nn.Module, images: np.ndarray, labels: np.ndarray, targ
             "target_rate": float((pred == target).mean())}
 
 
+def estimated_accuracy(metrics: dict[str, float], prior: float) -> float:
+    """Clean accuracy estimated from :func:`guard_metrics` without trusting target labels.
+
+    ``(1 - prior) * nontarget_accuracy + prior * min(1, target_rate / prior)``: the non-target classes weighted by
+    their share, the target class by its share times a recall bounded by how many held-out examples are predicted as
+    the target at all (``prior`` = the share a clean target class would have). While a backdoor is active the
+    triggered held-out examples inflate ``target_rate``, so the estimate before unlearning is an upper bound.
+    """
+    if not prior > 0:
+        return float(metrics["nontarget_accuracy"])
+    recall = min(1.0, metrics["target_rate"] / prior)
+    return float((1.0 - prior) * metrics["nontarget_accuracy"] + prior * recall)
+
+
 def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated: np.ndarray, holdout: np.ndarray,
              cfg: ABLConfig, device: torch.device, report: dict[str, Any], history: list[dict[str, Any]],
              step_kw: dict[str, Any], evaluate: Evaluate | None, saved: dict[str, Any] | None,
              rng_state: dict[str, Any], snapshot: Callable[..., None], add_time: Callable[[str, float], None]) -> None:
-    """Gradient ascent on the isolated set, epoch by epoch; an epoch that trips the guard is rolled back and stops it.
+    """Unlearning epochs on the isolated set; the guard then keeps the best epoch that passed it.
 
-    The guard trips when (a) accuracy on held-out non-target examples falls more than ``max_ca_drop`` below its value
-    before unlearning, or (b) the held-out target-prediction rate falls below ``prior * r - max_ca_drop``, where
-    ``prior`` is the median share of the other labels among held-out examples (the size a clean target class would
-    have) and ``r`` the non-target accuracy before unlearning (its expected recall). (b) is the clean-accuracy cost on
-    the target class, estimated without trusting the target labels: after a successful unlearning only the clean
-    target images should still be predicted as the target.
+    An epoch *passes* the guard unless (a) accuracy on held-out non-target examples is more than ``max_ca_drop`` below
+    its value before unlearning, or (b) the clean accuracy estimated without trusting target labels
+    (:func:`estimated_accuracy`, with ``prior`` the median share of the other labels among held-out examples) is more
+    than ``max_ca_drop`` below its value before unlearning. (b) charges the target class: after a successful
+    unlearning only clean target images should still be predicted as the target, and a model that stops predicting
+    the target class (the classic unlearning failure) loses up to ``prior`` of estimated accuracy. An earlier
+    version bounded the target-prediction rate alone; it rejected unlearning epochs whose test CA was within half a
+    point of the start (the lost target recall was paid back by the other classes).
+
+    Every epoch runs (joint unlearning often dips in its first epoch and recovers as the clean term repairs the
+    model); at the end the model is set to the passing epoch — the state before unlearning counts as epoch 0 — whose
+    isolated examples are least often predicted as their own labels (the ASR probe; ties: higher estimated accuracy,
+    then the later epoch). Without a held-out split the last epoch is kept.
     """
     iso_images, iso_labels = images[isolated], labels[isolated]
     hold_x, hold_y = images[holdout], labels[holdout]
@@ -526,13 +633,14 @@ def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated:
         prior = float(np.median(others[others > 0]) / len(hold_y)) if (others > 0).any() else float("nan")
         base = guard_metrics(model, hold_x, hold_y, target, device)
         enabled = bool(len(hold_y)) and not np.isnan(base["nontarget_accuracy"])
+        iso_before = accuracy(model, iso_images, iso_labels, device)
         un.update({
             "guard": {"n_holdout": int(len(hold_y)), "n_nontarget": int((hold_y != target).sum()),
                       "suspected_target": target, "max_ca_drop": cfg.max_ca_drop, "enabled": enabled,
-                      "baseline": base, "target_prior": prior,
-                      "target_rate_floor": prior * base["nontarget_accuracy"] - cfg.max_ca_drop},
-            "epochs_run": 0, "stopped_early": False, "trajectory": [],
-            "isolated_accuracy_before": accuracy(model, iso_images, iso_labels, device),
+                      "baseline": {**base, "estimated_accuracy": estimated_accuracy(base, prior)},
+                      "target_prior": prior},
+            "epochs_run": 0, "trajectory": [], "rejected_epochs": [], "selected_epoch": 0,
+            "isolated_accuracy_before": iso_before,
         })
         if not enabled:
             log.warning("ABL: no held-out split, unlearning runs without the clean-accuracy guard")
@@ -541,52 +649,73 @@ def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated:
     guard = un["guard"]
     target = guard["suspected_target"]
 
+    def rank(iso_acc: float, est_acc: float, epoch: int) -> tuple[float, float, int]:
+        return (round(iso_acc, 4), -round(est_acc, 4), -epoch)
+
     opt = make_optimizer(model, cfg.unlearning_lr, cfg.momentum, cfg.weight_decay)
     batches = ArrayBatches(iso_images, iso_labels, device, cfg.batch_size, augment="none", seed=cfg.seed + 2)
+    clean_batches = None
+    if cfg.unlearning == "joint":
+        rest = np.setdiff1d(np.setdiff1d(np.arange(len(labels)), holdout), isolated)
+        clean_batches = ArrayBatches(images, labels, device, cfg.batch_size, augment=cfg.augment, seed=cfg.seed + 3,
+                                     indices=rest)
     start = 0
+    best_sd = _sd(model)
+    best_key = rank(un["isolated_accuracy_before"], guard["baseline"]["estimated_accuracy"], 0)
     if saved is not None:
         start = int(saved["epoch"])
         if "optimizer" in saved:
             opt.load_state_dict(saved["optimizer"])
+        if "best_model" in saved:
+            best_sd = saved["best_model"]
+            best_key = tuple(json.loads(saved["best_key_json"]))
     if rng_state:
         _set_rng_state(rng_state, batches)
-    for e in range(start, 0 if un["stopped_early"] else cfg.unlearning_epochs):
+    for e in range(start, cfg.unlearning_epochs):
         t0 = time.perf_counter()
-        accepted = _sd(model)
-        accepted_opt = copy.deepcopy(opt.state_dict())
+        clean = None
+        if clean_batches is not None:  # reseeded per epoch, so a resumed run draws the same clean batches
+            clean_batches.generator.manual_seed(cfg.seed + 3 + 1009 * e)
+            clean = cycle_batches(clean_batches)
         loss = unlearning_epoch(model, batches, opt, cfg.unlearning_bn, step_kw["autocast_dtype"],
-                                step_kw["channels_last"])
+                                step_kw["channels_last"], clean=clean, bound=cfg.unlearning_bound)
         g = guard_metrics(model, hold_x, hold_y, target, device)
         iso_acc = accuracy(model, iso_images, iso_labels, device)
         secs = time.perf_counter() - t0
         add_time("unlearning", secs)
+        reasons = []
+        g["estimated_accuracy"] = estimated_accuracy(g, guard["target_prior"])
+        if guard["enabled"]:
+            if guard["baseline"]["nontarget_accuracy"] - g["nontarget_accuracy"] > cfg.max_ca_drop:
+                reasons.append("non-target accuracy drop")
+            if guard["baseline"]["estimated_accuracy"] - g["estimated_accuracy"] > cfg.max_ca_drop:
+                reasons.append("estimated accuracy drop (target class)")
         rec: dict[str, Any] = {"stage": "unlearning", "epoch": cfg.total_epochs + e + 1, "loss": loss,
                                "lr": cfg.unlearning_lr, "seconds": secs, "guard_nontarget_accuracy":
                                g["nontarget_accuracy"], "guard_target_rate": g["target_rate"],
-                               "isolated_accuracy": iso_acc}
+                               "guard_estimated_accuracy": g["estimated_accuracy"], "isolated_accuracy": iso_acc,
+                               "guard_rejected": reasons}
         if evaluate is not None:  # always: unlearning epochs are few and their CA / ASR path is the point
             rec.update(evaluate(model))
         history.append(rec)
         un["trajectory"].append({k: v for k, v in rec.items() if k not in ("stage", "lr")})
-        reasons = []
-        if guard["enabled"]:
-            if guard["baseline"]["nontarget_accuracy"] - g["nontarget_accuracy"] > cfg.max_ca_drop:
-                reasons.append("non-target accuracy drop")
-            if g["target_rate"] < guard["target_rate_floor"]:
-                reasons.append("target-class collapse")
-        log.info("ABL unlearning epoch %d: ascent CE %.4f, held-out non-target acc %.4f, target rate %.4f, "
-                 "isolated acc %.4f%s", e + 1, loss, g["nontarget_accuracy"], g["target_rate"], iso_acc,
-                 f" -> guard tripped ({', '.join(reasons)}), epoch rolled back" if reasons else "")
         if reasons:
-            model.load_state_dict(accepted)
-            opt.load_state_dict(accepted_opt)
-            un.update({"stopped_early": True, "stopped_at_epoch": e + 1, "stop_reasons": reasons})
-            snapshot("unlearning", e, opt, batches)
-            break
+            un["rejected_epochs"].append(e + 1)
+        key = rank(iso_acc, g["estimated_accuracy"], e + 1)
+        if not guard["enabled"] or (not reasons and key < best_key):
+            best_sd, best_key = _sd(model), key
+            un["selected_epoch"] = e + 1
+        log.info("ABL unlearning epoch %d: isolated CE %.4f, held-out non-target acc %.4f, target rate %.4f, "
+                 "isolated acc %.4f%s", e + 1, loss, g["nontarget_accuracy"], g["target_rate"], iso_acc,
+                 f" -> rejected by the guard ({', '.join(reasons)})" if reasons else "")
         un["epochs_run"] = e + 1
-        snapshot("unlearning", e + 1, opt, batches)
+        snapshot("unlearning", e + 1, opt, batches, {"best_model": best_sd, "best_key_json": json.dumps(best_key)})
+    model.load_state_dict(best_sd)
+    if un["selected_epoch"] != un["epochs_run"]:
+        log.info("ABL: keeping unlearning epoch %d (the best that passed the guard)", un["selected_epoch"])
     un["isolated_accuracy_after"] = accuracy(model, iso_images, iso_labels, device)
-    un["guard"]["final"] = guard_metrics(model, hold_x, hold_y, target, device)
+    final = guard_metrics(model, hold_x, hold_y, target, device)
+    un["guard"]["final"] = {**final, "estimated_accuracy": estimated_accuracy(final, guard["target_prior"])}
 
 
 # ------------------------------------------------------------------------------------------------- reports
@@ -596,17 +725,23 @@ def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarra
                      poison_indices: np.ndarray | None, cfg: ABLConfig) -> dict[str, Any]:
     """Statistics of the isolation at ``T_te``; precision / recall / AUROC when the ground truth is known."""
     pool_losses = losses[pool]
+    scores = np.full(len(losses), np.nan)
+    scores[pool] = isolation_scores(pool_losses, labels[pool], cfg.isolation_score)
     rest = np.setdiff1d(pool, isolated)
     counts = np.bincount(labels[isolated], minlength=int(labels.max()) + 1)
     iso_med = float(np.median(losses[isolated]))
     rest_med = float(np.median(losses[rest])) if len(rest) else float("nan")
     rep: dict[str, Any] = {
         "n_pool": int(len(pool)), "n_isolated": int(len(isolated)), "ratio": cfg.isolation_ratio,
-        "lga": cfg.lga, "gamma": cfg.gamma, "epoch": cfg.isolation_epochs,
+        "lga": cfg.lga, "gamma": cfg.gamma, "epoch": cfg.isolation_epochs, "score": cfg.isolation_score,
         "cutoff_loss": float(losses[isolated].max()),
         "isolated_loss_median": iso_med, "rest_loss_median": rest_med,
         # how far below the bulk the isolated losses sit (orders of magnitude); large = a clear low-loss cluster
         "loss_gap_log10": float(np.log10(max(rest_med, 1e-12)) - np.log10(max(iso_med, 1e-12))),
+        # the same for the ranked score (orders of magnitude below the typical loss of the example's own label)
+        "score_gap_log10": float((np.median(scores[rest]) - np.median(scores[isolated])) / np.log(10)
+                                 if cfg.isolation_score == "class-relative" and len(rest) else
+                                 np.log10(max(rest_med, 1e-12)) - np.log10(max(iso_med, 1e-12))),
         "pool_loss_quantiles": {str(q): float(np.quantile(pool_losses, q)) for q in (0.01, 0.05, 0.1, 0.25, 0.5)},
         "isolated_label_counts": {str(i): int(c) for i, c in enumerate(counts) if c},
         "isolated_majority_label": int(counts.argmax()),
@@ -623,7 +758,8 @@ def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarra
             "recall": hits / len(poison) if len(poison) else float("nan"),
             # recall is capped by ratio * n_pool / n_poison: ABL isolates a fixed fraction, not every poison
             "max_recall": min(1.0, len(isolated) / len(poison)) if len(poison) else float("nan"),
-            "auroc": rank_auroc(-pool_losses.astype(np.float64), is_poison),
+            "auroc": rank_auroc(-scores[pool], is_poison),  # of the score used for the isolation
+            "auroc_loss": rank_auroc(-pool_losses.astype(np.float64), is_poison),
             "poison_loss_median": float(np.median(losses[poison])) if len(poison) else float("nan"),
             "clean_loss_median": float(np.median(pool_losses[~is_poison])) if (~is_poison).any() else float("nan"),
         })
@@ -638,10 +774,11 @@ def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
     out: list[str] = []
     iso = report.get("isolation", {})
     un = report.get("unlearning", {})
-    gap = iso.get("loss_gap_log10", float("inf"))
+    gap = iso.get("score_gap_log10", iso.get("loss_gap_log10", float("inf")))
     if gap < 1.0:
         out.append(f"isolation loss gap is small ({gap:.2f} orders of magnitude between the isolated examples and "
-                   "the rest): no clearly fast-learned cluster, so the isolated set may be mostly clean examples "
+                   f"the rest, {iso.get('score', 'loss')} score): "
+                   "no clearly fast-learned cluster, so the isolated set may be mostly clean examples "
                    "(clean data, a slow-learned trigger, or a poisoning rate below the isolation ratio)")
     if iso and iso.get("isolated_majority_fraction", 1.0) < 0.5:
         out.append(f"the isolated examples spread over several labels (majority {iso['isolated_majority_fraction']:.0%}"
@@ -650,11 +787,12 @@ def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
     if after is not None and after > 0.2 and cfg.unlearning_epochs > 0:
         out.append(f"after unlearning the model still predicts the isolated examples' labels {after:.0%} of the time "
                    "(ASR probe on the isolated set): the backdoor link is probably not broken")
-    if un.get("stopped_early"):
-        out.append(f"unlearning was stopped by the clean-accuracy guard after {un.get('epochs_run', 0)} epoch(s) "
-                   f"(drop > {cfg.max_ca_drop:.3f}): unlearning the isolated set costs clean accuracy here "
-                   "(the isolated set holds clean examples, the unlearning lr is too high, or the model's backdoor "
-                   "and clean features are entangled); the backdoor is probably still in place")
+    if un.get("epochs_run") and un.get("guard", {}).get("enabled") and not un.get("selected_epoch"):
+        out.append(f"no unlearning epoch passed the clean-accuracy guard (drop > {cfg.max_ca_drop:.3f} in all "
+                   f"{un['epochs_run']}), so the model is the one before unlearning: unlearning the isolated set "
+                   "costs clean accuracy here (the isolated set holds clean examples, the unlearning lr is too high, "
+                   "or the model's backdoor and clean features are entangled); the backdoor is probably still in "
+                   "place")
     if "precision" in iso and iso["precision"] < 0.5:
         out.append(f"isolation precision is {iso['precision']:.0%} against the known poison indices")
     return out
@@ -683,8 +821,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(msg)
     un = report.get("unlearning", {})
     if un:
-        lines.append(f"unlearning: {un.get('epochs_run', 0)} epoch(s)"
-                     + (" (stopped by the CA guard)" if un.get("stopped_early") else "")
+        rejected = un.get("rejected_epochs", [])
+        lines.append(f"unlearning: {un.get('epochs_run', 0)} epoch(s), kept epoch {un.get('selected_epoch', 0)}"
+                     + (f" (epochs {rejected} rejected by the CA guard)" if rejected else "")
                      + f"; isolated-set accuracy {100 * un.get('isolated_accuracy_before', float('nan')):.1f}% -> "
                        f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
     lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
@@ -692,23 +831,27 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _write_isolation_artifacts(out: Path | None, images: np.ndarray, labels: np.ndarray, losses: np.ndarray,
-                               isolated: np.ndarray, pool: np.ndarray, poison_indices: np.ndarray | None,
+                               scores: np.ndarray, isolated: np.ndarray, pool: np.ndarray,
+                               poison_indices: np.ndarray | None,
                                report: dict[str, Any]) -> None:
     if out is None:
         return
     files = report["files"]
     np.save(out / "isolated_indices.npy", isolated.astype(np.int64))
     np.save(out / "isolation_losses.npy", losses.astype(np.float32))
+    np.save(out / "isolation_scores.npy", scores.astype(np.float32))
     with open(out / "isolated.csv", "w") as f:
-        f.write("rank,index,label,loss\n")
+        f.write("rank,index,label,loss,score\n")
         for r, i in enumerate(isolated):
-            f.write(f"{r},{int(i)},{int(labels[i])},{float(losses[i]):.6g}\n")
+            f.write(f"{r},{int(i)},{int(labels[i])},{float(losses[i]):.6g},{float(scores[i]):.6g}\n")
     files.update({"isolated_indices": "isolated_indices.npy", "isolated_csv": "isolated.csv",
-                  "isolation_losses": "isolation_losses.npy"})
+                  "isolation_losses": "isolation_losses.npy", "isolation_scores": "isolation_scores.npy"})
     try:
         from .abl_plots import isolated_grid_png, loss_histogram_png
 
-        loss_histogram_png(out / "isolation_hist.png", losses, pool, isolated, poison_indices)
+        relative = report.get("isolation", {}).get("score") == "class-relative"
+        loss_histogram_png(out / "isolation_hist.png", losses, pool, isolated, poison_indices,
+                           scores=scores if relative else None)
         isolated_grid_png(out / "isolated_grid.png", images[isolated], labels[isolated])
         files.update({"loss_histogram": "isolation_hist.png", "isolated_grid": "isolated_grid.png"})
     except ImportError as e:  # matplotlib is a declared dependency; keep training if a minimal install lacks it

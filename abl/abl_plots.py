@@ -11,9 +11,14 @@ import numpy as np
 
 
 def loss_histogram_png(path: str | Path, losses: np.ndarray, pool: np.ndarray, isolated: np.ndarray,
-                       poison_indices: np.ndarray | None = None, bins: int = 60) -> None:
+                       poison_indices: np.ndarray | None = None, bins: int = 60,
+                       scores: np.ndarray | None = None) -> None:
     """Histogram of per-example losses at T_te on a log axis: poisoned vs clean when the ground truth is known,
-    otherwise all examples; the isolation cutoff is drawn as a vertical line."""
+    otherwise all examples; the isolation cutoff is drawn as a vertical line.
+
+    ``scores`` (natural-log class-relative scores, see ``abl.abl.isolation_scores``) are plotted instead of the
+    losses when the isolation ranked them, in decades relative to the median loss of each example's label.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +26,14 @@ def loss_histogram_png(path: str | Path, losses: np.ndarray, pool: np.ndarray, i
 
     vals = np.asarray(losses, np.float64)[pool]
     floor = 1e-8
-    logv = np.log10(np.maximum(vals, floor))
+    if scores is not None:
+        logv = np.asarray(scores, np.float64)[pool] / np.log(10.0)
+        cutoff = float(np.max(np.asarray(scores, np.float64)[isolated]) / np.log(10.0))
+        xlabel = "per-example log10 cross-entropy minus the median of its label, at the end of isolation"
+    else:
+        logv = np.log10(np.maximum(vals, floor))
+        cutoff = float(np.log10(max(float(np.max(np.asarray(losses)[isolated])), floor)))
+        xlabel = "log10 per-example cross-entropy at the end of isolation (eval mode)"
     edges = np.linspace(logv.min(), max(logv.max(), logv.min() + 1e-6), bins + 1)
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
     if poison_indices is not None and len(poison_indices):
@@ -30,10 +42,9 @@ def loss_histogram_png(path: str | Path, losses: np.ndarray, pool: np.ndarray, i
         ax.hist(logv[is_poison], bins=edges, alpha=0.6, label=f"poisoned ({int(is_poison.sum())})", color="tab:red")
     else:
         ax.hist(logv, bins=edges, alpha=0.7, label=f"all ({len(vals)})", color="tab:gray")
-    cutoff = float(np.log10(max(float(np.max(np.asarray(losses)[isolated])), floor)))
     ax.axvline(cutoff, color="black", linestyle="--", linewidth=1, label=f"isolation cutoff ({len(isolated)} below)")
     ax.set_yscale("log")
-    ax.set_xlabel("log10 per-example cross-entropy at the end of isolation (eval mode)")
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("examples")
     ax.legend(fontsize=8)
     fig.tight_layout()

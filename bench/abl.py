@@ -9,7 +9,12 @@ CA / ASR after each ABL stage and what the unlearning guard did.
 CPU schedule (the paper's is 100 epochs: T_te = 20, then 80, then unlearning): a scaled-down version with the same
 proportions — a random 20,000-image training subset, T = 10 epochs (isolation T_te = 2 = 20% of T, clean stage 8),
 then 5 unlearning epochs at lr 5e-4; the small CNN, SGD lr 0.01, batch 128; the full 10,000-image test set.
-``--lga-compare`` runs the isolation stage alone with both LGA forms and reports their isolation precision.
+ABL runs with the library defaults (class-relative isolation score, joint bounded unlearning, the guard) and the
+isolation ratio of ``--isolation-ratio`` (the paper's 1% by default; the committed main table uses 5%, and
+``abl_p1.md`` the paper's 1%, written by a concurrent ABL-only run with ``--baselines bench/results/abl.json``).
+``--lga-compare`` runs the isolation stage alone with both LGA forms and reports the isolation precision of both
+ranking scores (raw loss and class-relative) on the same losses; ``--unlearning-sweep`` runs unguarded unlearning
+variants from one clean-stage model.
 
 Runs are cached in the JSON (key: attack, seed, kind, settings), so the script can be stopped and re-run to continue,
 and attacks that land later are added by re-running with ``--attacks``.
@@ -17,7 +22,11 @@ and attacks that land later are added by re-running with ``--attacks``.
     .venv/bin/python bench/abl.py --quick                    # smoke run, about a minute
     .venv/bin/python bench/abl.py --attacks badnets          # BadNets, 3 seeds
     .venv/bin/python bench/abl.py                            # every registered attack
-    .venv/bin/python bench/abl.py --lga-compare --seeds 0    # flooding vs per-example isolation
+    .venv/bin/python bench/abl.py --lga-compare --seeds 0    # flooding vs per-example, raw vs class-relative
+    # the committed tables (two processes, one thread each, about an hour on 2 cores):
+    .venv/bin/python bench/abl.py --isolation-ratio 0.05 --threads 1 &
+    .venv/bin/python bench/abl.py --isolation-ratio 0.01 --threads 1 --baselines bench/results/abl.json \
+        --out bench/results/abl_p1
 """
 
 from __future__ import annotations
@@ -27,8 +36,6 @@ import copy
 import hashlib
 import json
 import logging
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +47,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from abl.abl import ABLConfig, guard_metrics, run_abl, unlearning_epoch  # noqa: E402
+from _common import cpu_name  # noqa: E402
+
+from abl.abl import (  # noqa: E402
+    ISOLATION_SCORES,
+    ABLConfig,
+    cycle_batches,
+    guard_metrics,
+    isolate_lowest,
+    isolation_report,
+    isolation_scores,
+    run_abl,
+    unlearning_epoch,
+)
 from abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl.models import build_model  # noqa: E402
 from abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
@@ -48,31 +67,29 @@ from attacks import REGISTRY  # noqa: E402
 
 CPU = torch.device("cpu")
 #: (BatchNorm mode, unlearning lr): the official code's 5e-4, BackdoorBench's 1e-4, frozen BatchNorm
-SWEEP = [("train", 5e-4), ("train", 1e-4), ("frozen", 5e-4)]
+#: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
+ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
+            "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound")
+#: unguarded unlearning variants (objective, BatchNorm mode, lr) of --unlearning-sweep
+SWEEP = [("ascent", "train", 5e-4), ("ascent", "train", 1e-4), ("joint", "train", 5e-4), ("joint", "train", 2e-3)]
 NOTES_MARK = "<!-- notes: kept when the script rewrites this file -->"
 log = logging.getLogger("bench.abl")
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"train_limit": args.train_limit, "test_limit": args.test_limit, "epochs": args.epochs,
             "isolation_epochs": args.isolation_epochs, "unlearning_epochs": args.unlearning_epochs,
             "unlearning_lr": args.unlearning_lr, "lr": args.lr, "rate": args.rate, "lga": args.lga,
-            "lc_steps": args.lc_steps, "holdout": args.holdout, "max_ca_drop": args.max_ca_drop}
+            "lc_steps": args.lc_steps, "holdout": args.holdout, "max_ca_drop": args.max_ca_drop,
+            "isolation_score": args.isolation_score, "unlearning": args.unlearning,
+            "isolation_ratio": args.isolation_ratio, "unlearning_bound": args.unlearning_bound}
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.settings = settings_of(args)
-        self.path = Path(args.out).with_suffix(".json")
+        self.path = Path(f"{args.out}.json")
         self.rows: list[dict[str, Any]] = []
         if self.path.exists() and not args.fresh:
             old = json.loads(self.path.read_text())
@@ -82,10 +99,20 @@ class Bench:
     # ------------------------------------------------------------------------------------------ caching
     def key(self, attack: str, seed: int, kind: str) -> dict[str, Any]:
         # ABL knobs do not change the no-defence and clean-data runs: keep those cached across ABL settings
-        abl_only = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop")
+        abl_only = ABL_ONLY
         settings = (self.settings if kind.startswith(("abl", "isolation")) else
                     {k: v for k, v in self.settings.items() if k not in abl_only})
         return {"attack": attack, "seed": seed, "kind": kind, "settings": settings}
+
+    def load_baselines(self) -> None:
+        """``--baselines``: take the no-defence and clean-data runs of another results file (an ABL-only run)."""
+        path = Path(self.args.baselines)
+        if not path.exists():
+            return
+        for r in json.loads(path.read_text())["runs"]:
+            if r["kind"] in ("none", "clean") and r["settings"] == self.key(r["attack"], r["seed"], r["kind"])[
+                    "settings"] and self.cached(r["attack"], r["seed"], r["kind"]) is None:
+                self.rows.append(r)
 
     def cached(self, attack: str, seed: int, kind: str) -> dict[str, Any] | None:
         k = self.key(attack, seed, kind)
@@ -134,7 +161,7 @@ class Bench:
         """The clean-data model of ``seed`` (trained when needed, kept in ``--work``; label-consistent's surrogate)."""
         if seed in self.clean_models:
             return self.clean_models[seed]
-        key = json.dumps(self.settings, sort_keys=True)
+        key = json.dumps(self.key("none", seed, "clean")["settings"], sort_keys=True)
         path = Path(self.args.work) / f"clean_seed{seed}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
         if path.exists() and self.cached("none", seed, "clean") is not None:
             data = prepare_data(self.exp_cfg(None, seed))
@@ -172,7 +199,8 @@ class Bench:
         a = self.args
         params = {"isolation_epochs": a.isolation_epochs, "unlearning_epochs": a.unlearning_epochs,
                   "unlearning_lr": a.unlearning_lr, "lga": a.lga, "holdout": a.holdout,
-                  "max_ca_drop": a.max_ca_drop, "eval_every": 0}
+                  "max_ca_drop": a.max_ca_drop, "isolation_score": a.isolation_score, "unlearning": a.unlearning,
+                  "isolation_ratio": a.isolation_ratio, "unlearning_bound": a.unlearning_bound, "eval_every": 0}
         abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
         for k, v in over.items():
             setattr(abl_cfg, k, v)
@@ -195,7 +223,7 @@ class Bench:
             "isolation": {k: iso.get(k) for k in ("n_isolated", "precision", "recall", "max_recall", "auroc",
                                                   "loss_gap_log10", "isolated_majority_fraction",
                                                   "poison_loss_median", "clean_loss_median")},
-            "unlearning": {k: un.get(k) for k in ("epochs_run", "stopped_early", "stop_reasons",
+            "unlearning": {k: un.get(k) for k in ("epochs_run", "selected_epoch", "rejected_epochs",
                                                   "isolated_accuracy_before", "isolated_accuracy_after",
                                                   "trajectory", "guard")},
             "warnings": rep["warnings"], "n_poisoned": int(len(data.poison_indices)),
@@ -207,17 +235,26 @@ class Bench:
         abl_cfg = self.abl_config(cfg, lga=lga, clean_epochs=0, unlearning_epochs=0)
         res = run_abl(model, data.train.images, data.train.labels, abl_cfg, evaluate=None,
                       poison_indices=data.poison_indices, quiet=True)
+        by_score = {}
+        for score in ISOLATION_SCORES:  # both rankings of the same per-example losses
+            pool = np.setdiff1d(np.arange(len(data.train.labels)), res.holdout)
+            s = isolation_scores(res.losses[pool], data.train.labels[pool], score)
+            abl_cfg.isolation_score = score
+            iso = isolation_report(res.losses, pool[isolate_lowest(s, abl_cfg.isolation_ratio)], data.train.labels,
+                                   pool, data.poison_indices, abl_cfg)
+            by_score[score] = {k: iso.get(k) for k in ("n_isolated", "precision", "recall", "max_recall", "auroc",
+                                                       "score_gap_log10", "isolated_majority_fraction")}
         iso = res.report["isolation"]
-        return {**self.key(attack, seed, f"isolation-{lga}"),
-                **{k: iso.get(k) for k in ("n_isolated", "precision", "recall", "max_recall", "auroc",
-                                           "loss_gap_log10", "poison_loss_median", "clean_loss_median")},
+        return {**self.key(attack, seed, f"isolation-{lga}"), "by_score": by_score,
+                **{k: iso.get(k) for k in ("n_isolated", "loss_gap_log10", "poison_loss_median",
+                                           "clean_loss_median")},
                 "seconds": res.report["seconds"].get("isolation", float("nan"))}
 
 
     def run_unlearning_sweep(self, attack: str, seed: int, data: PreparedData, cfg: ExperimentConfig,
-                             variants: list[tuple[str, float]]) -> dict[str, Any]:
-        """One isolation + clean stage, then unlearning from that same model with each (BN mode, lr), unguarded:
-        test CA / ASR and the guard's two held-out quantities after every unlearning epoch."""
+                             variants: list[tuple[str, str, float]]) -> dict[str, Any]:
+        """One isolation + clean stage, then unlearning from that same model with each (objective, BN mode, lr),
+        unguarded: test CA / ASR and the guard's two held-out quantities after every unlearning epoch."""
         model = self.fresh_model(data, seed)
         abl_cfg = self.abl_config(cfg, unlearning_epochs=0)
         evaluate = make_evaluator(data, CPU)
@@ -228,15 +265,18 @@ class Bench:
         hold_x, hold_y = data.train.images[res.holdout], data.train.labels[res.holdout]
         target = res.report["isolation"]["isolated_majority_label"]
         out = {}
-        for bn, lr in variants:
+        rest = np.setdiff1d(np.setdiff1d(np.arange(len(data.train.labels)), res.holdout), res.isolated)
+        for mode, bn, lr in variants:
             model.load_state_dict(base)
             opt = make_optimizer(model, lr, abl_cfg.momentum, abl_cfg.weight_decay)
             batches = ArrayBatches(iso_x, iso_y, CPU, abl_cfg.batch_size, seed=seed + 2)
+            clean = (cycle_batches(ArrayBatches(data.train.images, data.train.labels, CPU, abl_cfg.batch_size,
+                                                seed=seed + 3, indices=rest)) if mode == "joint" else None)
             traj = []
             for _ in range(self.args.unlearning_epochs):
-                unlearning_epoch(model, batches, opt, bn)
+                unlearning_epoch(model, batches, opt, bn, clean=clean)
                 traj.append({**evaluate(model), **guard_metrics(model, hold_x, hold_y, target, CPU)})
-            out[f"{bn}@{lr:g}"] = traj
+            out[f"{mode} {bn}@{lr:g}"] = traj
         return {**self.key(attack, seed, "unlearning-sweep"), "precision": res.report["isolation"]["precision"],
                 "before": res.report["stages"]["clean"], "variants": out}
 
@@ -265,8 +305,10 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         f"small-cnn, SGD lr {a.lr} (Nesterov momentum 0.9, weight decay 5e-4, batch 128). No defence and the clean "
         f"model: {a.epochs} epochs. ABL: T = {a.epochs} epochs = isolation T_te = "
         f"{a.isolation_epochs or max(1, round(0.2 * a.epochs))} ({a.lga} LGA, gamma 0.5) + clean stage, isolation "
-        f"ratio 1%, then {a.unlearning_epochs} unlearning epochs at lr {a.unlearning_lr}; guard: "
-        f"{a.holdout:.0%} held-out training split, max CA drop {a.max_ca_drop}. A scaled-down paper schedule "
+        f"ratio p = {a.isolation_ratio:.0%} ranked by the {a.isolation_score} score, then {a.unlearning_epochs} "
+        f"{a.unlearning} unlearning epochs at lr {a.unlearning_lr} (ascent bound "
+        f"{a.unlearning_bound or 'none'}); guard: {a.holdout:.0%} held-out training split, max CA drop "
+        f"{a.max_ca_drop}, keeps the best passing epoch. A scaled-down paper schedule "
         "(paper: 100 epochs = 20 + 80, then unlearning; WRN-16-1 on CIFAR-10).",
         "",
         f"CA of a model trained on clean data only: **{mean_std([r['clean_accuracy'] for r in clean])}%** "
@@ -274,7 +316,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         "",
         "| attack | n poisoned | no defence CA % | no defence ASR % | ABL CA % | ABL ASR % "
         "| ABL ASR before unlearning % | isolation precision % | isolation recall % (max) "
-        "| AUROC of the loss ranking | unlearning epochs run "
+        "| AUROC of the ranking | unlearning epoch kept (of N) "
         "| ABL / plain wall time per seed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -285,8 +327,8 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         iso = [r["isolation"] for r in abl]
         ratio = [f"{x['seconds'] / y['seconds']:.2f}" for x in sorted(abl, key=lambda r: r["seed"]) for y in none
                  if x["seed"] == y["seed"]]
-        epochs_run = [r["unlearning"]["epochs_run"] for r in abl]
-        stopped = sum(bool(r["unlearning"]["stopped_early"]) for r in abl)
+        kept = [str(r["unlearning"].get("selected_epoch", "?")) for r in sorted(abl, key=lambda r: r["seed"])]
+        n_un = abl[0]["unlearning"]["epochs_run"] if abl else 0
         lines.append(
             f"| {attack} | {none[0]['n_poisoned'] if none else abl[0]['n_poisoned']} "
             f"| {mean_std([r['clean_accuracy'] for r in none])} | {mean_std([r['attack_success_rate'] for r in none])} "
@@ -294,43 +336,52 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             f"| {mean_std([r['stages']['clean']['attack_success_rate'] for r in abl])} "
             f"| {mean_std([i['precision'] for i in iso])} | {mean_std([i['recall'] for i in iso])} "
             f"({mean_std([i['max_recall'] for i in iso])}) | {mean_std([i['auroc'] for i in iso], 1.0)} "
-            f"| {', '.join(str(e) for e in epochs_run)}{f' ({stopped} stopped by the guard)' if stopped else ''} "
+            f"| {', '.join(kept)} (of {n_un}) "
             f"| {', '.join(ratio) if ratio else '—'} |")
     lines += ["", "Per run (CA / ASR % after each ABL stage; guard = held-out non-target accuracy and "
-              "target-prediction rate before → after unlearning; warnings raised by the run):", ""]
+              "target-prediction rate / estimated accuracy before → after unlearning; ✗ = epoch rejected by the guard; "
+              "warnings raised by the run):", ""]
     for attack in attacks:
         for r in sorted(pick(attack, "abl"), key=lambda r: r["seed"]):
             st = r["stages"]
             g = r["unlearning"]["guard"]
             stage_txt = " → ".join(f"{k} {100 * v['clean_accuracy']:.1f}/{100 * v['attack_success_rate']:.1f}"
                                    for k, v in st.items())
-            guard_txt = (f"{100 * g['baseline']['nontarget_accuracy']:.1f}% / {100 * g['baseline']['target_rate']:.1f}%"
-                         f" → {100 * g['final']['nontarget_accuracy']:.1f}% / {100 * g['final']['target_rate']:.1f}%"
-                         f" (floor {100 * g['target_rate_floor']:.1f}%)")
-            stop = r["unlearning"].get("stop_reasons")
+            guard_txt = " → ".join(f"{100 * x['nontarget_accuracy']:.1f}% / {100 * x['target_rate']:.1f}% / "
+                                   f"{100 * x['estimated_accuracy']:.1f}%" for x in (g["baseline"], g["final"]))
+            rejected = r["unlearning"].get("rejected_epochs")
+            traj = " ".join(f"{100 * t['clean_accuracy']:.1f}/{100 * t['attack_success_rate']:.1f}"
+                            + ("✗" if t.get("guard_rejected") else "") for t in r["unlearning"]["trajectory"])
             lines.append(f"- {attack} seed {r['seed']}: {stage_txt}; precision "
-                         f"{100 * r['isolation']['precision']:.1f}%; guard {guard_txt}"
-                         f"{f'; stopped: {stop}' if stop else ''}; {len(r['warnings'])} warning(s)"
+                         f"{100 * r['isolation']['precision']:.1f}%; unlearning epochs {traj} → kept epoch "
+                         f"{r['unlearning'].get('selected_epoch')}; guard {guard_txt}"
+                         f"{f'; rejected epochs {rejected}' if rejected else ''}; {len(r['warnings'])} warning(s)"
                          + (f": {'; '.join(w.split(':')[0] for w in r['warnings'])}" if r["warnings"] else ""))
     iso_rows = [r for r in rows if r["kind"].startswith("isolation-")]  # every seed measured with these settings
     attacks = attacks + sorted({r["attack"] for r in iso_rows} - set(attacks))
     if iso_rows:
-        lines += ["", f"## LGA form: isolation after T_te = {a.isolation_epochs or max(1, round(0.2 * a.epochs))} "
-                  "epochs (isolation stage only)", "",
-                  "| attack | LGA form | precision % | precision % per seed | recall % | AUROC "
+        lines += ["", f"## Isolation: LGA form x ranking score, after T_te = "
+                  f"{a.isolation_epochs or max(1, round(0.2 * a.epochs))} epochs (isolation stage only)", "",
+                  "Both scores rank the same per-example losses of one isolation run: `loss` is the paper's raw loss, "
+                  "`class-relative` the log-loss minus the median log-loss of the example's own label.", "",
+                  "| attack | LGA form | score | precision % | precision % per seed | recall % | AUROC "
                   "| poison / clean median loss | runs |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
         for attack in attacks:
             for form in ("flooding", "per-example"):
-                rs = [r for r in iso_rows if r["attack"] == attack and r["kind"] == f"isolation-{form}"]
+                rs = [r for r in iso_rows if r["attack"] == attack and r["kind"] == f"isolation-{form}"
+                      and "by_score" in r]
                 if not rs:
                     continue
+                rs = sorted(rs, key=lambda r: r["seed"])
                 med = (f"{np.median([r['poison_loss_median'] for r in rs]):.2e} / "
                        f"{np.median([r['clean_loss_median'] for r in rs]):.2e}")
-                per_seed = " ".join(f"{100 * r['precision']:.0f}" for r in sorted(rs, key=lambda r: r["seed"]))
-                lines.append(f"| {attack} | {form} | {mean_std([r['precision'] for r in rs])} | {per_seed} "
-                             f"| {mean_std([r['recall'] for r in rs])} | {mean_std([r['auroc'] for r in rs], 1.0)} "
-                             f"| {med} | {len(rs)} |")
+                for score in ISOLATION_SCORES:
+                    ss = [r["by_score"][score] for r in rs]
+                    per_seed = " ".join(f"{100 * x['precision']:.0f}" for x in ss)
+                    lines.append(f"| {attack} | {form} | {score} | {mean_std([x['precision'] for x in ss])} "
+                                 f"| {per_seed} | {mean_std([x['recall'] for x in ss])} "
+                                 f"| {mean_std([x['auroc'] for x in ss], 1.0)} | {med} | {len(rs)} |")
     sweep_rows = [r for r in rows if r["kind"] == "unlearning-sweep"]
     if sweep_rows:
         lines += ["", "## Unlearning without the guard: test CA / ASR % after each unlearning epoch", "",
@@ -339,7 +390,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         for attack in sorted({r["attack"] for r in sweep_rows}):
             rs = sorted((r for r in sweep_rows if r["attack"] == attack), key=lambda r: r["seed"])
             lines += [f"{attack}:", "",
-                      "| seed (isolation precision %; CA / ASR before) | BN @ lr | "
+                      "| seed (isolation precision %; CA / ASR before) | objective BN @ lr | "
                       + " | ".join(f"epoch {i + 1}" for i in range(a.unlearning_epochs)) + " |",
                       "|---|---" + "|---" * a.unlearning_epochs + "|"]
             for r in rs:
@@ -352,7 +403,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             lines.append("")
     lines += ["", "GPU run (PreAct-ResNet-18, Fashion-MNIST padded to 32×32, the full 100-epoch paper schedule): "
               "**not done** — no GPU was available in this session.", ""]
-    md = path.with_suffix(".md")
+    md = Path(f"{path}.md")
     notes = ""
     if md.exists() and NOTES_MARK in md.read_text():  # hand-written analysis below the mark survives a re-run
         notes = md.read_text().split(NOTES_MARK, 1)[1]
@@ -372,6 +423,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--lga", default="flooding", choices=["flooding", "per-example"])
+    ap.add_argument("--isolation-ratio", type=float, default=0.01, help="p (the paper's 1%%)")
+    ap.add_argument("--isolation-score", default="class-relative", choices=list(ISOLATION_SCORES))
+    ap.add_argument("--unlearning", default="joint", choices=["joint", "ascent"])
+    ap.add_argument("--unlearning-bound", type=float, default=5.0, help="0 = unbounded ascent (the paper)")
+    ap.add_argument("--baselines", default=None,
+                    help="ABL runs only: take the no-defence / clean-data runs from this results JSON (e.g. one "
+                         "written by a concurrent run of this script with other ABL settings)")
     ap.add_argument("--holdout", type=float, default=0.02)
     ap.add_argument("--max-ca-drop", type=float, default=0.02)
     ap.add_argument("--lc-steps", type=int, default=20, help="PGD steps of label-consistent (attack default 100)")
@@ -401,11 +459,17 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     bench = Bench(args)
     for seed in seeds:  # seed-major, so that the first seed of every attack lands first
-        if bench.cached("none", seed, "clean") is None and not (args.lga_compare or args.unlearning_sweep):
+        if args.baselines:
+            bench.load_baselines()
+        if (bench.cached("none", seed, "clean") is None and not (args.lga_compare or args.unlearning_sweep)
+                and not args.baselines):
             bench.get_clean(seed)
         for attack in attacks:
+            if args.baselines:
+                bench.load_baselines()
             kinds = ([f"isolation-{f}" for f in ("flooding", "per-example")] if args.lga_compare
-                     else ["unlearning-sweep"] if args.unlearning_sweep else ["abl", "none"])
+                     else ["unlearning-sweep"] if args.unlearning_sweep else
+                     ["abl"] if args.baselines else ["abl", "none"])
             todo = [k for k in kinds if bench.cached(attack, seed, k) is None]
             if not todo:
                 continue
@@ -424,9 +488,11 @@ def main() -> None:
                 log.info("%s seed %d %s: %s", attack, seed, kind,
                          {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
             write_markdown(bench, attacks, seeds, Path(args.out))
+    if args.baselines:
+        bench.load_baselines()
     bench.save()
     write_markdown(bench, attacks, seeds, Path(args.out))
-    print(Path(args.out).with_suffix(".md").read_text())
+    print(Path(f"{args.out}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -31,13 +31,18 @@ def test_train_abl_writes_the_run_record_and_isolation_artifacts(tmp_path):
     assert 0 <= iso["precision"] <= 1 and 0 <= iso["recall"] <= 1 and 0 <= iso["auroc"] <= 1
     assert abl["config"]["isolation_epochs"] == 1 and abl["config"]["clean_epochs"] == 3
     assert isinstance(abl["warnings"], list)
-    for name in ("isolated_indices.npy", "isolated.csv", "isolation_losses.npy", "isolation_hist.png",
+    for name in ("isolated_indices.npy", "isolated.csv", "isolation_losses.npy", "isolation_scores.npy",
+                 "isolation_hist.png",
                  "isolated_grid.png", "stage_isolation.pt", "stage_clean.pt", "stage_unlearning.pt", "model.pt"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "isolation_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     isolated = np.load(out / "isolated_indices.npy", allow_pickle=False)
     losses = np.load(out / "isolation_losses.npy", allow_pickle=False)
-    assert len(isolated) == iso["n_isolated"] and np.all(np.diff(losses[isolated]) >= 0)
+    scores = np.load(out / "isolation_scores.npy", allow_pickle=False)
+    assert len(isolated) == iso["n_isolated"] and np.all(np.diff(scores[isolated]) >= 0)  # lowest score first
+    assert iso["score"] == "class-relative" and np.isfinite(losses[isolated]).all()
+    rest = np.setdiff1d(np.flatnonzero(np.isfinite(scores)), isolated)
+    assert scores[isolated].max() <= scores[rest].min()
     assert len((out / "isolated.csv").read_text().splitlines()) == len(isolated) + 1
     # stage checkpoints load as ordinary abl-guard checkpoints
     from abl.checkpoint import load_checkpoint

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abl.abl import isolate_lowest, lga_loss, rank_auroc, unlearning_loss
+from abl.abl import estimated_accuracy, isolate_lowest, isolation_scores, lga_loss, rank_auroc, unlearning_loss
 
 
 def _logits_with_losses(target_losses: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,3 +93,34 @@ def test_rank_auroc_matches_sklearn(rng):
     scores[pos] += 0.8
     assert rank_auroc(scores, pos) == pytest.approx(roc_auc_score(pos, scores))
     assert np.isnan(rank_auroc(scores, np.zeros(300, bool)))
+
+
+def test_class_relative_score_ignores_an_intrinsically_easy_class(rng):
+    # label 1 is an easy class (every loss tiny); label 0 holds 40 fast-learned poisons among normal examples
+    labels = np.repeat([0, 1, 2], 200)
+    losses = np.exp(rng.normal(-1.0, 0.5, size=600))
+    losses[200:400] = np.exp(rng.normal(-9.0, 0.5, size=200))  # easy class: far below everything
+    poison = np.arange(40)
+    losses[poison] = np.exp(rng.normal(-6.0, 0.3, size=40))
+    raw = isolate_lowest(isolation_scores(losses, labels, "loss"), 40 / 600)
+    rel = isolate_lowest(isolation_scores(losses, labels, "class-relative"), 40 / 600)
+    assert np.all(labels[raw] == 1)  # the paper's raw ranking isolates the easy class
+    assert set(rel) == set(poison)
+    np.testing.assert_array_equal(isolation_scores(losses, labels, "loss"), losses)
+    scores = isolation_scores(losses, labels, "class-relative")
+    for y in (0, 1, 2):  # centred on each label's median log-loss
+        assert np.median(scores[labels == y]) == pytest.approx(0.0, abs=1e-12)
+    assert np.isfinite(isolation_scores(np.array([0.0, 1.0]), np.array([0, 0]), "class-relative")).all()
+    with pytest.raises(ValueError, match="isolation score"):
+        isolation_scores(losses, labels, "rank")
+    with pytest.raises(ValueError, match="shape"):
+        isolation_scores(losses, labels[:10], "loss")
+
+
+def test_estimated_accuracy_charges_a_lost_target_class():
+    # 10% target prior: full non-target accuracy but no target predictions at all costs the whole target share
+    assert estimated_accuracy({"nontarget_accuracy": 1.0, "target_rate": 0.0}, 0.1) == pytest.approx(0.9)
+    # a backdoor that inflates the target rate cannot raise the target recall above 1
+    assert estimated_accuracy({"nontarget_accuracy": 0.8, "target_rate": 0.3}, 0.1) == pytest.approx(0.82)
+    assert estimated_accuracy({"nontarget_accuracy": 0.8, "target_rate": 0.05}, 0.1) == pytest.approx(0.77)
+    assert estimated_accuracy({"nontarget_accuracy": 0.8, "target_rate": 0.05}, float("nan")) == 0.8

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from abl.abl import ABLConfig, run_abl, unlearning_epoch
+from abl.abl import ABLConfig, cycle_batches, run_abl, unlearning_epoch
 from abl.train import ArrayBatches, TrainConfig, per_example_loss, train_plain
 
 CPU = torch.device("cpu")
 #: 6 training epochs (2 isolation + 4 clean); 5% isolation because 10% of 1,437 images are poisoned
-E2E = dict(isolation_epochs=2, clean_epochs=4, isolation_ratio=0.05, lr=0.05, batch_size=64, unlearning_epochs=3,
+E2E = dict(isolation_epochs=2, clean_epochs=4, isolation_ratio=0.05, lr=0.05, batch_size=64, unlearning_epochs=4,
            device="cpu", eval_every=0)
 
 
@@ -23,18 +25,20 @@ def test_abl_clearly_lowers_asr_vs_no_defence(poisoned_digits):
     base = d.evaluate(plain)
     assert base["attack_success_rate"] > 0.9 and base["clean_accuracy"] > 0.9
 
-    # the guard is relaxed here: on 8x8 digits the 3x3 trigger covers 14% of the image and unlearning it also
-    # costs target-class accuracy (test_guard_rolls_back... covers the guard)
-    res = run_abl(d.model(), d.images, d.labels, ABLConfig(**E2E, max_ca_drop=1.0), evaluate=d.evaluate,
-                  poison_indices=d.poison, quiet=True)
+    # 8x8 digits: the 3x3 trigger covers 14% of the image; the paper's raw-loss ranking isolates better than the
+    # class-relative one on this tiny set (bench/results/abl.md), and a 72-image isolated set needs a higher lr than
+    # the default to move in 4 epochs. The guard runs with its default margin on its 29 held-out images.
+    cfg = ABLConfig(**E2E, isolation_score="loss", unlearning_lr=5e-3)
+    res = run_abl(d.model(), d.images, d.labels, cfg, evaluate=d.evaluate, poison_indices=d.poison, quiet=True)
     rep = res.report
     assert rep["isolation"]["precision"] >= 0.9
     assert rep["stages"]["clean"]["attack_success_rate"] > 0.9  # the clean stage still learns the other poisons
     final = rep["stages"]["unlearning"]
-    assert final["attack_success_rate"] < 0.15 < base["attack_success_rate"] - 0.7
-    assert final["clean_accuracy"] > 0.6
-    assert rep["unlearning"]["isolated_accuracy_after"] < 0.2 < rep["unlearning"]["isolated_accuracy_before"]
-    assert [h["stage"] for h in res.history] == ["isolation"] * 2 + ["clean"] * 4 + ["unlearning"] * 3
+    assert final["attack_success_rate"] < base["attack_success_rate"] - 0.5
+    assert final["clean_accuracy"] > 0.9
+    un = rep["unlearning"]
+    assert un["selected_epoch"] >= 1 and un["isolated_accuracy_after"] < 0.5 < un["isolated_accuracy_before"]
+    assert [h["stage"] for h in res.history] == ["isolation"] * 2 + ["clean"] * 4 + ["unlearning"] * 4
 
 
 def test_unlearning_increases_loss_on_the_isolated_set(small_poisoned):
@@ -53,25 +57,75 @@ def test_unlearning_increases_loss_on_the_isolated_set(small_poisoned):
         unlearning_epoch(model, batches, opt, bn="none")
 
 
-def test_guard_rolls_back_and_stops_a_destructive_unlearning(small_poisoned):
+def test_joint_unlearning_step_is_clean_descent_minus_isolated_ascent(small_poisoned):
+    d = small_poisoned
+    iso, clean_idx = d.poison[:16], np.setdiff1d(np.arange(len(d.labels)), d.poison)[:16]
+    model = d.model(width=8)
+    start = copy.deepcopy(model.state_dict())
+    # the expected gradient: one forward pass of [isolated; clean], CE(clean) - CE(isolated) (BatchNorm sees both)
+    x = torch.cat([ArrayBatches(d.images[iso], d.labels[iso], CPU, 16, shuffle=False).__iter__().__next__()[0],
+                   ArrayBatches(d.images[clean_idx], d.labels[clean_idx], CPU, 16, shuffle=False).__iter__()
+                   .__next__()[0]])
+    y = torch.as_tensor(np.concatenate([d.labels[iso], d.labels[clean_idx]]))
+    model.train()
+    per = F.cross_entropy(model(x), y, reduction="none")
+    model.zero_grad()
+    (per[16:].mean() - per[:16].mean()).backward()
+    expected = {n: p.detach() - 0.1 * p.grad for n, p in model.named_parameters()}
+
+    model.load_state_dict(start)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    clean = cycle_batches(ArrayBatches(d.images, d.labels, CPU, 16, shuffle=False, indices=clean_idx))
+    ce = unlearning_epoch(model, ArrayBatches(d.images[iso], d.labels[iso], CPU, 16, shuffle=False), opt,
+                          clean=clean)
+    assert ce == pytest.approx(float(per[:16].mean().detach()), rel=1e-5)  # reports the isolated CE only
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, expected[n], atol=1e-6), n
+    # bound: an isolated example whose CE is above it gets no ascent; with every example above, only clean descent
+    model.load_state_dict(start)
+    model.train()
+    per = F.cross_entropy(model(x), y, reduction="none")
+    model.zero_grad()
+    per[16:].mean().backward()
+    expected = {n: p.detach() - 0.1 * p.grad for n, p in model.named_parameters()}
+    model.load_state_dict(start)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    clean = cycle_batches(ArrayBatches(d.images, d.labels, CPU, 16, shuffle=False, indices=clean_idx))
+    unlearning_epoch(model, ArrayBatches(d.images[iso], d.labels[iso], CPU, 16, shuffle=False), opt, clean=clean,
+                     bound=1e-9)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, expected[n], atol=1e-6), n
+    # the clean batches cycle: a 1-batch clean set feeds any number of isolated batches
+    unlearning_epoch(model, ArrayBatches(d.images[d.poison[:48]], d.labels[d.poison[:48]], CPU, 16), opt,
+                     clean=clean)
+    with pytest.raises(ValueError, match="empty"):
+        next(cycle_batches(ArrayBatches(d.images, d.labels, CPU, 16, indices=np.zeros(0, np.int64))))
+
+
+def test_guard_keeps_the_best_epoch_that_passed_it(small_poisoned):
     d = small_poisoned
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, unlearning_epochs=4, unlearning_lr=0.5, isolation_ratio=0.05,
-                    lr=0.05, batch_size=64, device="cpu", eval_every=0, holdout=0.1, max_ca_drop=0.0)
+                    lr=0.05, batch_size=64, device="cpu", eval_every=0, holdout=0.1, max_ca_drop=0.0,
+                    unlearning="ascent", unlearning_bound=0.0)
     res = run_abl(d.model(width=16), d.images, d.labels, cfg, evaluate=d.evaluate, quiet=True)
     un = res.report["unlearning"]
     g = un["guard"]
     assert g["enabled"] and g["n_holdout"] == 60
-    assert un["stopped_early"] and un["stop_reasons"]
-    assert un["epochs_run"] == un["stopped_at_epoch"] - 1 < 4
-    tripped = un["trajectory"][un["epochs_run"]]
-    assert (g["baseline"]["nontarget_accuracy"] - tripped["guard_nontarget_accuracy"] > 0.0
-            or tripped["guard_target_rate"] < g["target_rate_floor"])
-    # the tripping epoch was rolled back: the final model is the last accepted one
-    accepted_iso_acc = (un["isolated_accuracy_before"] if un["epochs_run"] == 0
-                        else un["trajectory"][un["epochs_run"] - 1]["isolated_accuracy"])
-    assert un["isolated_accuracy_after"] == accepted_iso_acc
+    assert un["epochs_run"] == 4 and un["rejected_epochs"]  # every epoch runs; a destructive lr gets rejected
+    for i, t in enumerate(un["trajectory"], 1):
+        failed = (g["baseline"]["nontarget_accuracy"] - t["guard_nontarget_accuracy"] > 0.0
+                  or g["baseline"]["estimated_accuracy"] - t["guard_estimated_accuracy"] > 0.0)
+        assert failed == (i in un["rejected_epochs"]) == bool(t["guard_rejected"])
+    sel = un["selected_epoch"]
+    assert sel not in un["rejected_epochs"]
+    # the kept model is the selected epoch (or the model before unlearning), never a rejected one
+    kept_iso_acc = un["isolated_accuracy_before"] if sel == 0 else un["trajectory"][sel - 1]["isolated_accuracy"]
+    assert un["isolated_accuracy_after"] == pytest.approx(kept_iso_acc)
+    passing = [t["isolated_accuracy"] for i, t in enumerate(un["trajectory"], 1) if i not in un["rejected_epochs"]]
+    assert kept_iso_acc <= min(passing + [un["isolated_accuracy_before"]]) + 1e-4
     assert g["final"]["nontarget_accuracy"] >= g["baseline"]["nontarget_accuracy"]
-    assert any("guard" in w for w in res.report["warnings"])
+    if sel == 0:
+        assert any("guard" in w for w in res.report["warnings"])
 
 
 @pytest.fixture(scope="module")
