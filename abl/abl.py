@@ -62,8 +62,8 @@ Deviations from the paper and the official code (``bboylyg/ABL``), each delibera
   their accuracy, minus the margin). The second catches the typical unlearning failure (measured on digits): the
   model stops predicting the target class at all. An epoch where either check fails by more than ``max_ca_drop`` is
   rejected; all epochs run (joint unlearning often dips in its first epoch and recovers) and the model kept is the
-  passing epoch (the pre-unlearning model counts as epoch 0) whose isolated examples are least often predicted as
-  their own labels, then the one with the higher estimated held-out accuracy. ``holdout = 0`` trains on everything and
+  passing epoch (the pre-unlearning model counts as epoch 0) with the best estimated held-out accuracy minus the
+  fraction of isolated examples still predicted as their own labels. ``holdout = 0`` trains on everything and
   disables the guard (the last epoch is kept).
 * **Isolated loss ranking** never uses batch size 1 (the official code does); eval-mode BatchNorm makes it identical.
 """
@@ -649,8 +649,8 @@ def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated:
     guard = un["guard"]
     target = guard["suspected_target"]
 
-    def rank(iso_acc: float, est_acc: float, epoch: int) -> tuple[float, float, int]:
-        return (round(iso_acc, 4), -round(est_acc, 4), -epoch)
+    def rank(iso_acc: float, est_acc: float, epoch: int) -> tuple[float, int]:
+        return (-round(est_acc - iso_acc, 4), -epoch)  # higher estimated accuracy minus the ASR probe, later epoch
 
     opt = make_optimizer(model, cfg.unlearning_lr, cfg.momentum, cfg.weight_decay)
     batches = ArrayBatches(iso_images, iso_labels, device, cfg.batch_size, augment="none", seed=cfg.seed + 2)

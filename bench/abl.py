@@ -433,7 +433,9 @@ def main() -> None:
     ap.add_argument("--holdout", type=float, default=0.02)
     ap.add_argument("--max-ca-drop", type=float, default=0.02)
     ap.add_argument("--lc-steps", type=int, default=20, help="PGD steps of label-consistent (attack default 100)")
-    ap.add_argument("--lga-compare", action="store_true", help="isolation-only runs, both LGA forms")
+    ap.add_argument("--lga-compare", action="store_true",
+                    help="isolation-only runs, both LGA forms x both ranking scores")
+    ap.add_argument("--lga-forms", default="flooding,per-example", help="the LGA forms --lga-compare runs")
     ap.add_argument("--unlearning-sweep", action="store_true",
                     help="unguarded unlearning from one clean-stage model with several BN modes / learning rates")
     ap.add_argument("--quick", action="store_true", help="smoke run: BadNets, 1 seed, 3,000 images, 3 epochs")
@@ -467,7 +469,7 @@ def main() -> None:
         for attack in attacks:
             if args.baselines:
                 bench.load_baselines()
-            kinds = ([f"isolation-{f}" for f in ("flooding", "per-example")] if args.lga_compare
+            kinds = ([f"isolation-{f}" for f in args.lga_forms.split(",")] if args.lga_compare
                      else ["unlearning-sweep"] if args.unlearning_sweep else
                      ["abl"] if args.baselines else ["abl", "none"])
             todo = [k for k in kinds if bench.cached(attack, seed, k) is None]

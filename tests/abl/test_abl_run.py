@@ -121,8 +121,11 @@ def test_guard_keeps_the_best_epoch_that_passed_it(small_poisoned):
     # the kept model is the selected epoch (or the model before unlearning), never a rejected one
     kept_iso_acc = un["isolated_accuracy_before"] if sel == 0 else un["trajectory"][sel - 1]["isolated_accuracy"]
     assert un["isolated_accuracy_after"] == pytest.approx(kept_iso_acc)
-    passing = [t["isolated_accuracy"] for i, t in enumerate(un["trajectory"], 1) if i not in un["rejected_epochs"]]
-    assert kept_iso_acc <= min(passing + [un["isolated_accuracy_before"]]) + 1e-4
+    # ... the one with the best estimated held-out accuracy minus the isolated-set probe
+    score = {i: t["guard_estimated_accuracy"] - t["isolated_accuracy"] for i, t in enumerate(un["trajectory"], 1)
+             if i not in un["rejected_epochs"]}
+    score[0] = g["baseline"]["estimated_accuracy"] - un["isolated_accuracy_before"]
+    assert score[sel] >= max(score.values()) - 1e-4
     assert g["final"]["nontarget_accuracy"] >= g["baseline"]["nontarget_accuracy"]
     if sel == 0:
         assert any("guard" in w for w in res.report["warnings"])
