@@ -114,6 +114,16 @@ class Bench:
                     "settings"] and self.cached(r["attack"], r["seed"], r["kind"]) is None:
                 self.rows.append(r)
 
+    def merge(self, path: str) -> int:
+        """``--merge``: add every run of another results file (e.g. a concurrent process on other attacks / seeds)
+        that this file does not have yet; returns how many were added."""
+        added = 0
+        for r in json.loads(Path(path).read_text())["runs"]:
+            if not any(all(x.get(f) == r.get(f) for f in ("attack", "seed", "kind", "settings")) for x in self.rows):
+                self.rows.append(r)
+                added += 1
+        return added
+
     def cached(self, attack: str, seed: int, kind: str) -> dict[str, Any] | None:
         k = self.key(attack, seed, kind)
         return next((r for r in self.rows if all(r.get(f) == v for f, v in k.items())), None)
@@ -440,6 +450,8 @@ def main() -> None:
     ap.add_argument("--lga-forms", default="flooding,per-example", help="the LGA forms --lga-compare runs")
     ap.add_argument("--unlearning-sweep", action="store_true",
                     help="unguarded unlearning from one clean-stage model with several BN modes / learning rates")
+    ap.add_argument("--merge", default=None,
+                    help="comma-separated results JSONs whose runs are added to this one (concurrent processes)")
     ap.add_argument("--render", action="store_true",
                     help="run nothing: rewrite the markdown from the runs already in the JSON (seeds not run are left "
                          "out of the means; the table says how many seeds each row has)")
@@ -465,6 +477,8 @@ def main() -> None:
         raise SystemExit(f"unknown attacks {unknown}; registered: {sorted(REGISTRY)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     bench = Bench(args)
+    for other in filter(None, (args.merge or "").split(",")):
+        log.info("merged %d run(s) from %s", bench.merge(other), other)
     for seed in [] if args.render else seeds:  # seed-major, so that the first seed of every attack lands first
         if args.baselines:
             bench.load_baselines()
