@@ -33,7 +33,7 @@ Deviations from the paper and the official code (``bboylyg/ABL``), each delibera
   (:func:`isolation_scores`), using the paper's second premise (a backdoor is tied to one target class): an
   intrinsically easy clean class then no longer passes for a fast-learned backdoor. Measured on the same isolation
   runs (``bench/results/abl_isolation.md``, p = 1%, seeds 0-2): precision BadNets 99.8% vs 67.5% (seed 0: the raw
-  loss isolated trousers, 3%), Blend 85.5% vs 66.2%, Trojan 64% vs 0%. On the tiny 8x8 digits set (1,437 images,
+  loss isolated trousers, 3%), Blend 85.5% vs 66.2%, Trojan 74.8% vs 33.2%. On the tiny 8x8 digits set (1,437 images,
   5% isolated) both rank poorly (exploratory: 54-61% vs 21-91%; the end-to-end test uses ``"loss"``). Both fail where
   the whole target class is poisoned (SIG / label-consistent at 10% = every target image).
 * **Unlearning objective** (``unlearning``). The official code runs plain ascent ``-CE(D_b)`` after the clean stage
