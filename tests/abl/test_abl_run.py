@@ -26,8 +26,8 @@ def test_abl_clearly_lowers_asr_vs_no_defence(poisoned_digits):
     assert base["attack_success_rate"] > 0.9 and base["clean_accuracy"] > 0.9
 
     # 8x8 digits: the 3x3 trigger covers 14% of the image; the paper's raw-loss ranking isolates better than the
-    # class-relative one on this tiny set (exploratory, see abl/abl.py), and a 72-image isolated set needs a higher lr than
-    # the default to move in 4 epochs. The guard runs with its default margin on its 29 held-out images.
+    # class-relative one on this tiny set (exploratory, see abl/abl.py), and a 72-image isolated set needs a higher
+    # lr than the default to move in 4 epochs. The guard runs with its default margin on its 29 held-out images.
     cfg = ABLConfig(**E2E, isolation_score="loss", unlearning_lr=5e-3)
     res = run_abl(d.model(), d.images, d.labels, cfg, evaluate=d.evaluate, poison_indices=d.poison, quiet=True)
     rep = res.report
