@@ -57,18 +57,17 @@ Deviations from the paper and the official code (``bboylyg/ABL``), each delibera
 * **Unlearning runs a real epoch each time** (the official loop only evaluates in its epoch 0, so its "5 epochs" are
   4 ascent epochs). BatchNorm is in train mode during unlearning, as in the official code.
 * **Clean-accuracy guard on unlearning** (not in the paper). Unlearning is learning-rate sensitive (BackdoorBench
-  issue #12) and can wreck the model. ABL assumes *no* clean data, so the guard uses a small random held-out split
-  of the *training* data (``holdout``, default 2%), which never takes part in training. That split may itself be
-  poisoned, and all-to-one and clean-label poisons carry the target label, so the guard watches two things that do
-  not trust target labels (:func:`guard_metrics`): accuracy on held-out examples whose label is not the suspected
-  target (the isolated set's majority label), and the fraction of held-out examples *predicted* as the suspected
-  target, which must not fall below what a clean target class would get (median share of the other labels times
-  their accuracy, minus the margin). The second catches the typical unlearning failure (measured on digits): the
-  model stops predicting the target class at all. An epoch where either check fails by more than ``max_ca_drop`` is
-  rejected; all epochs run (joint unlearning often dips in its first epoch and recovers) and the model kept is the
-  passing epoch (the pre-unlearning model counts as epoch 0) with the best estimated held-out accuracy minus the
-  fraction of isolated examples still predicted as their own labels. ``holdout = 0`` trains on everything and
-  disables the guard (the last epoch is kept).
+  issue #12) and can wreck the model. ABL assumes *no* clean data, so the guard uses a small random held-out split of
+  the *training* data (``holdout``, default 2%), which never takes part in training. That split may itself be
+  poisoned, and all-to-one and clean-label poisons carry the target label, so the guard watches two things that do not
+  trust target labels (:func:`guard_metrics`): accuracy on held-out examples whose label is not the suspected target
+  (the isolated set's majority label), and an estimate of the whole clean accuracy that charges the target class by
+  the fraction of held-out examples *predicted* as the suspected target (:func:`estimated_accuracy`). The second
+  catches the typical unlearning failure (measured on digits): the model stops predicting the target class. An epoch
+  where either check fails by more than ``max_ca_drop`` is rejected; all epochs run (joint unlearning often dips in
+  its first epoch and recovers) and the model kept is the passing epoch (the pre-unlearning model counts as epoch 0)
+  with the best estimated held-out accuracy minus the fraction of isolated examples still predicted as their own
+  labels. ``holdout = 0`` trains on everything and disables the guard (the last epoch is kept).
 * **Isolated loss ranking** never uses batch size 1 (the official code does); eval-mode BatchNorm makes it identical.
 """
 
@@ -538,9 +537,9 @@ def run_abl(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ABLCo
         pool_scores = isolation_scores(pool_losses, labels[pool], cfg.isolation_score)
         isolated = pool[isolate_lowest(pool_scores, cfg.isolation_ratio)]
         add_time("isolate", time.perf_counter() - t0)
-        report["isolation"] = isolation_report(losses, isolated, labels, pool, poison_indices, cfg)
         scores = np.full(n, np.nan, np.float32)
         scores[pool] = pool_scores
+        report["isolation"] = isolation_report(losses, isolated, labels, pool, poison_indices, cfg, scores)
         _write_isolation_artifacts(out, images, labels, losses, scores, isolated, pool, poison_indices, report)
         stage, epoch_in_stage = "clean", 0
         snapshot(stage, 0, opt, None)
@@ -624,9 +623,9 @@ def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated:
     point of the start (the lost target recall was paid back by the other classes).
 
     Every epoch runs (joint unlearning often dips in its first epoch and recovers as the clean term repairs the
-    model); at the end the model is set to the passing epoch — the state before unlearning counts as epoch 0 — whose
-    isolated examples are least often predicted as their own labels (the ASR probe; ties: higher estimated accuracy,
-    then the later epoch). Without a held-out split the last epoch is kept.
+    model); at the end the model is set to the passing epoch — the state before unlearning counts as epoch 0 — with the
+    highest estimated accuracy minus the fraction of isolated examples still predicted as their own labels (the ASR
+    probe; ties: the later epoch). Without a held-out split the last epoch is kept.
     """
     iso_images, iso_labels = images[isolated], labels[isolated]
     hold_x, hold_y = images[holdout], labels[holdout]
@@ -637,14 +636,13 @@ def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated:
         prior = float(np.median(others[others > 0]) / len(hold_y)) if (others > 0).any() else float("nan")
         base = guard_metrics(model, hold_x, hold_y, target, device)
         enabled = bool(len(hold_y)) and not np.isnan(base["nontarget_accuracy"])
-        iso_before = accuracy(model, iso_images, iso_labels, device)
         un.update({
             "guard": {"n_holdout": int(len(hold_y)), "n_nontarget": int((hold_y != target).sum()),
                       "suspected_target": target, "max_ca_drop": cfg.max_ca_drop, "enabled": enabled,
                       "baseline": {**base, "estimated_accuracy": estimated_accuracy(base, prior)},
                       "target_prior": prior},
             "epochs_run": 0, "trajectory": [], "rejected_epochs": [], "selected_epoch": 0,
-            "isolated_accuracy_before": iso_before,
+            "isolated_accuracy_before": accuracy(model, iso_images, iso_labels, device),
         })
         if not enabled:
             log.warning("ABL: no held-out split, unlearning runs without the clean-accuracy guard")
@@ -726,26 +724,32 @@ def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated:
 
 
 def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarray, pool: np.ndarray,
-                     poison_indices: np.ndarray | None, cfg: ABLConfig) -> dict[str, Any]:
-    """Statistics of the isolation at ``T_te``; precision / recall / AUROC when the ground truth is known."""
+                     poison_indices: np.ndarray | None, cfg: ABLConfig,
+                     scores: np.ndarray | None = None) -> dict[str, Any]:
+    """Statistics of the isolation at ``T_te``; precision / recall / AUROC when the ground truth is known.
+
+    ``scores``: the ranked scores of every example (NaN outside ``pool``); computed from ``losses`` when omitted.
+    """
     pool_losses = losses[pool]
-    scores = np.full(len(losses), np.nan)
-    scores[pool] = isolation_scores(pool_losses, labels[pool], cfg.isolation_score)
+    if scores is None:
+        scores = np.full(len(losses), np.nan)
+        scores[pool] = isolation_scores(pool_losses, labels[pool], cfg.isolation_score)
+    scores = np.asarray(scores, np.float64)
     rest = np.setdiff1d(pool, isolated)
     counts = np.bincount(labels[isolated], minlength=int(labels.max()) + 1)
     iso_med = float(np.median(losses[isolated]))
     rest_med = float(np.median(losses[rest])) if len(rest) else float("nan")
+    loss_gap = float(np.log10(max(rest_med, 1e-12)) - np.log10(max(iso_med, 1e-12)))
     rep: dict[str, Any] = {
         "n_pool": int(len(pool)), "n_isolated": int(len(isolated)), "ratio": cfg.isolation_ratio,
         "lga": cfg.lga, "gamma": cfg.gamma, "epoch": cfg.isolation_epochs, "score": cfg.isolation_score,
         "cutoff_loss": float(losses[isolated].max()),
         "isolated_loss_median": iso_med, "rest_loss_median": rest_med,
         # how far below the bulk the isolated losses sit (orders of magnitude); large = a clear low-loss cluster
-        "loss_gap_log10": float(np.log10(max(rest_med, 1e-12)) - np.log10(max(iso_med, 1e-12))),
+        "loss_gap_log10": loss_gap,
         # the same for the ranked score (orders of magnitude below the typical loss of the example's own label)
         "score_gap_log10": float((np.median(scores[rest]) - np.median(scores[isolated])) / np.log(10)
-                                 if cfg.isolation_score == "class-relative" and len(rest) else
-                                 np.log10(max(rest_med, 1e-12)) - np.log10(max(iso_med, 1e-12))),
+                                 if cfg.isolation_score == "class-relative" and len(rest) else loss_gap),
         "pool_loss_quantiles": {str(q): float(np.quantile(pool_losses, q)) for q in (0.01, 0.05, 0.1, 0.25, 0.5)},
         "isolated_label_counts": {str(i): int(c) for i, c in enumerate(counts) if c},
         "isolated_majority_label": int(counts.argmax()),

@@ -246,12 +246,13 @@ class Bench:
         res = run_abl(model, data.train.images, data.train.labels, abl_cfg, evaluate=None,
                       poison_indices=data.poison_indices, quiet=True)
         by_score = {}
+        pool = np.setdiff1d(np.arange(len(data.train.labels)), res.holdout)
         for score in ISOLATION_SCORES:  # both rankings of the same per-example losses
-            pool = np.setdiff1d(np.arange(len(data.train.labels)), res.holdout)
-            s = isolation_scores(res.losses[pool], data.train.labels[pool], score)
+            scores = np.full(len(res.losses), np.nan)
+            scores[pool] = isolation_scores(res.losses[pool], data.train.labels[pool], score)
             abl_cfg.isolation_score = score
-            iso = isolation_report(res.losses, pool[isolate_lowest(s, abl_cfg.isolation_ratio)], data.train.labels,
-                                   pool, data.poison_indices, abl_cfg)
+            iso = isolation_report(res.losses, pool[isolate_lowest(scores[pool], abl_cfg.isolation_ratio)],
+                                   data.train.labels, pool, data.poison_indices, abl_cfg, scores)
             by_score[score] = {k: iso.get(k) for k in ("n_isolated", "precision", "recall", "max_recall", "auroc",
                                                        "score_gap_log10", "isolated_majority_fraction")}
         iso = res.report["isolation"]
