@@ -474,6 +474,8 @@ def run_abl(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ABLCo
 
     def snapshot(stage_: str, epoch_: int, optimizer: torch.optim.Optimizer | None,
                  batches: ArrayBatches | None, extra: dict[str, Any] | None = None) -> None:
+        if state_io.path is None:  # no run directory: nothing to resume from, so skip the device-to-host copy
+            return
         blob: dict[str, Any] = {"stage": stage_, "epoch": epoch_, "model": _sd(model), "config_json": config_json,
                                 "fingerprint": fingerprint, "history_json": json.dumps(history),
                                 "report_json": json.dumps(report), "isolated": torch.as_tensor(isolated),

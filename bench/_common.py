@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import platform
 import subprocess
+from pathlib import Path
+
+NOTES_MARK = "<!-- notes: kept when the script rewrites this file -->"
 
 
 def cpu_name() -> str:
@@ -13,3 +16,12 @@ def cpu_name() -> str:
         return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         return platform.processor() or "unknown"
+
+
+def write_markdown_keeping_notes(path: str | Path, text: str) -> None:
+    """Write a results page; hand-written analysis below :data:`NOTES_MARK` in the old page survives a re-run."""
+    md = Path(path)
+    notes = ""
+    if md.exists() and NOTES_MARK in md.read_text():
+        notes = md.read_text().split(NOTES_MARK, 1)[1]
+    md.write_text(text.rstrip("\n") + "\n" + ("\n" + NOTES_MARK + notes if notes else ""))

@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, write_markdown_keeping_notes  # noqa: E402
 
 from abl.abl import (  # noqa: E402
     ISOLATION_SCORES,
@@ -72,7 +72,6 @@ ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "ho
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound")
 #: unguarded unlearning variants (objective, BatchNorm mode, lr) of --unlearning-sweep
 SWEEP = [("ascent", "train", 5e-4), ("ascent", "train", 1e-4), ("joint", "train", 5e-4), ("joint", "train", 2e-3)]
-NOTES_MARK = "<!-- notes: kept when the script rewrites this file -->"
 log = logging.getLogger("bench.abl")
 
 
@@ -415,12 +414,8 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
                     lines.append(f"| {head} | {name} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["", "GPU run (PreAct-ResNet-18, Fashion-MNIST padded to 32×32, the full 100-epoch paper schedule): "
-              "**not done** — no GPU was available in this session.", ""]
-    md = Path(f"{path}.md")
-    notes = ""
-    if md.exists() and NOTES_MARK in md.read_text():  # hand-written analysis below the mark survives a re-run
-        notes = md.read_text().split(NOTES_MARK, 1)[1]
-    md.write_text("\n".join(lines) + ("\n" + NOTES_MARK + notes if notes else ""))
+              "`bench/abl_gpu.py`, results in `abl_gpu.md`.", ""]
+    write_markdown_keeping_notes(f"{path}.md", "\n".join(lines))
 
 
 def main() -> None:
