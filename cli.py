@@ -92,6 +92,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               show_default=True,
               help="ABL: rank by the loss relative to the median loss of the example's own label (class-relative) "
                    "or by the raw loss (the paper).")
+@click.option("--abl-isolation-reference", type=float, default=0.5, show_default=True,
+              help="ABL: the quantile of its label's log-loss that the class-relative score measures an example "
+                   "against (0.5 = the median; higher stays on the clean examples when over half a label is poisoned).")
 @click.option("--abl-unlearning", type=click.Choice(["joint", "ascent"]), default="joint", show_default=True,
               help="ABL: unlearning objective: CE(clean batch) - CE(isolated batch) per step (joint, the paper's "
                    "L_GGA) or -CE(isolated batch) alone (ascent, the official code).")

@@ -202,15 +202,21 @@ def isolate_lowest(scores: np.ndarray, ratio: float) -> np.ndarray:
     return np.argsort(scores, kind="stable")[:k]
 
 
-def isolation_scores(losses: np.ndarray, labels: np.ndarray, mode: str = "class-relative") -> np.ndarray:
+def isolation_scores(losses: np.ndarray, labels: np.ndarray, mode: str = "class-relative",
+                     reference: float = 0.5) -> np.ndarray:
     """The score ABL ranks at ``T_te`` (lowest = most suspect).
 
     ``loss``: the per-example loss itself (the paper). ``class-relative``:
-    ``log(l_i) - median_{j: y_j = y_i} log(l_j)``, i.e. how far below the typical loss *of its own label* an example
-    sits. An intrinsically easy class (Fashion-MNIST trousers) then no longer looks like a fast-learned backdoor,
-    while all-to-one and clean-label poisons, which share the target label with clean examples that are learned at the
-    normal pace, stand out even more.
+    ``log(l_i) - quantile_{j: y_j = y_i}(log(l_j), reference)``, i.e. how far below the typical loss *of its own
+    label* an example sits (``reference = 0.5``: the label's median). An intrinsically easy class (Fashion-MNIST
+    trousers) then no longer looks like a fast-learned backdoor, while all-to-one and clean-label poisons, which share
+    the target label with clean examples that are learned at the normal pace, stand out even more.
+    The median is the typical *clean* loss only while less than half of a label is poisoned; 10% all-to-one poisoning
+    of a balanced 10-class set makes the target label about half poison. A higher ``reference`` quantile ``q`` stays
+    at the clean part's median while poison (if all of it sits below the clean loss) is up to ``2q - 1`` of a label.
     """
+    if not 0.0 < reference < 1.0:
+        raise ValueError(f"the reference quantile must be in (0, 1), got {reference}")
     losses = np.asarray(losses, dtype=np.float64)
     labels = np.asarray(labels)
     if losses.shape != labels.shape:
@@ -223,7 +229,7 @@ def isolation_scores(losses: np.ndarray, labels: np.ndarray, mode: str = "class-
     out = np.empty_like(log_loss)
     for y in np.unique(labels):
         m = labels == y
-        out[m] = log_loss[m] - np.median(log_loss[m])
+        out[m] = log_loss[m] - np.quantile(log_loss[m], reference)
     return out
 
 
@@ -254,6 +260,7 @@ class ABLConfig:
     isolation_epochs: int = 20
     isolation_ratio: float = 0.01
     isolation_score: str = "class-relative"
+    isolation_reference: float = 0.5
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()
@@ -276,9 +283,9 @@ class ABLConfig:
     eval_every: int = 1
 
     #: the knobs a caller may set through ``--defense-param`` / ``--abl-*`` (the rest come from the training options)
-    ABL_KNOBS = ("gamma", "lga", "isolation_epochs", "isolation_ratio", "isolation_score", "unlearning",
-                 "unlearning_bound", "unlearning_epochs", "unlearning_lr", "unlearning_bn", "max_ca_drop", "holdout",
-                 "eval_every")
+    ABL_KNOBS = ("gamma", "lga", "isolation_epochs", "isolation_ratio", "isolation_score", "isolation_reference",
+                 "unlearning", "unlearning_bound", "unlearning_epochs", "unlearning_lr", "unlearning_bn", "max_ca_drop",
+                 "holdout", "eval_every")
 
     def __post_init__(self) -> None:
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
@@ -286,6 +293,8 @@ class ABLConfig:
             raise ValueError(f"lga must be one of {LGA_FORMS}, got {self.lga!r}")
         if self.isolation_score not in ISOLATION_SCORES:
             raise ValueError(f"isolation_score must be one of {ISOLATION_SCORES}, got {self.isolation_score!r}")
+        if not 0.0 < self.isolation_reference < 1.0:
+            raise ValueError(f"isolation_reference must be in (0, 1), got {self.isolation_reference}")
         if self.unlearning not in UNLEARNING_MODES:
             raise ValueError(f"unlearning must be one of {UNLEARNING_MODES}, got {self.unlearning!r}")
         if self.isolation_epochs < 1:
@@ -539,7 +548,7 @@ def run_abl(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ABLCo
         pool_losses = per_example_loss(model, images[pool], labels[pool], device, batch_size=max(512, cfg.batch_size))
         losses = np.full(n, np.nan, np.float32)
         losses[pool] = pool_losses
-        pool_scores = isolation_scores(pool_losses, labels[pool], cfg.isolation_score)
+        pool_scores = isolation_scores(pool_losses, labels[pool], cfg.isolation_score, cfg.isolation_reference)
         isolated = pool[isolate_lowest(pool_scores, cfg.isolation_ratio)]
         add_time("isolate", time.perf_counter() - t0)
         scores = np.full(n, np.nan, np.float32)
@@ -738,7 +747,7 @@ def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarra
     pool_losses = losses[pool]
     if scores is None:
         scores = np.full(len(losses), np.nan)
-        scores[pool] = isolation_scores(pool_losses, labels[pool], cfg.isolation_score)
+        scores[pool] = isolation_scores(pool_losses, labels[pool], cfg.isolation_score, cfg.isolation_reference)
     scores = np.asarray(scores, np.float64)
     rest = np.setdiff1d(pool, isolated)
     counts = np.bincount(labels[isolated], minlength=int(labels.max()) + 1)

@@ -70,6 +70,9 @@ CPU = torch.device("cpu")
 #: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound")
+#: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
+RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
+            ("loss", "loss", 0.5)]
 #: unguarded unlearning variants (objective, BatchNorm mode, lr) of --unlearning-sweep
 SWEEP = [("ascent", "train", 5e-4), ("ascent", "train", 1e-4), ("joint", "train", 5e-4), ("joint", "train", 2e-3)]
 log = logging.getLogger("bench.abl")
@@ -246,13 +249,13 @@ class Bench:
                       poison_indices=data.poison_indices, quiet=True)
         by_score = {}
         pool = np.setdiff1d(np.arange(len(data.train.labels)), res.holdout)
-        for score in ISOLATION_SCORES:  # both rankings of the same per-example losses
+        for name, score, ref in RANKINGS:  # every ranking of the same per-example losses
             scores = np.full(len(res.losses), np.nan)
-            scores[pool] = isolation_scores(res.losses[pool], data.train.labels[pool], score)
-            abl_cfg.isolation_score = score
+            scores[pool] = isolation_scores(res.losses[pool], data.train.labels[pool], score, ref)
+            abl_cfg.isolation_score, abl_cfg.isolation_reference = score, ref
             iso = isolation_report(res.losses, pool[isolate_lowest(scores[pool], abl_cfg.isolation_ratio)],
                                    data.train.labels, pool, data.poison_indices, abl_cfg, scores)
-            by_score[score] = {k: iso.get(k) for k in ("n_isolated", "precision", "recall", "max_recall", "auroc",
+            by_score[name] = {k: iso.get(k) for k in ("n_isolated", "precision", "recall", "max_recall", "auroc",
                                                        "score_gap_log10", "isolated_majority_fraction")}
         iso = res.report["isolation"]
         return {**self.key(attack, seed, f"isolation-{lga}"), "by_score": by_score,
@@ -374,8 +377,9 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
     if iso_rows:
         lines += ["", f"## Isolation: LGA form x ranking score, after T_te = "
                   f"{a.isolation_epochs or max(1, round(0.2 * a.epochs))} epochs (isolation stage only)", "",
-                  "Both scores rank the same per-example losses of one isolation run: `loss` is the paper's raw loss, "
-                  "`class-relative` the log-loss minus the median log-loss of the example's own label.", "",
+                  "The scores rank the same per-example losses of one isolation run: `loss` is the paper's raw loss, "
+                  "`class-relative` the log-loss minus the median log-loss of the example's own label, "
+                  "`class-relative@0.75` minus its 75th percentile.", "",
                   "| attack | LGA form | score | precision % | precision % per seed | recall % | AUROC "
                   "| poison / clean median loss | runs |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -388,7 +392,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
                 rs = sorted(rs, key=lambda r: r["seed"])
                 med = (f"{np.median([r['poison_loss_median'] for r in rs]):.2e} / "
                        f"{np.median([r['clean_loss_median'] for r in rs]):.2e}")
-                for score in ISOLATION_SCORES:
+                for score in [name for name, _, _ in RANKINGS if all(name in r["by_score"] for r in rs)]:
                     ss = [r["by_score"][score] for r in rs]
                     per_seed = " ".join(f"{100 * x['precision']:.0f}" for x in ss)
                     lines.append(f"| {attack} | {form} | {score} | {mean_std([x['precision'] for x in ss])} "

@@ -38,7 +38,7 @@ def test_from_train_maps_the_shared_options_and_splits_the_epochs():
 @pytest.mark.parametrize("bad", [dict(lga="mean"), dict(isolation_ratio=0.0), dict(isolation_ratio=1.0),
                                  dict(holdout=0.6), dict(max_ca_drop=-1), dict(unlearning_lr=0),
                                  dict(isolation_epochs=0), dict(unlearning_bn="off"), dict(eval_every=-1),
-                                 dict(isolation_score="z"), dict(unlearning="descent"),
+                                 dict(isolation_score="z"), dict(isolation_reference=1.0), dict(unlearning="descent"),
                                  dict(unlearning_bound=-1.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
@@ -128,6 +128,7 @@ ABL_FLAGS = {
     "isolation_epochs": ("--abl-isolation-epochs", "3", 3),
     "isolation_ratio": ("--abl-isolation-ratio", "0.05", 0.05),
     "isolation_score": ("--abl-isolation-score", "loss", "loss"),
+    "isolation_reference": ("--abl-isolation-reference", "0.75", 0.75),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),
     "unlearning_bound": ("--abl-unlearning-bound", "0", 0.0),
     "unlearning_epochs": ("--abl-unlearning-epochs", "7", 7),

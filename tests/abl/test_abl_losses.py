@@ -117,6 +117,22 @@ def test_class_relative_score_ignores_an_intrinsically_easy_class(rng):
         isolation_scores(losses, labels[:10], "loss")
 
 
+def test_class_relative_reference_quantile_survives_a_majority_poisoned_label(rng):
+    # label 0: 120 poisons in a tight low-loss cluster + 80 clean; labels 1, 2 clean with a spread low tail
+    labels = np.repeat([0, 1, 2], 200)
+    losses = np.exp(rng.normal(-1.0, 1.0, size=600))
+    poison = np.arange(120)
+    losses[poison] = np.exp(rng.normal(-8.0, 0.2, size=120))
+    k = 40 / 600
+    median_ref = isolate_lowest(isolation_scores(losses, labels, "class-relative"), k)
+    q75_ref = isolate_lowest(isolation_scores(losses, labels, "class-relative", reference=0.75), k)
+    # the median of label 0 lies inside the poison cluster, so the poison scores about 0 and clean tails win
+    assert len(np.intersect1d(median_ref, poison)) < 20
+    assert set(q75_ref) <= set(poison)
+    with pytest.raises(ValueError, match="quantile"):
+        isolation_scores(losses, labels, "class-relative", reference=0.0)
+
+
 def test_estimated_accuracy_charges_a_lost_target_class():
     # 10% target prior: full non-target accuracy but no target predictions at all costs the whole target share
     assert estimated_accuracy({"nontarget_accuracy": 1.0, "target_rate": 0.0}, 0.1) == pytest.approx(0.9)

@@ -39,3 +39,30 @@ def test_training_learns_digits_and_checkpoint_roundtrip(tmp_path, digits_train,
     x = torch.rand(3, 1, 8, 8)
     m.eval()
     assert torch.allclose(back(x), m(x))
+
+
+
+def test_per_example_loss_keeps_confident_examples_apart():
+    # a linear model whose logit margin for class 1 is 10 x the sum of the four pixels: about 20, 30 and 40
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[0.0] * 4, [10.0] * 4]))
+        model[1].bias.zero_()
+    images = np.stack([np.full((2, 2, 1), v, np.uint8) for v in (128, 191, 255)])
+    labels = np.ones(3, np.int64)
+    with torch.no_grad():
+        logits32 = model(torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255)
+    assert torch.all(torch.nn.functional.cross_entropy(logits32, torch.as_tensor(labels), reduction="none") == 0)
+    losses = per_example_loss(model, images, labels, torch.device("cpu"))
+    margins = logits32[:, 1].double() - logits32[:, 0].double()
+    np.testing.assert_allclose(losses, torch.log1p(torch.exp(-margins)).numpy(), rtol=1e-6)
+    assert losses[0] > losses[1] > losses[2] > 0
+    # ordinary examples: the same numbers as cross-entropy
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 2, 2, 1), dtype=np.uint8)
+    ys = np.array([0, 1, 2, 1, 0])
+    with torch.no_grad():
+        z = lin(torch.as_tensor(imgs).permute(0, 3, 1, 2).float() / 255).double()
+    np.testing.assert_allclose(per_example_loss(lin, imgs, ys, torch.device("cpu")),
+                               torch.nn.functional.cross_entropy(z, torch.as_tensor(ys), reduction="none").numpy(),
+                               rtol=1e-5)
