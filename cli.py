@@ -101,6 +101,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--abl-unlearning-bound", type=float, default=5.0, show_default=True,
               help="ABL: stop the ascent on an isolated example once its cross-entropy exceeds this (0 = unbounded, "
                    "the paper).")
+@click.option("--abl-unlearning-ascent", type=click.Choice(["negated-ce", "complement"]), default="negated-ce",
+              show_default=True,
+              help="ABL: the ascent term on isolated examples: -CE (the paper) or -log(1 - p_label) (complementary "
+                   "label: strongest while the example is still fitted, fading once it is unlearned).")
 @click.option("--abl-unlearning-epochs", type=int, default=5, show_default=True,
               help="ABL: gradient-ascent epochs on the isolated set, after --epochs.")
 @click.option("--abl-unlearning-lr", type=float, default=5e-4, show_default=True,

@@ -110,6 +110,7 @@ log = logging.getLogger(__name__)
 LGA_FORMS = ("flooding", "per-example")
 ISOLATION_SCORES = ("class-relative", "loss")
 UNLEARNING_MODES = ("joint", "ascent")
+ASCENT_FORMS = ("negated-ce", "complement")
 STAGES = ("isolation", "clean", "unlearning", "done")
 STATE_FILE = "abl_state.pt"
 STATE_FORMAT = "abl-guard-abl-state/1"
@@ -131,11 +132,6 @@ def lga_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, form: str
     raise ValueError(f"lga form must be one of {LGA_FORMS}, got {form!r}")
 
 
-def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Gradient ascent on the isolated examples: the negated cross-entropy with their own labels."""
-    return -F.cross_entropy(logits, labels)
-
-
 def cycle_batches(batches: ArrayBatches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless mini-batches: one reshuffled pass of ``batches`` after another."""
     if len(batches) == 0:
@@ -144,11 +140,28 @@ def cycle_batches(batches: ArrayBatches) -> Iterator[tuple[torch.Tensor, torch.T
         yield from batches
 
 
+def ascent_term(logits: torch.Tensor, labels: torch.Tensor, form: str = "negated-ce") -> torch.Tensor:
+    """Per-example loss whose *minimisation* unlearns ``labels`` (the ascent half of ABL's unlearning).
+
+    ``negated-ce`` (the paper): ``-CE = log p_y``. Its gradient ``-(1 - p_y)`` on the label logit vanishes while the
+    example is still fitted (``p_y`` near 1) and grows to 1 as ``p_y`` falls, so the ascent starts slowly and then
+    runs away. ``complement``: ``-log(1 - p_y)``, the cross-entropy towards "any class but y" (a complementary
+    label). Its gradient on the label logit is ``p_y``: full strength while the example is fitted, vanishing once
+    ``p_y`` is small, so it breaks the link and then stops pushing by itself.
+    """
+    if form == "negated-ce":
+        return -F.cross_entropy(logits, labels, reduction="none")
+    if form == "complement":
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        return torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)
+    raise ValueError(f"ascent form must be one of {ASCENT_FORMS}, got {form!r}")
+
+
 def unlearning_epoch(model: nn.Module, batches: ArrayBatches, optimizer: torch.optim.Optimizer,
                      bn: str = "train", autocast_dtype: torch.dtype | None = None,
                      channels_last: bool = False,
                      clean: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-                     bound: float = 0.0) -> float:
+                     bound: float = 0.0, ascent: str = "negated-ce") -> float:
     """One pass of gradient ascent over ``batches`` (the isolated set); returns their mean cross-entropy (positive).
 
     ``clean=None`` (``unlearning="ascent"``, the official code): every step minimises ``-CE(isolated batch)``.
@@ -156,7 +169,8 @@ def unlearning_epoch(model: nn.Module, batches: ArrayBatches, optimizer: torch.o
     minimises the paper's global-gradient-ascent objective ``CE(clean batch) - CE(isolated batch)`` on one forward
     pass of both batches, so the descent on clean data holds clean accuracy while the ascent breaks the backdoor.
     ``bound > 0`` stops the ascent on an isolated example once its cross-entropy exceeds ``bound`` (0: unbounded,
-    the paper), so the ascent cannot run away once the backdoor link is broken.
+    the paper), so the ascent cannot run away once the backdoor link is broken. ``ascent`` picks the ascent term
+    (:func:`ascent_term`): the paper's negated cross-entropy or the complementary-label loss.
     ``bn="train"`` (official code) lets BatchNorm use and update the statistics of the step's batch;
     ``bn="frozen"`` keeps every BatchNorm layer in eval mode (running statistics from the clean stage).
     """
@@ -178,15 +192,15 @@ def unlearning_epoch(model: nn.Module, batches: ArrayBatches, optimizer: torch.o
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(x)
-        per = F.cross_entropy(logits.float(), y, reduction="none")
-        iso = per[:n_iso]
-        ascent = iso.mean()
-        pushed = (iso * (iso.detach() < bound)).mean() if bound > 0 else ascent
-        loss = -pushed if clean is None else per[n_iso:].mean() - pushed
+        logits = logits.float()
+        iso = F.cross_entropy(logits[:n_iso], y[:n_iso], reduction="none")
+        term = ascent_term(logits[:n_iso], y[:n_iso], ascent)
+        pushed = (term * (iso.detach() < bound)).mean() if bound > 0 else term.mean()
+        loss = pushed if clean is None else F.cross_entropy(logits[n_iso:], y[n_iso:]) + pushed
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += ascent.detach()
+        total += iso.detach().mean()
         count += 1
     return float(total) / max(count, 1)
 
@@ -267,6 +281,7 @@ class ABLConfig:
     lr_gamma: float = 0.1
     unlearning: str = "joint"
     unlearning_bound: float = 5.0
+    unlearning_ascent: str = "negated-ce"
     unlearning_epochs: int = 5
     unlearning_lr: float = 5e-4
     unlearning_bn: str = "train"
@@ -284,8 +299,8 @@ class ABLConfig:
 
     #: the knobs a caller may set through ``--defense-param`` / ``--abl-*`` (the rest come from the training options)
     ABL_KNOBS = ("gamma", "lga", "isolation_epochs", "isolation_ratio", "isolation_score", "isolation_reference",
-                 "unlearning", "unlearning_bound", "unlearning_epochs", "unlearning_lr", "unlearning_bn", "max_ca_drop",
-                 "holdout", "eval_every")
+                 "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
+                 "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
     def __post_init__(self) -> None:
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
@@ -297,6 +312,8 @@ class ABLConfig:
             raise ValueError(f"isolation_reference must be in (0, 1), got {self.isolation_reference}")
         if self.unlearning not in UNLEARNING_MODES:
             raise ValueError(f"unlearning must be one of {UNLEARNING_MODES}, got {self.unlearning!r}")
+        if self.unlearning_ascent not in ASCENT_FORMS:
+            raise ValueError(f"unlearning_ascent must be one of {ASCENT_FORMS}, got {self.unlearning_ascent!r}")
         if self.isolation_epochs < 1:
             raise ValueError("isolation_epochs (T_te) must be >= 1")
         if self.clean_epochs < 0 or self.unlearning_epochs < 0:
@@ -694,7 +711,8 @@ def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated:
             clean_batches.generator.manual_seed(cfg.seed + 3 + 1009 * e)
             clean = cycle_batches(clean_batches)
         loss = unlearning_epoch(model, batches, opt, cfg.unlearning_bn, step_kw["autocast_dtype"],
-                                step_kw["channels_last"], clean=clean, bound=cfg.unlearning_bound)
+                                step_kw["channels_last"], clean=clean, bound=cfg.unlearning_bound,
+                                ascent=cfg.unlearning_ascent)
         g = guard_metrics(model, hold_x, hold_y, target, device)
         iso_acc = accuracy(model, iso_images, iso_labels, device)
         secs = time.perf_counter() - t0
@@ -881,4 +899,4 @@ def _write_isolation_artifacts(out: Path | None, images: np.ndarray, labels: np.
 
 
 __all__ = ["ABLConfig", "ABLResult", "LGA_FORMS", "failure_warnings", "isolate_lowest", "isolation_report",
-           "lga_loss", "rank_auroc", "run_abl", "summary_lines", "unlearning_loss"]
+           "lga_loss", "rank_auroc", "run_abl", "summary_lines", "ascent_term"]

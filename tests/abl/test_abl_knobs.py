@@ -39,6 +39,7 @@ def test_from_train_maps_the_shared_options_and_splits_the_epochs():
                                  dict(holdout=0.6), dict(max_ca_drop=-1), dict(unlearning_lr=0),
                                  dict(isolation_epochs=0), dict(unlearning_bn="off"), dict(eval_every=-1),
                                  dict(isolation_score="z"), dict(isolation_reference=1.0), dict(unlearning="descent"),
+                                 dict(unlearning_ascent="up"),
                                  dict(unlearning_bound=-1.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
@@ -131,6 +132,7 @@ ABL_FLAGS = {
     "isolation_reference": ("--abl-isolation-reference", "0.75", 0.75),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),
     "unlearning_bound": ("--abl-unlearning-bound", "0", 0.0),
+    "unlearning_ascent": ("--abl-unlearning-ascent", "complement", "complement"),
     "unlearning_epochs": ("--abl-unlearning-epochs", "7", 7),
     "unlearning_lr": ("--abl-unlearning-lr", "0.001", 0.001),
     "unlearning_bn": ("--abl-unlearning-bn", "frozen", "frozen"),

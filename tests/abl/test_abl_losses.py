@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abl.abl import estimated_accuracy, isolate_lowest, isolation_scores, lga_loss, rank_auroc, unlearning_loss
+from abl.abl import ascent_term, estimated_accuracy, isolate_lowest, isolation_scores, lga_loss, rank_auroc
 
 
 def _logits_with_losses(target_losses: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +66,24 @@ def test_lga_rejects_unknown_form():
         lga_loss(logits, y, 0.5, "batch")
 
 
-def test_unlearning_loss_is_negated_cross_entropy():
-    logits, y = _logits_with_losses([0.1, 2.0])
-    assert torch.isclose(unlearning_loss(logits, y), -F.cross_entropy(logits, y))
+def test_ascent_terms():
+    logits, y = _logits_with_losses([0.01, 2.0])
+    neg = ascent_term(logits, y, "negated-ce")
+    assert torch.allclose(neg, -F.cross_entropy(logits, y, reduction="none"))
+    comp = ascent_term(logits, y, "complement")
+    p_y = F.softmax(logits.double(), 1).gather(1, y[:, None])[:, 0]
+    assert torch.allclose(comp.double(), -torch.log1p(-p_y), rtol=1e-4)
+    # on a fitted example (p_y = 0.99) the complement pushes the label logit at full strength (p_y), -CE barely
+    z = logits.detach().clone().requires_grad_(True)
+    ascent_term(z, y, "complement")[0].backward()
+    g_comp = z.grad[0, y[0]].item()
+    z.grad = None
+    ascent_term(z, y, "negated-ce")[0].backward()
+    g_neg = z.grad[0, y[0]].item()
+    assert g_comp == pytest.approx(p_y[0].item(), rel=1e-4) and abs(g_neg) == pytest.approx(1 - p_y[0].item(), rel=1e-3)
+    assert g_comp > 50 * abs(g_neg)
+    with pytest.raises(ValueError, match="ascent form"):
+        ascent_term(logits, y, "up")
 
 
 def test_isolate_lowest_picks_the_lowest_fraction(rng):
