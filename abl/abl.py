@@ -91,7 +91,10 @@ unguarded unlearning from the same clean-stage model):
 * ``unlearning_epochs=10`` instead of the official 5 (``bench/results/abl_u10.md``, Blend, guarded): ASR per seed
   98.9%, 11.4%, 99.9% (5 epochs: 99.6 ± 0.6%). Seed 0 reached CA 81.1% / ASR 3.1% in epoch 9, but its held-out
   non-target accuracy (about 360 examples: a standard error near 2 points, the size of the guard's margin) was 2.8
-  points below the start and the guard rejected it.
+  points below the start and the guard rejected it. With a 5% held-out split as well (``holdout=0.05``,
+  ``bench/results/abl_u10_h5.md``) Blend was removed in all three seeds (ASR 0.01%, 0.38%, 1.86% at CA 84.6%, 83.8%,
+  83.1%; no defence 81.4 ± 2.8%), but BadNets (CA 71.1% in one seed; ASR back to 9.9% in another, relearned from the
+  unisolated poison in the clean batches) and Trojan (ASR 63.8% in one seed) were not better than with the defaults.
 """
 
 from __future__ import annotations
