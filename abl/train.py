@@ -246,28 +246,47 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: f
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
 
 
+class PlainTrainer:
+    """Ordinary cross-entropy training of ``model``, one epoch per :meth:`epoch` call (probe, pause, time-box)."""
+
+    def __init__(self, model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> None:
+        self.device = select_device(cfg.device)
+        self.autocast = resolve_autocast(cfg.precision, self.device)
+        self.channels_last = resolve_channels_last(cfg.memory_format, self.device)
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.cfg = cfg
+        self.batches = ArrayBatches(images, labels, self.device, cfg.batch_size, augment=cfg.augment, seed=cfg.seed)
+        self.opt = make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(cfg.lr_milestones), cfg.lr_gamma)
+        self.epoch_seconds: list[float] = []
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.epoch_seconds)
+
+    def epoch(self, quiet: bool = False) -> dict[str, float]:
+        """One epoch; returns ``{"epoch", "loss", "seconds"}`` (the loss read-back synchronises the device)."""
+        t0 = time.perf_counter()
+        loss = train_one_epoch(self.model, self.batches, self.opt, F.cross_entropy,
+                               f"epoch {self.epochs_done + 1}/{self.cfg.epochs}", quiet, self.autocast,
+                               self.channels_last)
+        self.sched.step()
+        self.epoch_seconds.append(time.perf_counter() - t0)
+        return {"epoch": self.epochs_done, "loss": loss, "seconds": self.epoch_seconds[-1]}
+
+
 def train_plain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                 quiet: bool = False) -> list[dict]:
     """Ordinary cross-entropy training; ``evaluate(model)`` is called after every epoch (metrics into history)."""
-    device = select_device(cfg.device)
-    autocast_dtype = resolve_autocast(cfg.precision, device)
-    channels_last = resolve_channels_last(cfg.memory_format, device)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    batches = ArrayBatches(images, labels, device, cfg.batch_size, augment=cfg.augment, seed=cfg.seed)
-    opt = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma)
+    trainer = PlainTrainer(model, images, labels, cfg)
     history = []
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        loss = train_one_epoch(model, batches, opt, F.cross_entropy, f"epoch {epoch + 1}/{cfg.epochs}", quiet,
-                               autocast_dtype, channels_last)
-        sched.step()
-        rec = {"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - t0}
+    for _ in range(cfg.epochs):
+        rec = trainer.epoch(quiet)
         if evaluate is not None:
             rec.update(evaluate(model))
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in rec.items()})
+        log.info("epoch %d: %s", rec["epoch"], {k: round(v, 4) for k, v in rec.items()})
         history.append(rec)
     return history

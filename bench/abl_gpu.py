@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,52 +44,30 @@ from abl.checkpoint import save_checkpoint  # noqa: E402
 from abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl.models import build_model  # noqa: E402
 from abl.train import (  # noqa: E402
-    ArrayBatches,
+    PlainTrainer,
     TrainConfig,
-    make_optimizer,
     resolve_autocast,
     resolve_channels_last,
     select_device,
     set_seed,
-    train_one_epoch,
 )
 
 log = logging.getLogger("bench.abl_gpu")
 ARCH = "preact-resnet18"
 
 
-class Plain:
+def plain_trainer(data: PreparedData, cfg: TrainConfig) -> PlainTrainer:
     """The no-defence run, advanced epoch by epoch so it can be probed, paused for ABL and time-boxed."""
+    set_seed(cfg.seed)
+    spec = data.train.spec
+    c, h, _ = spec.input_shape
+    model = build_model(ARCH, c, spec.num_classes, h, spec.mean, spec.std)
+    return PlainTrainer(model, data.train.images, data.train.labels, cfg)
 
-    def __init__(self, data: PreparedData, cfg: TrainConfig, device: torch.device) -> None:
-        set_seed(cfg.seed)
-        spec = data.train.spec
-        c, h, _ = spec.input_shape
-        self.cfg, self.device = cfg, device
-        self.autocast = resolve_autocast(cfg.precision, device)
-        self.channels_last = resolve_channels_last(cfg.memory_format, device)
-        self.model = build_model(ARCH, c, spec.num_classes, h, spec.mean, spec.std).to(device)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.batches = ArrayBatches(data.train.images, data.train.labels, device, cfg.batch_size,
-                                    augment=cfg.augment, seed=cfg.seed)
-        self.opt = make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(cfg.lr_milestones), cfg.lr_gamma)
-        self.epoch_seconds: list[float] = []
 
-    @property
-    def epochs_done(self) -> int:
-        return len(self.epoch_seconds)
-
-    def epoch(self) -> float:
-        t0 = time.perf_counter()
-        loss = train_one_epoch(self.model, self.batches, self.opt, F.cross_entropy, quiet=True,
-                               autocast_dtype=self.autocast, channels_last=self.channels_last)  # syncs (float)
-        self.sched.step()
-        secs = time.perf_counter() - t0
-        self.epoch_seconds.append(secs)
-        log.info("plain epoch %d: loss %.4f, %.2fs", self.epochs_done, loss, secs)
-        return secs
+def plain_epoch(plain: PlainTrainer) -> None:
+    rec = plain.epoch(quiet=True)
+    log.info("plain epoch %d: loss %.4f, %.2fs", rec["epoch"], rec["loss"], rec["seconds"])
 
 
 def device_name(device: torch.device) -> str:
@@ -145,9 +122,9 @@ def main() -> None:
     cfg = experiment(args, args.train_limit)
     data = prepare_data(cfg)
     n_full = len(data.train)
-    plain = Plain(data, cfg.train, device)
+    plain = plain_trainer(data, cfg.train)
     for _ in range(args.probe_epochs):
-        plain.epoch()
+        plain_epoch(plain)
     probe = statistics.median(plain.epoch_seconds[1:] or plain.epoch_seconds)  # the first epoch pays warm-up
     # ABL: the same number of epochs on 97% of the data (2% held out, p isolated) plus isolation and unlearning
     projected = probe * (args.epochs + 2) * 1.15 + 20
@@ -188,22 +165,22 @@ def main() -> None:
 
     # ---------------------------------------------------------------- plain training: the rest of its epochs
     if plain is None:
-        plain = Plain(data, cfg.train, device)
+        plain = plain_trainer(data, cfg.train)
     while plain.epochs_done < args.epochs:
         last = plain.epoch_seconds[-1] if plain.epoch_seconds else 0.0
         if left() < last + 25:
             log.warning("budget: plain training stops after %d of %d epochs", plain.epochs_done, args.epochs)
             break
-        plain.epoch()
+        plain_epoch(plain)
     plain_metrics = evaluate(plain.model)
 
     # ---------------------------------------------------------------- record
     rep = res.report
     iso_secs = [r["seconds"] for r in res.history if r["stage"] == "isolation"]
     clean_secs = [r["seconds"] for r in res.history if r["stage"] == "clean"]
-    plain_epoch = statistics.median(plain.epoch_seconds[1:] or plain.epoch_seconds)
+    plain_median = statistics.median(plain.epoch_seconds[1:] or plain.epoch_seconds)
     plain_total = (sum(plain.epoch_seconds) if plain.epochs_done == args.epochs
-                   else plain.epoch_seconds[0] + plain_epoch * (args.epochs - 1))
+                   else plain.epoch_seconds[0] + plain_median * (args.epochs - 1))
     record: dict[str, Any] = {
         "device": device_name(device), "torch": torch.__version__, "host": platform.node(),
         "cuda": torch.version.cuda, "arch": ARCH, "settings": vars(args), "n_train": len(data.train),
@@ -212,7 +189,7 @@ def main() -> None:
         "channels_last": resolve_channels_last(cfg.train.memory_format, device),
         "data_held_on": str(plain.batches.images.device),
         "plain": {"epochs_run": plain.epochs_done, "epoch_seconds": plain.epoch_seconds,
-                  "median_epoch_seconds": plain_epoch, "total_seconds_for_T": plain_total,
+                  "median_epoch_seconds": plain_median, "total_seconds_for_T": plain_total,
                   "total_is_projected": plain.epochs_done != args.epochs, "metrics": plain_metrics,
                   "probe_restarted": cut is not None},
         "abl": {"wall_seconds": abl_wall, "metrics": abl_metrics, "stages": rep["stages"],
