@@ -119,6 +119,7 @@ from .train import (
     LossFn,
     TrainConfig,
     accuracy,
+    log_odds_against,
     make_optimizer,
     per_example_loss,
     predict_logits,
@@ -175,8 +176,7 @@ def ascent_term(logits: torch.Tensor, labels: torch.Tensor, form: str = "negated
     if form == "negated-ce":
         return -F.cross_entropy(logits, labels, reduction="none")
     if form == "complement":
-        others = logits.scatter(1, labels[:, None], float("-inf"))
-        return torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)
+        return F.softplus(-log_odds_against(logits, labels))
     raise ValueError(f"ascent form must be one of {ASCENT_FORMS}, got {form!r}")
 
 

@@ -174,11 +174,19 @@ def per_example_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray, d
     BadNets examples at exactly 0 in float32 at T_te).
     """
     logits = torch.as_tensor(predict_logits(model, images, device, batch_size)).double()
-    y = torch.as_tensor(np.asarray(labels, np.int64))[:, None]
+    y = torch.as_tensor(np.asarray(labels, np.int64))
     if logits.numel() == 0:
         return np.zeros(len(y), np.float64)
-    others = (logits - logits.gather(1, y)).scatter_(1, y, float("-inf"))
-    return F.softplus(torch.logsumexp(others, 1)).numpy()
+    return F.softplus(log_odds_against(logits, y)).numpy()
+
+
+def log_odds_against(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log((1 - p_y) / p_y) = logsumexp_{j != y}(z_j - z_y)`` per example, computed without cancellation.
+
+    ``softplus`` of it is the cross-entropy ``-log p_y``; ``softplus`` of its negation is ``-log(1 - p_y)``.
+    """
+    y = labels[:, None]
+    return torch.logsumexp((logits - logits.gather(1, y)).scatter(1, y, float("-inf")), 1)
 
 
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device) -> float:

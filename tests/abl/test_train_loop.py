@@ -41,7 +41,6 @@ def test_training_learns_digits_and_checkpoint_roundtrip(tmp_path, digits_train,
     assert torch.allclose(back(x), m(x))
 
 
-
 def test_per_example_loss_keeps_confident_examples_apart():
     # a linear model whose logit margin for class 1 is 10 x the sum of the four pixels: about 20, 30 and 40
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
