@@ -95,6 +95,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--abl-isolation-reference", type=float, default=0.5, show_default=True,
               help="ABL: the quantile of its label's log-loss that the class-relative score measures an example "
                    "against (0.5 = the median; higher stays on the clean examples when over half a label is poisoned).")
+@click.option("--abl-isolation-labels", type=click.Choice(["all", "target"]), default="all", show_default=True,
+              help="ABL: unlearn every isolated example (all, the paper) or only those with the isolated set's "
+                   "majority label, the suspected target of an all-to-one backdoor (target; the others go back to "
+                   "the clean set).")
 @click.option("--abl-unlearning", type=click.Choice(["joint", "ascent"]), default="joint", show_default=True,
               help="ABL: unlearning objective: CE(clean batch) - CE(isolated batch) per step (joint, the paper's "
                    "L_GGA) or -CE(isolated batch) alone (ascent, the official code).")

@@ -133,6 +133,7 @@ log = logging.getLogger(__name__)
 
 LGA_FORMS = ("flooding", "per-example")
 ISOLATION_SCORES = ("class-relative", "loss")
+ISOLATION_LABELS = ("all", "target")
 UNLEARNING_MODES = ("joint", "ascent")
 ASCENT_FORMS = ("negated-ce", "complement")
 STAGES = ("isolation", "clean", "unlearning", "done")
@@ -239,6 +240,22 @@ def isolate_lowest(scores: np.ndarray, ratio: float) -> np.ndarray:
     return np.argsort(scores, kind="stable")[:k]
 
 
+def keep_target_label(candidates: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """The ``candidates`` (dataset indices) whose label is their majority label, in their order, and that label.
+
+    ABL's second premise is an all-to-one backdoor: every poisoned example carries the target label, which is the
+    majority label of a good isolated set. Candidates with another label are then clean examples that merely rank low
+    (the most typical images of their own class); unlearning them costs clean accuracy and removes no backdoor.
+    Ties between labels go to the smaller label.
+    """
+    candidates = np.asarray(candidates, np.int64)
+    if len(candidates) == 0:
+        raise ValueError("no isolation candidates")
+    cand_labels = np.asarray(labels)[candidates]
+    target = int(np.bincount(cand_labels).argmax())
+    return candidates[cand_labels == target], target
+
+
 def isolation_scores(losses: np.ndarray, labels: np.ndarray, mode: str = "class-relative",
                      reference: float = 0.5) -> np.ndarray:
     """The score ABL ranks at ``T_te`` (lowest = most suspect).
@@ -298,6 +315,7 @@ class ABLConfig:
     isolation_ratio: float = 0.01
     isolation_score: str = "class-relative"
     isolation_reference: float = 0.5
+    isolation_labels: str = "all"
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()
@@ -322,6 +340,7 @@ class ABLConfig:
 
     #: the knobs a caller may set through ``--defense-param`` / ``--abl-*`` (the rest come from the training options)
     ABL_KNOBS = ("gamma", "lga", "isolation_epochs", "isolation_ratio", "isolation_score", "isolation_reference",
+                 "isolation_labels",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -331,6 +350,8 @@ class ABLConfig:
             raise ValueError(f"lga must be one of {LGA_FORMS}, got {self.lga!r}")
         if self.isolation_score not in ISOLATION_SCORES:
             raise ValueError(f"isolation_score must be one of {ISOLATION_SCORES}, got {self.isolation_score!r}")
+        if self.isolation_labels not in ISOLATION_LABELS:
+            raise ValueError(f"isolation_labels must be one of {ISOLATION_LABELS}, got {self.isolation_labels!r}")
         if not 0.0 < self.isolation_reference < 1.0:
             raise ValueError(f"isolation_reference must be in (0, 1), got {self.isolation_reference}")
         if self.unlearning not in UNLEARNING_MODES:
@@ -589,11 +610,13 @@ def run_abl(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ABLCo
         losses = np.full(n, np.nan, np.float32)
         losses[pool] = pool_losses
         pool_scores = isolation_scores(pool_losses, labels[pool], cfg.isolation_score, cfg.isolation_reference)
-        isolated = pool[isolate_lowest(pool_scores, cfg.isolation_ratio)]
+        candidates = pool[isolate_lowest(pool_scores, cfg.isolation_ratio)]
+        isolated = keep_target_label(candidates, labels)[0] if cfg.isolation_labels == "target" else candidates
         add_time("isolate", time.perf_counter() - t0)
         scores = np.full(n, np.nan, np.float32)
         scores[pool] = pool_scores
-        report["isolation"] = isolation_report(losses, isolated, labels, pool, poison_indices, cfg, scores)
+        report["isolation"] = isolation_report(losses, isolated, labels, pool, poison_indices, cfg, scores,
+                                               candidates)
         _write_isolation_artifacts(out, images, labels, losses, scores, isolated, pool, poison_indices, report)
         stage, epoch_in_stage = "clean", 0
         snapshot(stage, 0, opt, None)
@@ -780,18 +803,21 @@ def _unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, isolated:
 
 def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarray, pool: np.ndarray,
                      poison_indices: np.ndarray | None, cfg: ABLConfig,
-                     scores: np.ndarray | None = None) -> dict[str, Any]:
+                     scores: np.ndarray | None = None, candidates: np.ndarray | None = None) -> dict[str, Any]:
     """Statistics of the isolation at ``T_te``; precision / recall / AUROC when the ground truth is known.
 
     ``scores``: the ranked scores of every example (NaN outside ``pool``); computed from ``losses`` when omitted.
+    ``candidates``: the lowest-scoring fraction ``p`` when ``isolated`` keeps only part of it
+    (``isolation_labels="target"``); the label statistics describe the candidates, precision / recall ``isolated``.
     """
+    candidates = isolated if candidates is None else np.asarray(candidates, np.int64)
     pool_losses = losses[pool]
     if scores is None:
         scores = np.full(len(losses), np.nan)
         scores[pool] = isolation_scores(pool_losses, labels[pool], cfg.isolation_score, cfg.isolation_reference)
     scores = np.asarray(scores, np.float64)
     rest = np.setdiff1d(pool, isolated)
-    counts = np.bincount(labels[isolated], minlength=int(labels.max()) + 1)
+    counts = np.bincount(labels[candidates], minlength=int(labels.max()) + 1)
     iso_med = float(np.median(losses[isolated]))
     rest_med = float(np.median(losses[rest])) if len(rest) else float("nan")
     loss_gap = float(np.log10(max(rest_med, 1e-12)) - np.log10(max(iso_med, 1e-12)))
@@ -808,7 +834,10 @@ def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarra
         "pool_loss_quantiles": {str(q): float(np.quantile(pool_losses, q)) for q in (0.01, 0.05, 0.1, 0.25, 0.5)},
         "isolated_label_counts": {str(i): int(c) for i, c in enumerate(counts) if c},
         "isolated_majority_label": int(counts.argmax()),
-        "isolated_majority_fraction": float(counts.max() / max(1, len(isolated))),
+        "isolated_majority_fraction": float(counts.max() / max(1, len(candidates))),
+        # candidates of other labels returned to the clean set (isolation_labels="target")
+        "n_candidates": int(len(candidates)), "n_returned": int(len(candidates) - len(isolated)),
+        "labels": cfg.isolation_labels,
     }
     if poison_indices is not None:
         poison = np.intersect1d(np.asarray(poison_indices, np.int64), pool)
@@ -818,6 +847,7 @@ def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarra
             "n_poison_in_pool": int(len(poison)),
             "true_positives": hits,
             "precision": hits / max(1, len(isolated)),
+            "candidate_precision": int(np.isin(candidates, poison).sum()) / max(1, len(candidates)),
             "recall": hits / len(poison) if len(poison) else float("nan"),
             # recall is capped by ratio * n_pool / n_poison: ABL isolates a fixed fraction, not every poison
             "max_recall": min(1.0, len(isolated) / len(poison)) if len(poison) else float("nan"),
@@ -922,4 +952,5 @@ def _write_isolation_artifacts(out: Path | None, images: np.ndarray, labels: np.
 
 
 __all__ = ["ABLConfig", "ABLResult", "LGA_FORMS", "failure_warnings", "isolate_lowest", "isolation_report",
+           "keep_target_label",
            "lga_loss", "rank_auroc", "run_abl", "summary_lines", "ascent_term"]

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from _common import cpu_name, write_markdown_keeping_notes  # noqa: E402
 
 from abl.abl import (  # noqa: E402
+    ISOLATION_LABELS,
     ISOLATION_SCORES,
     ABLConfig,
     cycle_batches,
@@ -69,7 +70,7 @@ CPU = torch.device("cpu")
 #: (BatchNorm mode, unlearning lr): the official code's 5e-4, BackdoorBench's 1e-4, frozen BatchNorm
 #: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
-            "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound")
+            "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -87,7 +88,14 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             "unlearning_lr": args.unlearning_lr, "lr": args.lr, "rate": args.rate, "lga": args.lga,
             "lc_steps": args.lc_steps, "holdout": args.holdout, "max_ca_drop": args.max_ca_drop,
             "isolation_score": args.isolation_score, "unlearning": args.unlearning,
-            "isolation_ratio": args.isolation_ratio, "unlearning_bound": args.unlearning_bound}
+            "isolation_ratio": args.isolation_ratio, "unlearning_bound": args.unlearning_bound,
+            # only when not the old behaviour, so that results recorded before the options existed keep their keys
+            **({"isolation_labels": args.isolation_labels} if args.isolation_labels != "all" else {}),
+            **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
+
+
+def milestones_of(args: argparse.Namespace) -> list[int]:
+    return [int(m) for m in args.lr_milestones.split(",") if m.strip()] if args.lr_milestones else []
 
 
 class Bench:
@@ -150,8 +158,8 @@ class Bench:
         a = self.args
         return ExperimentConfig(
             attack=attack, attack_params={"rate": a.rate, "target": 0, **(params or {})},
-            train=TrainConfig(epochs=a.epochs, lr=a.lr, seed=seed, device="cpu", precision="fp32",
-                              memory_format="contiguous"),
+            train=TrainConfig(epochs=a.epochs, lr=a.lr, lr_milestones=tuple(milestones_of(a)), seed=seed,
+                              device="cpu", precision="fp32", memory_format="contiguous"),
             train_limit=a.train_limit, test_limit=a.test_limit)
 
     def fresh_model(self, data: PreparedData, seed: int) -> torch.nn.Module:
@@ -215,7 +223,8 @@ class Bench:
         params = {"isolation_epochs": a.isolation_epochs, "unlearning_epochs": a.unlearning_epochs,
                   "unlearning_lr": a.unlearning_lr, "lga": a.lga, "holdout": a.holdout,
                   "max_ca_drop": a.max_ca_drop, "isolation_score": a.isolation_score, "unlearning": a.unlearning,
-                  "isolation_ratio": a.isolation_ratio, "unlearning_bound": a.unlearning_bound, "eval_every": 0}
+                  "isolation_ratio": a.isolation_ratio, "unlearning_bound": a.unlearning_bound, "eval_every": 0,
+                  "isolation_labels": a.isolation_labels}
         abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
         for k, v in over.items():
             setattr(abl_cfg, k, v)
@@ -311,6 +320,11 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
+def lr_steps(args: argparse.Namespace) -> str:
+    m = milestones_of(args)
+    return f", divided by 10 at epoch{'s' if len(m) > 1 else ''} {', '.join(map(str, m))}" if m else ""
+
+
 def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Path) -> None:
     a = bench.args
     rows = [r for r in bench.rows if r.get("settings") == bench.key(r["attack"], r["seed"], r["kind"])["settings"]]
@@ -325,11 +339,12 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         "",
         f"Setting: Fashion-MNIST, {a.train_limit or 60000} random training images (poisoned at rate {a.rate}, "
         f"target 0, each attack's defaults), the full test set{'' if not a.test_limit else f' ({a.test_limit})'}; "
-        f"small-cnn, SGD lr {a.lr} (Nesterov momentum 0.9, weight decay 5e-4, batch 128). No defence and the clean "
-        f"model: {a.epochs} epochs. ABL: T = {a.epochs} epochs = isolation T_te = "
+        f"small-cnn, SGD lr {a.lr}{lr_steps(a)} (Nesterov momentum 0.9, weight decay 5e-4, batch 128). No defence "
+        f"and the clean model: {a.epochs} epochs. ABL: T = {a.epochs} epochs = isolation T_te = "
         f"{a.isolation_epochs or max(1, round(0.2 * a.epochs))} ({a.lga} LGA, gamma 0.5) + clean stage, isolation "
-        f"ratio p = {a.isolation_ratio:.0%} ranked by the {a.isolation_score} score, then {a.unlearning_epochs} "
-        f"{a.unlearning} unlearning epochs at lr {a.unlearning_lr} (ascent bound "
+        f"ratio p = {a.isolation_ratio:.0%} ranked by the {a.isolation_score} score"
+        f"{', only its majority label unlearned' if a.isolation_labels == 'target' else ''}, "
+        f"then {a.unlearning_epochs} {a.unlearning} unlearning epochs at lr {a.unlearning_lr} (ascent bound "
         f"{a.unlearning_bound or 'none'}); guard: {a.holdout:.0%} held-out training split, max CA drop "
         f"{a.max_ca_drop}, keeps the best passing epoch. A scaled-down paper schedule "
         "(paper: 100 epochs = 20 + 80, then unlearning; WRN-16-1 on CIFAR-10).",
@@ -446,10 +461,14 @@ def main() -> None:
     ap.add_argument("--unlearning-epochs", type=int, default=5)
     ap.add_argument("--unlearning-lr", type=float, default=5e-4)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr-milestones", default="",
+                    help="comma-separated epochs where the lr is divided by 10 (all runs; ABL's isolation and clean "
+                         "stage share the schedule); default: a constant lr")
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--lga", default="flooding", choices=["flooding", "per-example"])
     ap.add_argument("--isolation-ratio", type=float, default=0.01, help="p (the paper's 1%%)")
     ap.add_argument("--isolation-score", default="class-relative", choices=list(ISOLATION_SCORES))
+    ap.add_argument("--isolation-labels", default="all", choices=list(ISOLATION_LABELS))
     ap.add_argument("--unlearning", default="joint", choices=["joint", "ascent"])
     ap.add_argument("--unlearning-bound", type=float, default=5.0, help="0 = unbounded ascent (the paper)")
     ap.add_argument("--baselines", default=None,

@@ -38,7 +38,8 @@ def test_from_train_maps_the_shared_options_and_splits_the_epochs():
 @pytest.mark.parametrize("bad", [dict(lga="mean"), dict(isolation_ratio=0.0), dict(isolation_ratio=1.0),
                                  dict(holdout=0.6), dict(max_ca_drop=-1), dict(unlearning_lr=0),
                                  dict(isolation_epochs=0), dict(unlearning_bn="off"), dict(eval_every=-1),
-                                 dict(isolation_score="z"), dict(isolation_reference=1.0), dict(unlearning="descent"),
+                                 dict(isolation_score="z"), dict(isolation_reference=1.0),
+                                 dict(isolation_labels="majority"), dict(unlearning="descent"),
                                  dict(unlearning_ascent="up"),
                                  dict(unlearning_bound=-1.0)])
 def test_config_rejects_bad_values(bad):
@@ -75,6 +76,27 @@ def test_gamma_and_lga_form_change_the_isolation_training(small_poisoned):
     assert not np.allclose(iso_losses(gamma=2.2), iso_losses(gamma=2.2, lga="per-example"), equal_nan=True)
     ascent = iso_losses(gamma=50.0)  # gamma above every loss: pure gradient ascent, losses grow
     assert np.nanmean(ascent) > np.nanmean(base) + 1.0
+
+
+def test_isolation_labels_target_unlearns_only_the_majority_label(small_poisoned):
+    d = small_poisoned
+    # a ratio well above the poisoning rate, so the lowest-loss candidates spill over into other labels
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=0, unlearning_epochs=1, max_ca_drop=1.0,
+                    **{**FAST, "isolation_ratio": 0.3})
+    every = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    cfg.isolation_labels = "target"
+    target = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    iso_all, iso_target = every.report["isolation"], target.report["isolation"]
+    np.testing.assert_array_equal(every.losses, target.losses)  # same isolation training and ranking
+    majority = iso_all["isolated_majority_label"]
+    assert 0 < len(target.isolated) < len(every.isolated) == iso_all["n_candidates"]
+    assert set(target.isolated) == {i for i in every.isolated if d.labels[i] == majority}
+    assert iso_target["n_returned"] == len(every.isolated) - len(target.isolated) and iso_all["n_returned"] == 0
+    assert iso_target["isolated_majority_label"] == majority  # label statistics describe the candidates
+    assert iso_target["isolated_majority_fraction"] == iso_all["isolated_majority_fraction"] < 1.0
+    assert iso_target["candidate_precision"] == iso_all["precision"]
+    assert iso_target["precision"] > iso_all["precision"]  # the other labels held only clean examples
+    assert target.report["unlearning"]["guard"]["suspected_target"] == majority
 
 
 def test_unlearning_lr_and_bn_mode_are_honoured(small_poisoned):
@@ -130,6 +152,7 @@ ABL_FLAGS = {
     "isolation_ratio": ("--abl-isolation-ratio", "0.05", 0.05),
     "isolation_score": ("--abl-isolation-score", "loss", "loss"),
     "isolation_reference": ("--abl-isolation-reference", "0.75", 0.75),
+    "isolation_labels": ("--abl-isolation-labels", "target", "target"),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),
     "unlearning_bound": ("--abl-unlearning-bound", "0", 0.0),
     "unlearning_ascent": ("--abl-unlearning-ascent", "complement", "complement"),

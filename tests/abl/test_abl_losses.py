@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abl.abl import ascent_term, estimated_accuracy, isolate_lowest, isolation_scores, lga_loss, rank_auroc
+from abl.abl import (
+    ascent_term,
+    estimated_accuracy,
+    isolate_lowest,
+    isolation_scores,
+    keep_target_label,
+    lga_loss,
+    rank_auroc,
+)
 
 
 def _logits_with_losses(target_losses: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +106,18 @@ def test_isolate_lowest_picks_the_lowest_fraction(rng):
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError):
             isolate_lowest(losses, bad)
+
+
+def test_keep_target_label_keeps_the_majority_label_in_rank_order():
+    labels = np.array([0, 3, 3, 1, 3, 0, 3, 2])
+    candidates = np.array([6, 0, 1, 3, 2, 4])  # labels 3, 0, 3, 1, 3, 3: label 3 is the majority
+    kept, target = keep_target_label(candidates, labels)
+    assert target == 3
+    np.testing.assert_array_equal(kept, [6, 1, 2, 4])
+    kept, target = keep_target_label(np.array([3, 0]), labels)  # a tie goes to the smaller label
+    assert target == 0 and list(kept) == [0]
+    with pytest.raises(ValueError, match="no isolation candidates"):
+        keep_target_label(np.zeros(0, np.int64), labels)
 
 
 def test_rank_auroc_matches_sklearn(rng):
