@@ -909,6 +909,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if iso:
         msg = (f"isolated {iso['n_isolated']} of {iso['n_pool']} (majority label {iso['isolated_majority_label']}, "
                f"{iso['isolated_majority_fraction']:.0%}; loss gap {iso['loss_gap_log10']:.1f} decades)")
+        if iso.get("n_returned"):
+            msg += (f"; {iso['n_returned']} of the {iso['n_candidates']} lowest-scoring examples had another label "
+                    "and went back to the clean set")
         if "precision" in iso:
             msg += f"; precision {100 * iso['precision']:.1f}%, recall {100 * iso['recall']:.1f}%"
         lines.append(msg)

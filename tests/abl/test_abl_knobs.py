@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from abl.abl import ABLConfig, run_abl
+from abl.abl import ABLConfig, run_abl, summary_lines
 from abl.train import TrainConfig
 
 FAST = dict(isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0)
@@ -97,6 +97,8 @@ def test_isolation_labels_target_unlearns_only_the_majority_label(small_poisoned
     assert iso_target["candidate_precision"] == iso_all["precision"]
     assert iso_target["precision"] > iso_all["precision"]  # the other labels held only clean examples
     assert target.report["unlearning"]["guard"]["suspected_target"] == majority
+    assert any("went back to the clean set" in line for line in summary_lines(target.report))
+    assert not any("went back" in line for line in summary_lines(every.report))
 
 
 def test_unlearning_lr_and_bn_mode_are_honoured(small_poisoned):
