@@ -82,6 +82,20 @@ SWEEP = [("joint", "train", 5e-4, "negated-ce", 5.0), ("joint", "train", 5e-4, "
 log = logging.getLogger("bench.abl")
 
 
+def sweep_variants(spec: str | None) -> list[tuple[str, str, float, str, float]]:
+    """``--sweep-variants``: ``objective:bn:lr:ascent:bound`` items, comma-separated (None: :data:`SWEEP`)."""
+    if not spec:
+        return SWEEP
+    out = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 5:
+            raise SystemExit(f"--sweep-variants: {item!r} is not objective:bn:lr:ascent:bound")
+        mode, bn, lr, ascent, bound = parts
+        out.append((mode, bn, float(lr), ascent, float(bound)))
+    return out
+
+
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"train_limit": args.train_limit, "test_limit": args.test_limit, "epochs": args.epochs,
             "isolation_epochs": args.isolation_epochs, "unlearning_epochs": args.unlearning_epochs,
@@ -246,7 +260,8 @@ class Bench:
                        rep["stages"].items()},
             "isolation": {k: iso.get(k) for k in ("n_isolated", "precision", "recall", "max_recall", "auroc",
                                                   "loss_gap_log10", "isolated_majority_fraction",
-                                                  "poison_loss_median", "clean_loss_median")},
+                                                  "poison_loss_median", "clean_loss_median", "n_candidates",
+                                                  "candidate_precision", "n_returned")},
             "unlearning": {k: un.get(k) for k in ("epochs_run", "selected_epoch", "rejected_epochs",
                                                   "isolated_accuracy_before", "isolated_accuracy_after",
                                                   "trajectory", "guard")},
@@ -482,6 +497,9 @@ def main() -> None:
     ap.add_argument("--lga-forms", default="flooding,per-example", help="the LGA forms --lga-compare runs")
     ap.add_argument("--unlearning-sweep", action="store_true",
                     help="unguarded unlearning from one clean-stage model with several BN modes / learning rates")
+    ap.add_argument("--sweep-variants", default=None,
+                    help="--unlearning-sweep variants, comma-separated objective:bn:lr:ascent:bound (e.g. "
+                         "joint:frozen:5e-4:negated-ce:5); default: the committed sweep's")
     ap.add_argument("--merge", default=None,
                     help="comma-separated results JSONs whose runs are added to this one (concurrent processes)")
     ap.add_argument("--render", action="store_true",
@@ -534,7 +552,7 @@ def main() -> None:
                 elif kind == "abl":
                     row = bench.run_abl(attack, seed, data, cfg)
                 elif kind == "unlearning-sweep":
-                    row = bench.run_unlearning_sweep(attack, seed, data, cfg, SWEEP)
+                    row = bench.run_unlearning_sweep(attack, seed, data, cfg, sweep_variants(args.sweep_variants))
                 else:
                     row = bench.run_isolation_only(attack, seed, data, cfg, kind.split("-", 1)[1])
                 bench.add(row)
