@@ -51,7 +51,9 @@ Deviations from the paper and the official code (``bboylyg/ABL``), each delibera
   ascent keeps a constant push on the target logit long after the link is broken, which is what erodes the clean
   task (exploratory, BadNets seed 0, p = 5%, lr 5e-4: joint unbounded fell to CA 32.5% by epoch 8; bounded at 5 it
   dipped to 74% in epochs 2-3, then held 81.9-83.5% with ASR 0.4-2.2% in epochs 5-10). Results with all three
-  defaults: ``bench/results/abl.md``.
+  defaults: ``bench/results/abl.md``. On a converged model the bound sets a CA / ASR trade-off
+  (``bench/results/abl_sched_sweep.md``, BadNets seed 0, 10 unguarded epochs from CA 87.4%: bound 1 -> 86.3% / ASR
+  20.9%, bound 2 -> 85.2% / 8.4%, bound 5 -> 82.6% / 1.4%).
 * **One schedule, not two scripts.** Isolation and clean stage share one SGD optimiser and one step schedule over the
   global epoch count (``lr_milestones`` are global epochs, as for plain training), so ``--epochs`` means the same total
   training ``T`` with and without ABL. The official code restarts the optimiser between its scripts and runs
