@@ -67,7 +67,6 @@ from abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train
 from attacks import REGISTRY  # noqa: E402
 
 CPU = torch.device("cpu")
-#: (BatchNorm mode, unlearning lr): the official code's 5e-4, BackdoorBench's 1e-4, frozen BatchNorm
 #: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels")
@@ -526,6 +525,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown attacks {unknown}; registered: {sorted(REGISTRY)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    variants = sweep_variants(args.sweep_variants)  # parsed before any run, so a bad spec fails at once
     bench = Bench(args)
     for other in filter(None, (args.merge or "").split(",")):
         log.info("merged %d run(s) from %s", bench.merge(other), other)
@@ -552,7 +552,7 @@ def main() -> None:
                 elif kind == "abl":
                     row = bench.run_abl(attack, seed, data, cfg)
                 elif kind == "unlearning-sweep":
-                    row = bench.run_unlearning_sweep(attack, seed, data, cfg, sweep_variants(args.sweep_variants))
+                    row = bench.run_unlearning_sweep(attack, seed, data, cfg, variants)
                 else:
                     row = bench.run_isolation_only(attack, seed, data, cfg, kind.split("-", 1)[1])
                 bench.add(row)
