@@ -39,7 +39,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Train with Anti-Backdoor Learning, export to ONNX with taps, and guard deployed classifiers."""
-    from guard.progress import set_quiet
+    from abl_guard.guard.progress import set_quiet
 
     _setup_logging(verbose, quiet)
     set_quiet(quiet)
@@ -137,8 +137,8 @@ def train(ctx: click.Context, dataset: str, data_root: str | None, attack: str, 
 
     With --defense abl, --epochs is ABL's total T (isolation + clean stage) and the --abl-* options set the rest.
     """
-    from abl.experiment import ExperimentConfig, run_experiment
-    from abl.train import TrainConfig
+    from abl_guard.abl.experiment import ExperimentConfig, run_experiment
+    from abl_guard.abl.train import TrainConfig
 
     milestones = tuple(int(m) for m in lr_milestones.split(",") if m.strip())
     params = parse_kv(defense_params)
@@ -163,7 +163,7 @@ def train(ctx: click.Context, dataset: str, data_root: str | None, attack: str, 
     )
     record = run_experiment(cfg, out_dir, quiet=ctx.obj["quiet"])
     if "abl" in record:
-        from abl.abl import summary_lines
+        from abl_guard.abl.abl import summary_lines
 
         for line in summary_lines(record["abl"]):
             click.echo(line)
@@ -211,13 +211,13 @@ def export(checkpoint: str, output: str, taps: tuple[str, ...], arch: str | None
            input_shape: str | None, mean: str | None, std: str | None, class_names: str | None,
            penultimate: str | None, opset: int, atol: float) -> None:
     """Export a checkpoint to one ONNX file with logits and named taps; verifies parity with onnxruntime."""
-    from export import NormalizedModel, build_foreign_model, default_penultimate, export_onnx
-    from guard.bundle import sha256_file
+    from abl_guard.export import NormalizedModel, build_foreign_model, default_penultimate, export_onnx
+    from abl_guard.guard.bundle import sha256_file
 
     tap_map = _parse_taps(taps)
     source_sha = sha256_file(checkpoint)
     if arch is None:
-        from abl.checkpoint import load_checkpoint
+        from abl_guard.abl.checkpoint import load_checkpoint
 
         try:
             model, meta = load_checkpoint(checkpoint)
@@ -287,10 +287,10 @@ def calibrate(model_path: str, dataset: str, data_root: str | None, split: str, 
     The clean images are split (seeded) into fit / calibration / validation parts; the realised false-positive
     rate on the validation part is reported with a Clopper-Pearson 95% interval and stored in the manifest.
     """
-    from abl.data import load_dataset, pad_to
-    from detectors import make_detector
-    from export import read_metadata
-    from guard import calibrate_bundle
+    from abl_guard.abl.data import load_dataset, pad_to
+    from abl_guard.detectors import make_detector
+    from abl_guard.export import read_metadata
+    from abl_guard.guard import calibrate_bundle
 
     meta = read_metadata(model_path)
     data = load_dataset(dataset, split, data_root)
@@ -314,7 +314,7 @@ def calibrate(model_path: str, dataset: str, data_root: str | None, split: str, 
         dets = [make_detector(n, **per_det.get(n, {})) for n in names]
     except (ValueError, TypeError) as e:
         raise click.BadParameter(str(e)) from e
-    from guard import BundleError
+    from abl_guard.guard import BundleError
 
     try:
         manifest = calibrate_bundle(
@@ -371,8 +371,8 @@ def scan(ctx: click.Context, bundle: str, inputs: tuple[str, ...], output: str, 
     --fail-on-error, some input got an error record; 2 usage error; 3 with --fail-on-flag / --fail-on-alarm when
     anything is flagged / the alarm fires; 130 interrupted. 3 takes precedence over an opt-in 1.
     """
-    from guard import BundleError, Guard
-    from guard.scan import ScanError, scan_sources
+    from abl_guard.guard import BundleError, Guard
+    from abl_guard.guard.scan import ScanError, scan_sources
 
     try:
         g = Guard.load(bundle, batch_size=batch_size, intra_op_threads=threads)
@@ -409,9 +409,9 @@ def report(verdicts: str, output: str, bundle: str | None, as_png: bool, max_thu
            alarm_alpha: float) -> None:
     """A one-page report of a scan: flag rate, score histograms against the calibration distribution, the
     flagged inputs as thumbnails, and the target-class alarm."""
-    from guard import BundleError
-    from guard.report import build_report, write_html, write_png
-    from guard.scan import ScanError
+    from abl_guard.guard import BundleError
+    from abl_guard.guard.report import build_report, write_html, write_png
+    from abl_guard.guard.scan import ScanError
 
     try:
         data = build_report(verdicts, bundle, max_thumbnails=max_thumbnails, alarm_alpha=alarm_alpha)
@@ -428,8 +428,8 @@ def report(verdicts: str, output: str, bundle: str | None, as_png: bool, max_thu
 
 def _model_loader(device: str) -> Any:
     """Reads checkpoint paths given as ``--attack-param model=PATH`` (attacks/ cannot import abl/)."""
-    from abl.checkpoint import load_checkpoint
-    from abl.train import select_device
+    from abl_guard.abl.checkpoint import load_checkpoint
+    from abl_guard.abl.train import select_device
 
     return lambda path: load_checkpoint(path, select_device(device))[0]
 
@@ -459,9 +459,9 @@ def poison(attack: str, dataset: str, data_root: str | None, split: str, rate: f
     import numpy as np
     from PIL import Image
 
-    from abl.data import LabelledImages, load_dataset
-    from attacks import make_attack
-    from attacks.report import example_grid, poison_manifest
+    from abl_guard.abl.data import LabelledImages, load_dataset
+    from abl_guard.attacks import make_attack
+    from abl_guard.attacks.report import example_grid, poison_manifest
 
     params = {"rate": rate, "target": target, "seed": seed, **parse_kv(attack_params)}
     if isinstance(params.get("model"), str):
@@ -527,10 +527,10 @@ def adversarial(checkpoint: str, attack: str, dataset: str | None, data_root: st
     """
     import numpy as np
 
-    from abl.checkpoint import load_checkpoint
-    from abl.data import load_dataset, pad_to
-    from abl.train import select_device
-    from attacks.adversarial import evaluate, quantize, run_attack
+    from abl_guard.abl.checkpoint import load_checkpoint
+    from abl_guard.abl.data import load_dataset, pad_to
+    from abl_guard.abl.train import select_device
+    from abl_guard.attacks.adversarial import evaluate, quantize, run_attack
 
     model, meta = load_checkpoint(checkpoint, select_device(device))
     spec = meta["spec"]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from guard.bundle import sha256_file
+from abl_guard.guard.bundle import sha256_file
 
 from .data import DatasetSpec
 from .models import build_model

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks import BackdoorAttack, TriggeredSet, make_attack
+from abl_guard.attacks import BackdoorAttack, TriggeredSet, make_attack
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import LabelledImages, load_dataset, pad_to

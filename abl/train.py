@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.progress import progress_bar
+from abl_guard.guard.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -194,7 +194,7 @@ def _run(name: str, model: Model, images: np.ndarray, labels: np.ndarray, target
     gen = torch.Generator().manual_seed(int(seed))
     adv = np.empty_like(x_all)
     clean_pred = np.empty(len(x_all), np.int64)
-    from guard.progress import progress_bar  # lazily: importing guard/ loads the onnxruntime side too
+    from abl_guard.guard.progress import progress_bar  # lazily: importing guard/ loads the onnxruntime side too
 
     bar = progress_bar(total=len(x_all), desc=name)
     with _EvalMode(model):

@@ -45,11 +45,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from _common import cpu_name, write_markdown_keeping_notes  # noqa: E402
 
-from abl.abl import (  # noqa: E402
+from abl_guard.abl.abl import (  # noqa: E402
     ISOLATION_LABELS,
     ISOLATION_SCORES,
     ABLConfig,
@@ -61,10 +60,10 @@ from abl.abl import (  # noqa: E402
     run_abl,
     unlearning_epoch,
 )
-from abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
-from abl.models import build_model  # noqa: E402
-from abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
-from attacks import REGISTRY  # noqa: E402
+from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
+from abl_guard.abl.models import build_model  # noqa: E402
+from abl_guard.abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
+from abl_guard.attacks import REGISTRY  # noqa: E402
 
 CPU = torch.device("cpu")
 #: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
@@ -516,7 +515,7 @@ def main() -> None:
         args.out = args.out or str(ROOT / "bench" / "results" / "abl_quick")
     args.out = args.out or str(ROOT / "bench" / "results" / "abl")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("abl.abl", "abl.train", "abl.data", "abl.experiment", "attacks"):
+    for noisy in ("abl_guard.abl", "abl_guard.attacks"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
 

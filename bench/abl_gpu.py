@@ -27,7 +27,6 @@ import json
 import logging
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,15 +34,14 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from _common import cpu_name, write_markdown_keeping_notes  # noqa: E402
 
-from abl.abl import ABLConfig, run_abl  # noqa: E402
-from abl.checkpoint import save_checkpoint  # noqa: E402
-from abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
-from abl.models import build_model  # noqa: E402
-from abl.train import (  # noqa: E402
+from abl_guard.abl.abl import ABLConfig, run_abl  # noqa: E402
+from abl_guard.abl.checkpoint import save_checkpoint  # noqa: E402
+from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
+from abl_guard.abl.models import build_model  # noqa: E402
+from abl_guard.abl.train import (  # noqa: E402
     PlainTrainer,
     TrainConfig,
     resolve_autocast,

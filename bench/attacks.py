@@ -24,15 +24,14 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from _common import cpu_name  # noqa: E402
 
-from abl.data import load_dataset  # noqa: E402
-from abl.models import build_model  # noqa: E402
-from abl.train import ArrayBatches, accuracy, make_optimizer, set_seed  # noqa: E402
-from attacks import make_attack  # noqa: E402
-from attacks.adversarial import evaluate, quantize, run_attack  # noqa: E402
+from abl_guard.abl.data import load_dataset  # noqa: E402
+from abl_guard.abl.models import build_model  # noqa: E402
+from abl_guard.abl.train import ArrayBatches, accuracy, make_optimizer, set_seed  # noqa: E402
+from abl_guard.attacks import make_attack  # noqa: E402
+from abl_guard.attacks.adversarial import evaluate, quantize, run_attack  # noqa: E402
 
 BACKDOORS = ["badnets", "blend", "trojan", "sig", "wanet", "label-consistent"]
 CPU = torch.device("cpu")

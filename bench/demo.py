@@ -21,7 +21,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 # the repository root first: bench/abl.py would otherwise shadow the abl package for scripts run from bench/
-sys.path.insert(0, str(HERE.parent))
 
 from _common import cpu_name  # noqa: E402
 
@@ -44,8 +43,8 @@ def main() -> int:
                     help="Also write STEM.md and STEM.json (e.g. bench/results/demo) with the machine's CPU.")
     args = ap.parse_args()
 
-    from abl.data import load_dataset
-    from attacks import make_attack
+    from abl_guard.abl.data import load_dataset
+    from abl_guard.attacks import make_attack
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

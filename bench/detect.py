@@ -39,24 +39,23 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from _common import cpu_name  # noqa: E402
 
-from abl.checkpoint import load_checkpoint  # noqa: E402
-from abl.data import load_dataset  # noqa: E402
-from abl.experiment import ExperimentConfig, run_experiment  # noqa: E402
-from abl.models import model_taps  # noqa: E402
-from abl.train import TrainConfig  # noqa: E402
-from attacks import REGISTRY as ATTACKS  # noqa: E402
-from attacks import make_attack  # noqa: E402
-from attacks.adversarial import run_attack  # noqa: E402
-from detectors import make_detector  # noqa: E402
-from export import export_onnx  # noqa: E402
-from guard.calibration import combine_pvalues, conformal_pvalues  # noqa: E402
-from guard.model import OnnxModel  # noqa: E402
-from guard.preprocess import to_model_input  # noqa: E402
-from guard.runtime import needed_outputs, observe  # noqa: E402
+from abl_guard.abl.checkpoint import load_checkpoint  # noqa: E402
+from abl_guard.abl.data import load_dataset  # noqa: E402
+from abl_guard.abl.experiment import ExperimentConfig, run_experiment  # noqa: E402
+from abl_guard.abl.models import model_taps  # noqa: E402
+from abl_guard.abl.train import TrainConfig  # noqa: E402
+from abl_guard.attacks import REGISTRY as ATTACKS  # noqa: E402
+from abl_guard.attacks import make_attack  # noqa: E402
+from abl_guard.attacks.adversarial import run_attack  # noqa: E402
+from abl_guard.detectors import make_detector  # noqa: E402
+from abl_guard.export import export_onnx  # noqa: E402
+from abl_guard.guard.calibration import combine_pvalues, conformal_pvalues  # noqa: E402
+from abl_guard.guard.model import OnnxModel  # noqa: E402
+from abl_guard.guard.preprocess import to_model_input  # noqa: E402
+from abl_guard.guard.runtime import needed_outputs, observe  # noqa: E402
 
 log = logging.getLogger("bench.detect")
 
@@ -204,7 +203,7 @@ def evaluate_model(name: str, onnx_path: Path, splits: dict[str, Any], positives
 
 def triggered_successes(model: torch.nn.Module, attack, images: np.ndarray, labels: np.ndarray, k: int,
                         limit: int) -> tuple[np.ndarray, float]:
-    from abl.train import predict_logits
+    from abl_guard.abl.train import predict_logits
 
     trig = attack.triggered(images, labels, k)
     pred = predict_logits(model, trig.images, torch.device("cpu")).argmax(1)

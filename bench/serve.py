@@ -32,7 +32,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ROOT))
 
 
 def sh(cmd: list[str]) -> None:
@@ -50,7 +49,7 @@ def cpu_model() -> str:
 
 def default_detectors() -> list[str]:
     """The detectors `abl-guard calibrate` uses when none are named."""
-    import cli
+    from abl_guard import cli
 
     opt = next(p for p in cli.calibrate.params if p.name == "detector_names")
     return [n.strip() for n in str(opt.default).split(",") if n.strip()]
@@ -71,9 +70,9 @@ def build_model(out: Path) -> Path:
 
 
 def build_bundles(model: Path, out: Path, sets: dict[str, list[str]], rebuild: bool) -> dict[str, Path]:
-    from abl.data import load_dataset
-    from detectors import make_detector
-    from guard import calibrate_bundle
+    from abl_guard.abl.data import load_dataset
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import calibrate_bundle
 
     clean = load_dataset("fashion-mnist", "test").subset(slice(0, 3000))
     paths = {}
@@ -106,8 +105,8 @@ def timed(fn, seconds: float, min_calls: int = 3) -> list[float]:
 def throughput_bench(model: Path, bundles: dict[str, Path], threads: int, rounds: int, seconds: float) -> dict:
     import onnxruntime as ort
 
-    from abl.data import load_dataset
-    from guard import Guard
+    from abl_guard.abl.data import load_dataset
+    from abl_guard.guard import Guard
 
     imgs = load_dataset("fashion-mnist", "test").images[3000:3000 + 64 * 4]
     xf = np.ascontiguousarray(imgs.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
@@ -180,8 +179,8 @@ def peak_rss_kib() -> tuple[int, int]:
 
 def scan_child(bundle: str, npy: str, out: str) -> None:
     """Run in a fresh process: load the guard, scan ``npy``, print peak memory (KiB) and time as JSON."""
-    from guard import Guard
-    from guard.scan import scan_sources
+    from abl_guard.guard import Guard
+    from abl_guard.guard.scan import scan_sources
 
     t0 = time.perf_counter()
     g = Guard.load(bundle, providers=["CPUExecutionProvider"])
@@ -196,7 +195,7 @@ def scan_child(bundle: str, npy: str, out: str) -> None:
 
 
 def memory_bench(bundle: Path, out: Path, sizes: list[int]) -> dict:
-    from abl.data import load_dataset
+    from abl_guard.abl.data import load_dataset
 
     base = load_dataset("fashion-mnist", "test").images
     res = {}
@@ -307,7 +306,7 @@ def main() -> int:
     import numpy
     import onnxruntime
 
-    from detectors import REGISTRY
+    from abl_guard.detectors import REGISTRY
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.bundle import sha256_file
-from guard.model import METADATA_KEY, model_metadata
-from guard.model import MODEL_FORMAT as FORMAT
+from abl_guard.guard.bundle import sha256_file
+from abl_guard.guard.model import METADATA_KEY, model_metadata
+from abl_guard.guard.model import MODEL_FORMAT as FORMAT
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors import Detector, detector_from_state
+from abl_guard.detectors import Detector, detector_from_state
 
 from .bundle import MODEL_FILE, BundleError, BundleWriter, is_archive, load_arrays, open_bundle, pack_bundle
 from .calibration import COMBINERS, Calibrator, RateEstimate, alarm_null, min_calibration_size

@@ -11,14 +11,14 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def digits_train():
-    from abl.data import load_dataset
+    from abl_guard.abl.data import load_dataset
 
     return load_dataset("digits", "train")
 
 
 @pytest.fixture(scope="session")
 def digits_test():
-    from abl.data import load_dataset
+    from abl_guard.abl.data import load_dataset
 
     return load_dataset("digits", "test")
 
@@ -38,12 +38,12 @@ def tiny_backdoored(tmp_path_factory, digits_train, digits_test):
 
     Returns a dict: ``model`` (torch, eval), ``checkpoint``, ``onnx``, ``attack``, ``train``, ``test``, ``metrics``.
     """
-    from abl.checkpoint import save_checkpoint
-    from abl.data import LabelledImages
-    from abl.models import build_model
-    from abl.train import TrainConfig, accuracy, set_seed, train_plain
-    from attacks import make_attack
-    from export import export_onnx
+    from abl_guard.abl.checkpoint import save_checkpoint
+    from abl_guard.abl.data import LabelledImages
+    from abl_guard.abl.models import build_model
+    from abl_guard.abl.train import TrainConfig, accuracy, set_seed, train_plain
+    from abl_guard.attacks import make_attack
+    from abl_guard.export import export_onnx
 
     set_seed(0)
     attack = make_attack("badnets", target=0, rate=0.1, seed=0)

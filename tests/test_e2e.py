@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from abl_guard.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_train_record_and_artifacts(pipeline):
 
 
 def test_export_parity_recorded(pipeline):
-    from export import read_metadata
+    from abl_guard.export import read_metadata
 
     d, _ = pipeline
     meta = read_metadata(d / "model.onnx")
@@ -44,8 +44,8 @@ def test_export_parity_recorded(pipeline):
 
 
 def test_scan_flags_triggered_far_more_than_clean(pipeline):
-    from abl.data import load_dataset
-    from attacks import make_attack
+    from abl_guard.abl.data import load_dataset
+    from abl_guard.attacks import make_attack
 
     d, r = pipeline
     test = load_dataset("digits", "test")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from abl.models import SmallCNN, build_model
-from abl.train import accuracy
+from abl_guard.abl.models import SmallCNN, build_model
+from abl_guard.abl.train import accuracy
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Poisoned:
 
 @pytest.fixture(scope="session")
 def poisoned_digits(digits_train, digits_test) -> Poisoned:
-    from attacks import make_attack
+    from abl_guard.attacks import make_attack
 
     atk = make_attack("badnets", rate=0.1, target=0, seed=0)
     p = atk.poison(digits_train.images, digits_train.labels, 10)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from cli import main
+from abl_guard.cli import main
 
 
 def test_train_abl_writes_the_run_record_and_isolation_artifacts(tmp_path):
@@ -45,7 +45,7 @@ def test_train_abl_writes_the_run_record_and_isolation_artifacts(tmp_path):
     assert scores[isolated].max() <= scores[rest].min()
     assert len((out / "isolated.csv").read_text().splitlines()) == len(isolated) + 1
     # stage checkpoints load as ordinary abl-guard checkpoints
-    from abl.checkpoint import load_checkpoint
+    from abl_guard.abl.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(out / "stage_clean.pt")
     assert meta["stage"] == "clean" and meta["defense"] == "abl"

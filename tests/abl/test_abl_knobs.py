@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from abl.abl import ABLConfig, run_abl, summary_lines
-from abl.train import TrainConfig
+from abl_guard.abl.abl import ABLConfig, run_abl, summary_lines
+from abl_guard.abl.train import TrainConfig
 
 FAST = dict(isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0)
 
@@ -168,7 +168,7 @@ ABL_FLAGS = {
 
 
 def test_every_abl_knob_has_a_cli_option_with_the_config_default():
-    from cli import train
+    from abl_guard.cli import train
 
     opts = {p.name: p for p in train.params}
     assert set(ABL_FLAGS) == set(ABLConfig.ABL_KNOBS)
@@ -180,20 +180,19 @@ def test_every_abl_knob_has_a_cli_option_with_the_config_default():
 
 @pytest.fixture
 def captured(monkeypatch):
-    import abl.experiment
-
+    import abl_guard.abl.experiment as abl_experiment
     seen = {}
 
     def fake_run(cfg, out_dir, quiet=False):
         seen["cfg"] = cfg
         return {"metrics": {"clean_accuracy": 0.5}, "train_seconds": 0.0, "device": "cpu"}
 
-    monkeypatch.setattr(abl.experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(abl_experiment, "run_experiment", fake_run)
     return seen
 
 
 def test_cli_passes_every_knob_through(captured, tmp_path):
-    from cli import main
+    from abl_guard.cli import main
 
     args = ["train", "--dataset", "digits", "--defense", "abl", "--epochs", "12", "-o", str(tmp_path),
             "--precision", "bf16", "--memory-format", "channels-last", "--resume", "--seed", "3"]
@@ -210,7 +209,7 @@ def test_cli_passes_every_knob_through(captured, tmp_path):
 
 
 def test_cli_defense_param_route_and_conflicts(captured, tmp_path):
-    from cli import main
+    from abl_guard.cli import main
 
     base = ["train", "--dataset", "digits", "-o", str(tmp_path)]
     r = CliRunner().invoke(main, base + ["--defense", "abl", "--defense-param", "gamma=0.25"])

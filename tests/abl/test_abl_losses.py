@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abl.abl import (
+from abl_guard.abl.abl import (
     ascent_term,
     estimated_accuracy,
     isolate_lowest,

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abl.abl import ABLConfig, cycle_batches, run_abl, unlearning_epoch
-from abl.train import ArrayBatches, TrainConfig, per_example_loss, train_plain
+from abl_guard.abl.abl import ABLConfig, cycle_batches, run_abl, unlearning_epoch
+from abl_guard.abl.train import ArrayBatches, TrainConfig, per_example_loss, train_plain
 
 CPU = torch.device("cpu")
 #: 6 training epochs (2 isolation + 4 clean); 5% isolation because 10% of 1,437 images are poisoned
@@ -200,7 +200,7 @@ def test_bf16_and_channels_last_run_on_cpu(small_poisoned):
 
 
 def test_loss_fn_sees_float32_logits_under_bf16_autocast(small_poisoned):
-    from abl.train import train_one_epoch
+    from abl_guard.abl.train import train_one_epoch
 
     d = small_poisoned
     seen = []

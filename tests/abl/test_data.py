@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from abl.data import DatasetNotFoundError, LabelledImages, load_dataset, load_fashion_mnist, load_npz, pad_to
+from abl_guard.abl.data import DatasetNotFoundError, LabelledImages, load_dataset, load_fashion_mnist, load_npz, pad_to
 
 
 def _write_idx(path, arr):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from abl.models import ARCHS, build_model, model_taps
-from export import TapWrapper
+from abl_guard.abl.models import ARCHS, build_model, model_taps
+from abl_guard.export import TapWrapper
 
 
 @pytest.mark.parametrize(("arch", "c", "size"), [("small-cnn", 1, 28), ("small-cnn", 1, 8),

@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from abl.checkpoint import load_checkpoint, save_checkpoint
-from abl.models import build_model
-from abl.train import ArrayBatches, TrainConfig, accuracy, augment_batch, per_example_loss, train_plain
+from abl_guard.abl.checkpoint import load_checkpoint, save_checkpoint
+from abl_guard.abl.models import build_model
+from abl_guard.abl.train import ArrayBatches, TrainConfig, accuracy, augment_batch, per_example_loss, train_plain
 
 
 def test_augment_shapes_and_identity():

@@ -23,8 +23,8 @@ def digits_model(digits_train):
 
     Trained with one thread: on a shared 2-core machine two threads can be 20x slower for a model this small.
     """
-    from abl.models import SmallCNN
-    from abl.train import ArrayBatches, make_optimizer
+    from abl_guard.abl.models import SmallCNN
+    from abl_guard.abl.train import ArrayBatches, make_optimizer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import cw_l2, default_eps, fgsm, pgd, quantize, run_attack
-from attacks.adversarial import evaluate, predict
+from abl_guard.attacks import cw_l2, default_eps, fgsm, pgd, quantize, run_attack
+from abl_guard.attacks.adversarial import evaluate, predict
 
 
 @pytest.fixture(scope="module")

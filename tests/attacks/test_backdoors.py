@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import REGISTRY, SIG, Blend, LabelConsistent, Trojan, WaNet, make_attack
-from attacks.label_consistent import corner_trigger
-from attacks.trojan import square_mask, watermark_mask
+from abl_guard.attacks import REGISTRY, SIG, Blend, LabelConsistent, Trojan, WaNet, make_attack
+from abl_guard.attacks.label_consistent import corner_trigger
+from abl_guard.attacks.trojan import square_mask, watermark_mask
 
 DIRTY = ["badnets", "blend", "trojan", "wanet"]
 CLEAN = ["sig", "label-consistent"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from attacks import BadNets, make_attack
+from abl_guard.attacks import BadNets, make_attack
 
 
 def _data(n=200, h=10, w=10, c=1, k=10, seed=0):

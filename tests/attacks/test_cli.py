@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from abl.data import load_npz
-from cli import main
+from abl_guard.abl.data import load_npz
+from abl_guard.cli import main
 
 ATTACKS = ["badnets", "blend", "trojan", "sig", "wanet", "label-consistent"]
 
@@ -19,9 +19,9 @@ def clean_ckpt(tmp_path_factory, digits_train):
     import torch
     import torch.nn.functional as F
 
-    from abl.checkpoint import save_checkpoint
-    from abl.models import build_model
-    from abl.train import ArrayBatches, make_optimizer
+    from abl_guard.abl.checkpoint import save_checkpoint
+    from abl_guard.abl.models import build_model
+    from abl_guard.abl.train import ArrayBatches, make_optimizer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def test_adversarial_cli(clean_ckpt, tmp_path):
         assert np.array_equal(z["success_uint8"], z["adv_pred_uint8"] != z["labels"])
         summary = json.loads(str(z["summary"]))
         assert summary["attack"] == "pgd" and summary["eps"] == 0.1 and summary["n"] == 60
-    from abl.data import load_dataset
+    from abl_guard.abl.data import load_dataset
 
     orig = load_dataset("digits", "test").images[:60]
     assert np.abs(ds.images.astype(int) - orig).max() <= 25 and np.abs(f - orig / 255).max() <= 0.1 + 1e-6

@@ -71,8 +71,8 @@ def random_cnn_onnx(tmp_path_factory):
     """An untrained SmallCNN for 8x8 inputs exported with its taps: ``(path, torch model)``."""
     import torch
 
-    from abl.models import build_model
-    from export import export_onnx
+    from abl_guard.abl.models import build_model
+    from abl_guard.export import export_onnx
 
     torch.manual_seed(0)
     model = build_model("small-cnn", 1, 10, 8, (0.5,), (0.5,)).eval()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.svm import OneClassSVM
 
-from detectors import NIC, NotFittedError, make_detector
-from detectors.activation import RbfOneClassSVM
+from abl_guard.detectors import NIC, NotFittedError, make_detector
+from abl_guard.detectors.activation import RbfOneClassSVM
 
 K = 4
 

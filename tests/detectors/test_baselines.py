@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp, softmax
 
-from detectors import Energy, MaxSoftmax, NotFittedError, Strip, detector_from_state, make_detector
+from abl_guard.detectors import Energy, MaxSoftmax, NotFittedError, Strip, detector_from_state, make_detector
 
 
 def test_msp_and_energy_match_their_formulas():
@@ -74,9 +74,9 @@ def test_strip_is_seeded_and_checks_inputs(linear_model):
 
 
 def test_strip_sees_low_entropy_on_triggered_inputs(tiny_backdoored):
-    from guard.model import OnnxModel
-    from guard.preprocess import to_model_input
-    from guard.runtime import observe
+    from abl_guard.guard.model import OnnxModel
+    from abl_guard.guard.preprocess import to_model_input
+    from abl_guard.guard.runtime import observe
 
     model = OnnxModel(tiny_backdoored["onnx"])
     test, trig_set = tiny_backdoored["test"], tiny_backdoored["triggered"]

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from detectors import REGISTRY, make_detector
+from abl_guard.detectors import REGISTRY, make_detector
 
 #: small settings so the whole bundle fits in seconds on the 8x8 digits
 PARAMS = {
@@ -18,8 +18,8 @@ PARAMS = {
 
 
 def test_bundle_with_every_detector_round_trips(tiny_backdoored, tmp_path):
-    from guard import Guard, calibrate_bundle
-    from guard.runtime import needed_outputs, observe
+    from abl_guard.guard import Guard, calibrate_bundle
+    from abl_guard.guard.runtime import needed_outputs, observe
 
     test = tiny_backdoored["test"]
     names = sorted(REGISTRY)

@@ -7,7 +7,7 @@ import pytest
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
-from detectors import KNNDistance, LayerMahalanobis, Mahalanobis, NotFittedError, make_detector
+from abl_guard.detectors import KNNDistance, LayerMahalanobis, Mahalanobis, NotFittedError, make_detector
 
 
 def _clusters(n=400, d=6, k=3, seed=0, spread=4.0):

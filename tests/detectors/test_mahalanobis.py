@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.covariance import EmpiricalCovariance
 
-from detectors import Mahalanobis, NotFittedError, detector_from_state, make_detector
+from abl_guard.detectors import Mahalanobis, NotFittedError, detector_from_state, make_detector
 
 
 def _data(n=600, d=6, k=3, seed=0):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import median_filter
 
-from detectors import InputSqueezing, ModelMutation, NotFittedError, make_detector
-from detectors.sensitivity import bit_depth, median_smooth
+from abl_guard.detectors import InputSqueezing, ModelMutation, NotFittedError, make_detector
+from abl_guard.detectors.sensitivity import bit_depth, median_smooth
 
 
 def _softmax(z):
@@ -20,7 +20,7 @@ def _softmax(z):
 
 
 def test_dense_head_reproduces_exported_logits(random_cnn_onnx):
-    from guard.model import OnnxModel
+    from abl_guard.guard.model import OnnxModel
 
     path, _ = random_cnn_onnx
     model = OnnxModel(path)
@@ -43,7 +43,7 @@ def test_dense_head_reads_matmul_add_graphs(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from guard.model import dense_head
+    from abl_guard.guard.model import dense_head
 
     rng = np.random.default_rng(1)
     w1, b1 = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)
@@ -139,9 +139,9 @@ def test_mutation_errors(mlp_head):
 
 def test_mutation_finds_backdoor_inputs_stable(tiny_backdoored):
     """Jin et al.'s observation on a real backdoored model: triggered inputs flip less under mutation."""
-    from guard.model import OnnxModel
-    from guard.preprocess import to_model_input
-    from guard.runtime import observe
+    from abl_guard.guard.model import OnnxModel
+    from abl_guard.guard.preprocess import to_model_input
+    from abl_guard.guard.runtime import observe
 
     model = OnnxModel(tiny_backdoored["onnx"])
     test = tiny_backdoored["test"]

@@ -4,9 +4,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from abl.models import build_model
-from cli import main
-from export import ParityError, default_penultimate, export_onnx, read_metadata
+from abl_guard.abl.models import build_model
+from abl_guard.cli import main
+from abl_guard.export import ParityError, default_penultimate, export_onnx, read_metadata
 
 
 def _small():

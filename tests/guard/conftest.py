@@ -16,7 +16,7 @@ def build_tiny_onnx(path: Path, images: np.ndarray, labels: np.ndarray, hidden: 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from guard.model import METADATA_KEY, MODEL_FORMAT
+    from abl_guard.guard.model import METADATA_KEY, MODEL_FORMAT
 
     rng = np.random.default_rng(seed)
     x = images.reshape(len(images), -1).astype(np.float32) / 255.0
@@ -64,8 +64,8 @@ def tiny_onnx(tmp_path_factory, digits_train) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_onnx, digits_train) -> Path:
     """Mahalanobis, pooled calibration at 5% (the digits are small), directory bundle."""
-    from detectors import make_detector
-    from guard import calibrate_bundle
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import calibrate_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "tiny.guard"
     calibrate_bundle(tiny_onnx, digits_train.images, digits_train.labels, [make_detector("mahalanobis")], out,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from guard.calibration import Calibrator, alarm_null, target_class_alarm
+from abl_guard.guard.calibration import Calibrator, alarm_null, target_class_alarm
 
 K = 5
 
@@ -107,13 +107,13 @@ def test_alarm_needs_enough_flags_and_checks_shapes():
 
 @pytest.fixture(scope="module")
 def backdoor_bundle(tiny_backdoored, tmp_path_factory):
-    from detectors import make_detector
-    from guard import calibrate_bundle
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import calibrate_bundle
 
     t = tiny_backdoored
     out = tmp_path_factory.mktemp("alarm") / "g"
     # calibrate on the clean training images (as the e2e test does); the test split is the fresh stream
-    from abl.data import load_dataset
+    from abl_guard.abl.data import load_dataset
 
     clean = load_dataset("digits", "train")
     calibrate_bundle(t["onnx"], clean.images, clean.labels, [make_detector("mahalanobis")], out, fpr=0.05,
@@ -122,8 +122,8 @@ def backdoor_bundle(tiny_backdoored, tmp_path_factory):
 
 
 def test_alarm_on_a_real_backdoored_model(backdoor_bundle, tiny_backdoored, tmp_path):
-    from guard import Guard
-    from guard.scan import scan_sources
+    from abl_guard.guard import Guard
+    from abl_guard.guard.scan import scan_sources
 
     t = tiny_backdoored
     g = Guard.load(backdoor_bundle)

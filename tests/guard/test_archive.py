@@ -5,8 +5,8 @@ import zipfile
 
 import pytest
 
-from guard import BundleError, Guard
-from guard.bundle import BUNDLE_VERSION, MANIFEST, manifest_digest, open_bundle, pack_bundle, read_manifest
+from abl_guard.guard import BundleError, Guard
+from abl_guard.guard.bundle import BUNDLE_VERSION, MANIFEST, manifest_digest, open_bundle, pack_bundle, read_manifest
 
 
 @pytest.fixture
@@ -35,8 +35,8 @@ def test_archive_round_trip_gives_identical_verdicts(tiny_bundle, archive, digit
 
 
 def test_calibrate_writes_an_archive_directly(tiny_onnx, digits_train, tmp_path):
-    from detectors import make_detector
-    from guard import calibrate_bundle
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import calibrate_bundle
 
     out = tmp_path / "direct.zip"
     m = calibrate_bundle(tiny_onnx, digits_train.images, digits_train.labels, [make_detector("mahalanobis")], out,

@@ -4,9 +4,9 @@ import shutil
 import numpy as np
 import pytest
 
-from detectors import Mahalanobis
-from guard import BundleError, Guard, calibrate_bundle
-from guard.bundle import BUNDLE_VERSION
+from abl_guard.detectors import Mahalanobis
+from abl_guard.guard import BundleError, Guard, calibrate_bundle
+from abl_guard.guard.bundle import BUNDLE_VERSION
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from guard.calibration import (
+from abl_guard.guard.calibration import (
     RateEstimate,
     clopper_pearson,
     combine_pvalues,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from abl_guard.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_calibrate_cli_mondrian_archive(tiny_onnx, tmp_path):
             "--mondrian", "--fractions", "500,600,300", "-o", tmp_path / "g.zip")
     assert r.exit_code == 0, r.output
     assert "Mondrian" in r.output and "validation FPR per predicted class" in r.output and "95% CI" in r.output
-    from guard import Guard
+    from abl_guard.guard import Guard
 
     m = Guard.load(tmp_path / "g.zip").manifest
     assert m["calibration"]["split"] == {"fit": 500, "calibration": 600, "validation": 300}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from guard.calibration import Calibrator, RateEstimate, min_calibration_size
+from abl_guard.guard.calibration import Calibrator, RateEstimate, min_calibration_size
 
 K = 4
 COV = np.array([[1, 0.6, 0.3], [0.6, 1, 0.5], [0.3, 0.5, 1]])
@@ -101,8 +101,8 @@ def test_calibrator_rejects_too_little_data_and_bad_input():
 
 
 def test_mondrian_bundle_end_to_end(tiny_onnx, digits_train, digits_test, tmp_path):
-    from detectors import make_detector
-    from guard import Guard, calibrate_bundle
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import Guard, calibrate_bundle
 
     m = calibrate_bundle(tiny_onnx, digits_train.images, digits_train.labels, [make_detector("mahalanobis")],
                          tmp_path / "m.guard", fpr=0.05, fractions=(0.3, 0.5, 0.2), mondrian=True)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard.preprocess import InputError, to_model_input
+from abl_guard.guard.preprocess import InputError, to_model_input
 
 
 def test_uint8_layouts():

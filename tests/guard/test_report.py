@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from guard import Guard
-from guard.report import build_report, write_html, write_png
-from guard.scan import scan_sources
+from abl_guard.guard import Guard
+from abl_guard.guard.report import build_report, write_html, write_png
+from abl_guard.guard.scan import scan_sources
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_html_is_self_contained(scanned, tiny_bundle, tmp_path):
 
 
 def test_thumbnails_are_the_flagged_inputs(scanned, tiny_bundle):
-    from guard.report import THUMB, _thumbnails
+    from abl_guard.guard.report import THUMB, _thumbnails
 
     d, out, s, _ = scanned
     data = build_report(out, tiny_bundle, max_thumbnails=4)
@@ -87,7 +87,7 @@ def test_png_and_csv_and_no_bundle(scanned, tiny_bundle, tmp_path):
 
 
 def test_cli_report(scanned, tiny_bundle, tmp_path):
-    from cli import main
+    from abl_guard.cli import main
 
     d, out, s, target = scanned
     r = CliRunner().invoke(main, ["report", str(out), "--bundle", str(tiny_bundle), "-o", str(tmp_path / "x.html")])

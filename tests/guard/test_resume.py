@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard import Guard
-from guard.scan import ScanError, read_records, scan_sources, scan_to_file
-from guard.sources import iter_inputs
+from abl_guard.guard import Guard
+from abl_guard.guard.scan import ScanError, read_records, scan_sources, scan_to_file
+from abl_guard.guard.sources import iter_inputs
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard import Guard, InputError
+from abl_guard.guard import Guard, InputError
 
 
 @pytest.fixture(scope="module")
