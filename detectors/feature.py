@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 from scipy.linalg import solve_triangular
@@ -43,9 +42,6 @@ class Mahalanobis(Detector):
     @property
     def requires(self) -> tuple[str, ...]:
         return (self.tap,)
-
-    def get_params(self) -> dict[str, Any]:
-        return {"tap": self.tap, "ridge": self.ridge, "chunk_size": self.chunk_size}
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> Mahalanobis:
@@ -134,9 +130,6 @@ class LayerMahalanobis(Detector):
     def requires(self) -> tuple[str, ...]:
         return tuple(self.taps)
 
-    def get_params(self) -> dict[str, Any]:
-        return {"taps": list(self.taps), "ridge": self.ridge, "chunk_size": self.chunk_size}
-
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> LayerMahalanobis:
         layers = [Mahalanobis(tap=t, ridge=self.ridge, chunk_size=self.chunk_size).fit(reference, labels)
@@ -181,7 +174,8 @@ class KNNDistance(Detector):
 
     ``k = 50`` is the paper's CIFAR-10 setting (also OpenOOD's); the bank is the fit reference, subsampled to
     ``max_bank`` (seeded) to bound memory and scoring time — Sun et al. show the score is robust to sampling the bank.
-    Brute force: for unit vectors ``||a - b||^2 = 2 - 2 a.b``, so each chunk is one matrix product and a partial sort.
+    Brute force: for unit vectors ``||a - b||^2 = 2 - 2 a.b``, so each chunk is one matrix product and a partial sort;
+    the k-th neighbour's distance is then recomputed exactly in float64, so scores do not depend on the batch shape.
     """
 
     name = "knn"
@@ -201,10 +195,6 @@ class KNNDistance(Detector):
     @property
     def requires(self) -> tuple[str, ...]:
         return (self.tap,)
-
-    def get_params(self) -> dict[str, Any]:
-        return {"tap": self.tap, "k": self.k, "max_bank": self.max_bank, "seed": self.seed,
-                "chunk_size": self.chunk_size}
 
     @staticmethod
     def normalise(feats: np.ndarray) -> np.ndarray:
@@ -230,9 +220,13 @@ class KNNDistance(Detector):
             raise ValueError(f"{self.tap!r} has {feats.shape[1]} features, fitted on {self.bank_.shape[1]}")
         out = np.empty(len(feats))
         for s in self._chunks(len(feats)):
-            d2 = 2.0 - 2.0 * (self.normalise(feats[s]) @ self.bank_.T)  # float32: (chunk, bank) scratch
-            kth = np.partition(d2, self.k - 1, axis=1)[:, self.k - 1]
-            out[s] = np.sqrt(np.maximum(kth.astype(np.float64), 0.0))
+            q = self.normalise(feats[s])
+            d2 = 2.0 - 2.0 * (q @ self.bank_.T)  # float32: (chunk, bank) scratch, finds the k-th neighbour
+            kth = np.argpartition(d2, self.k - 1, axis=1)[:, self.k - 1]
+            # its distance again in float64 as ||a - b||: the float32 2 - 2ab loses digits to cancellation for near
+            # neighbours and its rounding follows the GEMM's blocking (batch shape, CPU kernel)
+            diff = q.astype(np.float64) - self.bank_[kth].astype(np.float64)
+            out[s] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:

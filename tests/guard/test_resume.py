@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from abl_guard.guard import Guard
+from abl_guard.guard.records import stream_differences
 from abl_guard.guard.scan import ScanError, read_records, scan_sources, scan_to_file
 from abl_guard.guard.sources import iter_inputs
 
@@ -43,9 +44,11 @@ def reference(request, guard, data, tmp_path_factory):
 
 
 def assert_same(path, ref):
+    """Same ids in the same order (no duplicates, no gaps); each record per the reproducibility contract: scores may
+    differ in their last digits between a resumed and a full scan (BLAS blocking follows the batch), decisions not."""
     got = list(read_records(path))
-    assert [r["id"] for r in got] == [r["id"] for r in ref]  # no duplicates, no gaps, same order
-    assert got == ref
+    assert [r["id"] for r in got] == [r["id"] for r in ref]
+    assert stream_differences(got, ref) == []
 
 
 @pytest.mark.parametrize("keep, tear", [(0, 0), (1, 10), (37, 0), (37, 25), (79, 5)])
@@ -80,7 +83,7 @@ def test_interrupt_leaves_a_valid_file_and_resume_completes(guard, data, referen
     s = scan_to_file(guard, interrupted_after(29), out, batch_size=8, quiet=True)
     assert s.interrupted and s.total == 24  # three whole batches; the fourth was never written
     recs = list(read_records(out))
-    assert len(recs) == 24 and recs == ref[:24]
+    assert len(recs) == 24 and stream_differences(recs, ref[:24]) == []
     s = scan_sources(guard, data[1], out, batch_size=8, quiet=True, resume=True)
     assert not s.interrupted and s.resumed == 24
     assert_same(out, ref)
