@@ -11,7 +11,7 @@ from PIL import Image
 
 from abl_guard.guard import Guard
 from abl_guard.guard.scan import read_records, scan_sources
-from abl_guard.guard.sources import iter_inputs
+from abl_guard.guard.sources import SourceLimits, iter_inputs
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def messy(tmp_path, digits_test):
     exp[str(d / "empty.jpg")] = "unreadable image"
     (d / "notes.txt").write_text("not an image")
     exp[str(d / "notes.txt")] = "unsupported file type"
-    (d / ".hidden.png").write_bytes(b"skipped: hidden")
+    (d / ".hidden.png").write_bytes(b"scanned: hiding a file must not hide it from the guard")
+    exp[str(d / ".hidden.png")] = "unreadable image"
     np.save(d / "batch.npy", im[:5])
     exp.update({f"{d / 'batch.npy'}#{i}": None for i in range(5)})
     fl = (im[5:9].astype(np.float32) / 255).copy()
@@ -54,7 +55,7 @@ def messy(tmp_path, digits_test):
     exp.update({f"{d / 'floats.npy'}#0": None, f"{d / 'floats.npy'}#1": "NaN",
                 f"{d / 'floats.npy'}#2": "[0, 1]", f"{d / 'floats.npy'}#3": None})
     np.save(d / "wrong_size.npy", np.zeros((2, 5, 5), np.uint8))
-    exp.update({f"{d / 'wrong_size.npy'}#{i}": "invalid input" for i in range(2)})
+    exp[str(d / "wrong_size.npy")] = "do not fit the model"  # decided from the header: one record, not one per row
     np.save(d / "one_image.npy", im[9])  # a single (8, 8, 1) image
     exp[str(d / "one_image.npy")] = None
     np.save(d / "flat.npy", np.zeros(10))
@@ -134,7 +135,8 @@ def test_npz_is_streamed_not_loaded(guard, tmp_path, digits_test, monkeypatch):
     np.testing.assert_array_equal(got.labels, ref.labels)
 
 
-def test_truncated_npz_member_gives_error_records(guard, tmp_path, digits_test):
+def test_truncated_npz_member_is_one_error_record(guard, tmp_path, digits_test):
+    """A member shorter than its header declares is refused before any row is read: one record for the file."""
     full = tmp_path / "full.npz"
     np.savez(full, images=digits_test.images[:56])
     raw = zipfile.ZipFile(full).read("images.npy")
@@ -142,9 +144,8 @@ def test_truncated_npz_member_gives_error_records(guard, tmp_path, digits_test):
     with zipfile.ZipFile(cut, "w") as zf:
         zf.writestr("images.npy", raw[: len(raw) - 100])  # the last two rows are cut off
     items = list(iter_inputs([str(cut)], guard.input_shape))
-    assert len(items) == 56
-    assert all(i.error is None for i in items[:54])
-    assert all("truncated" in (i.error or "") for i in items[-2:])
+    assert [i.id for i in items] == [str(cut)]
+    assert "header declares shape (56, 8, 8, 1)" in items[0].error and "holds 3484" in items[0].error
 
 
 def test_stdin_jsonl_and_csv_output(guard, tmp_path, digits_test):
@@ -189,9 +190,12 @@ def test_npy_streaming_fortran_and_truncated(guard, tmp_path, digits_test):
     c = [i.image for i in iter_inputs([str(tmp_path / "c.npy")], guard.input_shape)]
     f = [i.image for i in iter_inputs([str(tmp_path / "f.npy")], guard.input_shape)]
     np.testing.assert_array_equal(np.stack(c), np.stack(f))
+    small = SourceLimits(block_bytes=5 * 64)  # 12 blocks of 5 rows (the last of 1): Fortran order read block-wise
+    f = [i.image for i in iter_inputs([str(tmp_path / "f.npy")], guard.input_shape, limits=small)]
+    np.testing.assert_array_equal(np.stack(c), np.stack(f))
     raw = (tmp_path / "c.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(raw[:-100])  # the last two 64-byte rows lose bytes
-    items = list(iter_inputs([str(tmp_path / "cut.npy")], guard.input_shape))
-    assert len(items) == 56 and all(i.error is None for i in items[:54])
-    assert all("truncated" in i.error for i in items[54:])
-    np.testing.assert_array_equal(np.stack([i.image for i in items[:54]]), np.stack(c[:54]))
+    (tmp_path / "long.npy").write_bytes(raw + b"\0" * 64)  # one row more than the header says
+    for name in ("cut.npy", "long.npy"):
+        items = list(iter_inputs([str(tmp_path / name)], guard.input_shape))
+        assert [i.id for i in items] == [str(tmp_path / name)] and "header declares" in items[0].error
