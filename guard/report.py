@@ -51,13 +51,13 @@ class ReportData:
 
 
 def _calibration(bundle: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
-    from .bundle import load_arrays, open_bundle
-    from .runtime import _file_key, calibrator_from_manifest
+    from .bundle import bundle_file, load_arrays, open_bundle
+    from .runtime import calibrator_from_manifest, file_key
 
-    with open_bundle(bundle) as (root, manifest):
-        arrays = load_arrays(root / manifest["calibration"]["file"])
+    with open_bundle(bundle) as (root, manifest):  # the calibration file must be a hashed member inside the bundle
+        arrays = load_arrays(bundle_file(root, manifest, manifest["calibration"]["file"]))
     cal = calibrator_from_manifest(manifest, arrays)
-    scores = {e["name"]: arrays[f"scores__{_file_key(e['name'])}"] for e in manifest["detectors"]}
+    scores = {e["name"]: arrays[f"scores__{file_key(e['name'])}"] for e in manifest["detectors"]}
     loo, _, _ = cal.pvalues(cal.scores, cal.pred, leave_one_out=True)
     return manifest, scores, -np.log10(np.maximum(loo, 1e-300))
 
@@ -105,7 +105,7 @@ def build_report(verdicts: str | os.PathLike, bundle: str | os.PathLike | None =
     else:
         k = max(names) + 1 if names else 0
         data.class_names = [names.get(i, str(i)) for i in range(k)]
-    summary.finish(data.class_names, data.null_probs, alarm_alpha)
+    summary.finish(data.class_names, manifest["calibration"] if bundle is not None else None, alarm_alpha)
     return data
 
 

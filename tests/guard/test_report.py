@@ -96,3 +96,15 @@ def test_cli_report(scanned, tiny_bundle, tmp_path):
     r = CliRunner().invoke(main, ["report", str(out), "--png", "-o", str(tmp_path / "x.out")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x.out").read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_refuses_to_overwrite_its_own_input(tmp_path):
+    from click.testing import CliRunner
+
+    from abl_guard.cli import main
+
+    v = tmp_path / "v.jsonl"
+    v.write_text('{"id": "a", "error": "x"}\n')
+    r = CliRunner().invoke(main, ["report", str(v), "-o", str(v)])
+    assert r.exit_code == 2 and "being reported on" in r.output
+    assert v.read_text() == '{"id": "a", "error": "x"}\n'
