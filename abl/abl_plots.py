@@ -16,8 +16,9 @@ def loss_histogram_png(path: str | Path, losses: np.ndarray, pool: np.ndarray, i
     """Histogram of per-example losses at T_te on a log axis: poisoned vs clean when the ground truth is known,
     otherwise all examples; the isolation cutoff is drawn as a vertical line.
 
-    ``scores`` (natural-log class-relative scores, see ``abl.abl.isolation_scores``) are plotted instead of the
-    losses when the isolation ranked them, in decades relative to the median loss of each example's label.
+    ``scores`` (natural-log class-relative scores, see ``abl_guard.abl.isolation.isolation_scores``) are plotted
+    instead of the losses when the isolation ranked them, in decades relative to the median loss of each example's
+    label.
     """
     import matplotlib
 

@@ -11,7 +11,8 @@ proportions — a random 20,000-image training subset, T = 10 epochs (isolation 
 then 5 unlearning epochs at lr 5e-4; the small CNN, SGD lr 0.01, batch 128; the full 10,000-image test set.
 ABL runs with the library defaults (class-relative isolation score, joint bounded unlearning, the guard) and the
 isolation ratio of ``--isolation-ratio`` (the paper's 1% by default; the committed main table uses 5%, and
-``abl_p1.md`` the paper's 1%, written by a concurrent ABL-only run with ``--baselines bench/results/abl.json``).
+``abl_converged_p1.md`` the paper's 1% on converged models, an ABL-only run with ``--baselines``). Every committed
+results file, with its command, is indexed in ``bench/results/README.md``.
 ``--lga-compare`` runs the isolation stage alone with both LGA forms and reports the isolation precision of both
 ranking scores (raw loss and class-relative) on the same losses; ``--unlearning-sweep`` runs unguarded unlearning
 variants from one clean-stage model.

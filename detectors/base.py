@@ -17,6 +17,7 @@ Detectors never import torch or read files.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -54,9 +55,28 @@ class Detector(ABC):
         """Observation keys this detector reads."""
         return ("logits",)
 
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        """The constructor's keyword parameters, in signature order (``*args`` / ``**kwargs`` are not allowed)."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"{cls.__name__}.__init__ must list its parameters explicitly, not {p}")
+        return [p.name for p in params]
+
     def get_params(self) -> dict[str, Any]:
-        """Constructor arguments, JSON-able (stored in the bundle manifest)."""
-        return {"chunk_size": self.chunk_size}
+        """Constructor arguments, JSON-able (stored in the bundle manifest).
+
+        Derived from ``__init__``'s signature, as scikit-learn does: each parameter is read back from the attribute
+        of the same name (tuples become lists), so a subclass only has to store its parameters under their names.
+        """
+        out: dict[str, Any] = {}
+        for name in self._param_names():
+            if not hasattr(self, name):
+                raise AttributeError(f"{type(self).__name__} stores no attribute for its parameter {name!r}")
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     @abstractmethod
     def fit(self: D, reference: Observations, labels: np.ndarray | None = None,

@@ -1,0 +1,193 @@
+"""What an ABL run reports: isolation statistics, failure warnings, a human summary, and the isolation artifacts.
+
+The isolation report adds precision / recall / AUROC when the poison indices are known (benchmarks, tests); the
+failure warnings use only quantities available without ground truth, so a user training on data of unknown
+provenance learns when ABL probably did not work (``docs/abl.md#failure-warnings``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from .config import ABLConfig
+from .isolation import isolation_scores
+
+log = logging.getLogger(__name__)
+
+
+def rank_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` (higher = more positive; ties count half); NaN with a single class."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    if n_pos == 0 or n_pos == len(positive):
+        return float("nan")
+    # AUROC depends on the order only: dense ranks keep order and ties, and let infinities / NaN (ranked last) through
+    dense = np.unique(scores, return_inverse=True)[1].reshape(-1)
+    return float(roc_auc_score(positive, dense))
+
+
+def isolation_report(losses: np.ndarray, isolated: np.ndarray, labels: np.ndarray, pool: np.ndarray,
+                     poison_indices: np.ndarray | None, cfg: ABLConfig,
+                     scores: np.ndarray | None = None, candidates: np.ndarray | None = None) -> dict[str, Any]:
+    """Statistics of the isolation at ``T_te``; precision / recall / AUROC when the ground truth is known.
+
+    ``scores``: the ranked scores of every example (NaN outside ``pool``); computed from ``losses`` when omitted.
+    ``candidates``: the lowest-scoring fraction ``p`` when ``isolated`` keeps only part of it
+    (``isolation_labels="target"``); the label statistics describe the candidates, precision / recall ``isolated``.
+    """
+    candidates = isolated if candidates is None else np.asarray(candidates, np.int64)
+    pool_losses = losses[pool]
+    if scores is None:
+        scores = np.full(len(losses), np.nan)
+        scores[pool] = isolation_scores(pool_losses, labels[pool], cfg.isolation_score, cfg.isolation_reference)
+    scores = np.asarray(scores, np.float64)
+    rest = np.setdiff1d(pool, isolated)
+    counts = np.bincount(labels[candidates], minlength=int(labels.max()) + 1)
+    iso_med = float(np.median(losses[isolated]))
+    rest_med = float(np.median(losses[rest])) if len(rest) else float("nan")
+    loss_gap = float(np.log10(max(rest_med, 1e-12)) - np.log10(max(iso_med, 1e-12)))
+    rep: dict[str, Any] = {
+        "n_pool": int(len(pool)), "n_isolated": int(len(isolated)), "ratio": cfg.isolation_ratio,
+        "lga": cfg.lga, "gamma": cfg.gamma, "epoch": cfg.isolation_epochs, "score": cfg.isolation_score,
+        "cutoff_loss": float(losses[isolated].max()),
+        "isolated_loss_median": iso_med, "rest_loss_median": rest_med,
+        # how far below the bulk the isolated losses sit (orders of magnitude); large = a clear low-loss cluster
+        "loss_gap_log10": loss_gap,
+        # the same for the ranked score (orders of magnitude below the typical loss of the example's own label)
+        "score_gap_log10": float((np.median(scores[rest]) - np.median(scores[isolated])) / np.log(10)
+                                 if cfg.isolation_score == "class-relative" and len(rest) else loss_gap),
+        "pool_loss_quantiles": {str(q): float(np.quantile(pool_losses, q)) for q in (0.01, 0.05, 0.1, 0.25, 0.5)},
+        "isolated_label_counts": {str(i): int(c) for i, c in enumerate(counts) if c},
+        "isolated_majority_label": int(counts.argmax()),
+        "isolated_majority_fraction": float(counts.max() / max(1, len(candidates))),
+        # candidates of other labels returned to the clean set (isolation_labels="target")
+        "n_candidates": int(len(candidates)), "n_returned": int(len(candidates) - len(isolated)),
+        "labels": cfg.isolation_labels,
+    }
+    if poison_indices is not None:
+        rep.update(_ground_truth_stats(losses, scores, isolated, candidates, pool, poison_indices))
+    return rep
+
+
+def _ground_truth_stats(losses: np.ndarray, scores: np.ndarray, isolated: np.ndarray, candidates: np.ndarray,
+                        pool: np.ndarray, poison_indices: np.ndarray) -> dict[str, Any]:
+    """Precision / recall / AUROC of the isolation against the known poison indices."""
+    pool_losses = losses[pool]
+    poison = np.intersect1d(np.asarray(poison_indices, np.int64), pool)
+    is_poison = np.isin(pool, poison)
+    hits = int(np.isin(isolated, poison).sum())
+    return {
+        "n_poison_in_pool": int(len(poison)),
+        "true_positives": hits,
+        "precision": hits / max(1, len(isolated)),
+        "candidate_precision": int(np.isin(candidates, poison).sum()) / max(1, len(candidates)),
+        "recall": hits / len(poison) if len(poison) else float("nan"),
+        # recall is capped by ratio * n_pool / n_poison: ABL isolates a fixed fraction, not every poison
+        "max_recall": min(1.0, len(isolated) / len(poison)) if len(poison) else float("nan"),
+        "auroc": rank_auroc(-scores[pool], is_poison),  # of the score used for the isolation
+        "auroc_loss": rank_auroc(-pool_losses.astype(np.float64), is_poison),
+        "poison_loss_median": float(np.median(losses[poison])) if len(poison) else float("nan"),
+        "clean_loss_median": float(np.median(pool_losses[~is_poison])) if (~is_poison).any() else float("nan"),
+    }
+
+
+def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
+    """Evidence that ABL likely failed, from quantities available without ground truth.
+
+    Thresholds come from measured successful BadNets runs versus clean data (``docs/abl.md#failure-warnings``).
+    """
+    out: list[str] = []
+    iso = report.get("isolation", {})
+    un = report.get("unlearning", {})
+    gap = iso.get("score_gap_log10", iso.get("loss_gap_log10", float("inf")))
+    if gap < 1.0:
+        out.append(f"isolation loss gap is small ({gap:.2f} orders of magnitude between the isolated examples and "
+                   f"the rest, {iso.get('score', 'loss')} score): "
+                   "no clearly fast-learned cluster, so the isolated set may be mostly clean examples "
+                   "(clean data, a slow-learned trigger, or a poisoning rate below the isolation ratio)")
+    if iso and iso.get("isolated_majority_fraction", 1.0) < 0.5:
+        out.append(f"the isolated examples spread over several labels (majority {iso['isolated_majority_fraction']:.0%}"
+                   "): an all-to-one backdoor would concentrate them on its target class")
+    after = un.get("isolated_accuracy_after")
+    if after is not None and after > 0.2 and cfg.unlearning_epochs > 0:
+        out.append(f"after unlearning the model still predicts the isolated examples' labels {after:.0%} of the time "
+                   "(ASR probe on the isolated set): the backdoor link is probably not broken")
+    if un.get("epochs_run") and un.get("guard", {}).get("enabled") and not un.get("selected_epoch"):
+        out.append(f"no unlearning epoch passed the clean-accuracy guard (drop > {cfg.max_ca_drop:.3f} in all "
+                   f"{un['epochs_run']}), so the model is the one before unlearning: unlearning the isolated set "
+                   "costs clean accuracy here (the isolated set holds clean examples, the unlearning lr is too high, "
+                   "or the model's backdoor and clean features are entangled); the backdoor is probably still in "
+                   "place")
+    if "precision" in iso and iso["precision"] < 0.5:
+        out.append(f"isolation precision is {iso['precision']:.0%} against the known poison indices")
+    return out
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A short human summary of an ABL report (for the CLI)."""
+    lines = []
+    for name in ("isolation", "clean", "unlearning"):
+        s = report.get("stages", {}).get(name)
+        if s is None:
+            continue
+        parts = [f"{name:>10}:"]
+        if "clean_accuracy" in s:
+            parts.append(f"CA {100 * s['clean_accuracy']:.2f}%")
+        if "attack_success_rate" in s:
+            parts.append(f"ASR {100 * s['attack_success_rate']:.2f}%")
+        parts.append(f"({s.get('seconds', 0.0):.0f}s)")
+        lines.append(" ".join(parts))
+    iso = report.get("isolation", {})
+    if iso:
+        msg = (f"isolated {iso['n_isolated']} of {iso['n_pool']} (majority label {iso['isolated_majority_label']}, "
+               f"{iso['isolated_majority_fraction']:.0%}; loss gap {iso['loss_gap_log10']:.1f} decades)")
+        if iso.get("n_returned"):
+            msg += (f"; {iso['n_returned']} of the {iso['n_candidates']} lowest-scoring examples had another label "
+                    "and went back to the clean set")
+        if "precision" in iso:
+            msg += f"; precision {100 * iso['precision']:.1f}%, recall {100 * iso['recall']:.1f}%"
+        lines.append(msg)
+    un = report.get("unlearning", {})
+    if un:
+        rejected = un.get("rejected_epochs", [])
+        lines.append(f"unlearning: {un.get('epochs_run', 0)} epoch(s), kept epoch {un.get('selected_epoch', 0)}"
+                     + (f" (epochs {rejected} rejected by the CA guard)" if rejected else "")
+                     + f"; isolated-set accuracy {100 * un.get('isolated_accuracy_before', float('nan')):.1f}% -> "
+                       f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
+    return lines
+
+
+def write_isolation_artifacts(out: Path | None, images: np.ndarray, labels: np.ndarray, losses: np.ndarray,
+                              scores: np.ndarray, isolated: np.ndarray, pool: np.ndarray,
+                              poison_indices: np.ndarray | None,
+                              report: dict[str, Any]) -> None:
+    """Write the isolated set (indices, CSV, losses, scores) and its plots to ``out``; list them in the report."""
+    if out is None:
+        return
+    files = report["files"]
+    np.save(out / "isolated_indices.npy", isolated.astype(np.int64))
+    np.save(out / "isolation_losses.npy", losses.astype(np.float32))
+    np.save(out / "isolation_scores.npy", scores.astype(np.float32))
+    with open(out / "isolated.csv", "w") as f:
+        f.write("rank,index,label,loss,score\n")
+        for r, i in enumerate(isolated):
+            f.write(f"{r},{int(i)},{int(labels[i])},{float(losses[i]):.6g},{float(scores[i]):.6g}\n")
+    files.update({"isolated_indices": "isolated_indices.npy", "isolated_csv": "isolated.csv",
+                  "isolation_losses": "isolation_losses.npy", "isolation_scores": "isolation_scores.npy"})
+    try:
+        from .abl_plots import isolated_grid_png, loss_histogram_png
+
+        relative = report.get("isolation", {}).get("score") == "class-relative"
+        loss_histogram_png(out / "isolation_hist.png", losses, pool, isolated, poison_indices,
+                           scores=scores if relative else None)
+        isolated_grid_png(out / "isolated_grid.png", images[isolated], labels[isolated])
+        files.update({"loss_histogram": "isolation_hist.png", "isolated_grid": "isolated_grid.png"})
+    except ImportError as e:  # matplotlib is a declared dependency; keep training if a minimal install lacks it
+        log.warning("ABL: could not write the isolation plots (%s)", e)
