@@ -15,6 +15,7 @@ import gzip
 import logging
 import os
 import struct
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on disk; the message says how to get it."""
+
+
+class DatasetError(ValueError):
+    """A dataset file is unreadable or not an abl-guard dataset; the message names the file and says why."""
 
 
 @dataclass(frozen=True)
@@ -212,15 +217,86 @@ def load_image_folder(
     return LabelledImages(images, labels, spec)
 
 
-def load_npz(path: str | os.PathLike) -> LabelledImages:
-    """A dataset written by :meth:`LabelledImages.save_npz` (e.g. a poisoned set); loaded without pickle."""
+#: the arrays of a two-split dataset .npz (plus ``spec``); a one-split file holds ``images`` / ``labels``
+NPZ_SPLIT_KEYS = {split: (f"{split}_images", f"{split}_labels") for split in ("train", "test")}
+
+
+def npz_splits(path: str | os.PathLike) -> tuple[str, ...]:
+    """The splits a dataset ``.npz`` holds: ``("train", "test")`` for ``train_*`` / ``test_*`` arrays, else ``()``
+    (one unsplit set of ``images`` / ``labels``, as ``abl-guard poison`` writes)."""
+    files = set(_open_npz(path).files)
+    return tuple(split for split, keys in NPZ_SPLIT_KEYS.items() if set(keys) <= files)
+
+
+def _open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"dataset file {path} does not exist") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip / .npy, truncated
+        raise DatasetError(f"{path}: not a readable .npz dataset ({type(e).__name__}: {e})") from e
+
+
+def load_npz(path: str | os.PathLike, split: str | None = None) -> LabelledImages:
+    """A dataset ``.npz`` (e.g. a poisoned set written by :meth:`LabelledImages.save_npz`); loaded without pickle.
+
+    A file with ``train_images`` / ``train_labels`` / ``test_images`` / ``test_labels`` holds both splits and
+    ``split`` picks one (default ``train``); a one-split file (``images`` / ``labels``) is returned whole whatever the
+    split — :mod:`abl_guard.abl.experiment` never tests on it silently. Anything else is a :class:`DatasetError`.
+    """
     import json
 
-    with np.load(path, allow_pickle=False) as z:
-        missing = {"images", "labels", "spec"} - set(z.files)
+    with _open_npz(path) as z:
+        split_keys = NPZ_SPLIT_KEYS[_check_split(split or "train")]
+        keys = split_keys if set(split_keys) <= set(z.files) else ("images", "labels")
+        missing = {*keys, "spec"} - set(z.files)
         if missing:
-            raise ValueError(f"{path}: not an abl-guard dataset file (missing {sorted(missing)})")
-        return LabelledImages(z["images"], z["labels"], DatasetSpec.from_json(json.loads(str(z["spec"]))))
+            raise DatasetError(f"{path}: not an abl-guard dataset file (missing {sorted(missing)}; expected images, "
+                               "labels and spec, or train_/test_ images and labels and spec)")
+        try:
+            spec = DatasetSpec.from_json(json.loads(str(z["spec"])))
+            return LabelledImages(z[keys[0]], z[keys[1]], spec)
+        except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:  # bad spec, arrays
+            raise DatasetError(f"{path}: invalid dataset file ({type(e).__name__}: {e})") from e
+
+
+def peek_num_classes(name: str, root: str | os.PathLike | None = None) -> int:
+    """The number of classes of dataset ``name`` without loading its images (cheap: checks before any work).
+
+    Raises :class:`DatasetNotFoundError` / :class:`DatasetError` as loading would, for a missing or invalid file.
+    """
+    import json
+
+    if name.endswith(".npz"):
+        with _open_npz(name) as z:
+            if "spec" not in z.files:
+                raise DatasetError(f"{name}: not an abl-guard dataset file (missing ['spec'])")
+            try:
+                return len(DatasetSpec.from_json(json.loads(str(z["spec"]))).class_names)
+            except (ValueError, KeyError, TypeError) as e:
+                raise DatasetError(f"{name}: invalid dataset spec ({type(e).__name__}: {e})") from e
+    if name not in LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(LOADERS)} or a .npz path")
+    if name == "fashion-mnist":
+        _find(Path(root) if root else FASHION_MNIST_DEFAULT_ROOT, "train-labels-idx1-ubyte")
+        return len(FASHION_MNIST_CLASSES)
+    if name == "imagefolder":
+        if root is None:
+            raise DatasetNotFoundError("the imagefolder dataset needs --data-root DIR (class sub-folders of images)")
+        base = Path(root) / "train" if (Path(root) / "train").is_dir() else Path(root)
+        if not base.is_dir():
+            raise DatasetNotFoundError(f"image folder {base} does not exist")
+        return sum(1 for d in base.iterdir() if d.is_dir())  # as ImageFolder counts
+    return {"digits": 10, "cifar10": len(CIFAR10_CLASSES), "gtsrb": 43}[name]
+
+
+def holdout_split(data: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
+    """A seeded random ``(rest, held_out)`` split with ``round(fraction * N)`` held out (at least 1, at most N - 1)."""
+    if not 0.0 < fraction < 1.0 or len(data) < 2:
+        raise ValueError(f"cannot hold out {fraction:.0%} of {len(data)} images")
+    n = min(len(data) - 1, max(1, int(round(fraction * len(data)))))
+    held = np.sort(np.random.default_rng(seed).choice(len(data), n, replace=False))
+    return data.subset(np.setdiff1d(np.arange(len(data)), held)), data.subset(held)
 
 
 LOADERS = {
@@ -241,7 +317,7 @@ def _check_split(split: str) -> str:
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None) -> LabelledImages:
     """Load ``name`` (one of :data:`LOADERS`, or a path to an abl-guard ``.npz`` dataset) as arrays."""
     if name.endswith(".npz"):
-        return load_npz(name)
+        return load_npz(name, split)
     try:
         loader = LOADERS[name]
     except KeyError:

@@ -101,6 +101,7 @@ def test_isolation_labels_target_unlearns_only_the_majority_label(small_poisoned
     assert not any("went back" in line for line in summary_lines(every.report))
 
 
+@pytest.mark.slow
 def test_unlearning_lr_and_bn_mode_are_honoured(small_poisoned):
     d = small_poisoned
     snaps = {}
@@ -127,6 +128,7 @@ def test_unlearning_lr_and_bn_mode_are_honoured(small_poisoned):
     assert not torch.equal(snaps[("train", 1e-2, "unlearning")][key], snaps[("train", 1e-2, "clean")][key])
 
 
+@pytest.mark.slow
 def test_eval_every_sets_how_often_evaluate_runs(small_poisoned):
     d = small_poisoned
     calls = []

@@ -85,4 +85,4 @@ def test_calibrate_cli_mondrian_archive(tiny_onnx, tmp_path):
     assert m["input"]["shape"] == [1, 8, 8] and m["taps"] == ["penultimate"]
     r = run("calibrate", tiny_onnx, "--dataset", "digits", "--split", "train", "--count", "100", "--fpr", "0.01",
             "-o", tmp_path / "small")
-    assert r.exit_code == 1 and "cannot resolve a false-positive rate" in r.output
+    assert r.exit_code == 2 and "cannot resolve a false-positive rate" in r.output  # a usage error (--count/--fpr)
