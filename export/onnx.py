@@ -5,7 +5,7 @@ outputs ``logits`` followed by one output per tap, named after the tap. A tap is
 exposed (``"layer3"``) or, with a ``:in`` suffix, whose *input* is exposed (``"fc:in"``: the penultimate features).
 
 Metadata is a JSON document under the ``abl_guard`` key of the model's ``metadata_props``; the runtime reads it with
-onnxruntime alone (:func:`read_metadata`), so serving needs neither torch nor onnx.
+onnxruntime alone (:func:`abl_guard.guard.model.read_metadata`), so serving needs neither torch nor onnx.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from abl_guard.guard.bundle import sha256_file
-from abl_guard.guard.model import METADATA_KEY, model_metadata
+from abl_guard.guard.model import LOGITS_NAME, METADATA_KEY
 from abl_guard.guard.model import MODEL_FORMAT as FORMAT
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
-LOGITS_NAME = "logits"
 
 
 class ParityError(RuntimeError):
@@ -190,14 +189,6 @@ def check_parity(wrapper: TapWrapper, path: str | os.PathLike, inputs: np.ndarra
     with torch.no_grad():
         want = wrapper(torch.from_numpy(x))
     return {n: float(np.max(np.abs(g - t.numpy()))) if g.size else 0.0 for n, g, t in zip(names, got, want)}
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``abl_guard`` metadata of an exported model, read with onnxruntime only."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return model_metadata(sess, path)
 
 
 # ------------------------------------------------------------------------------------------- foreign models

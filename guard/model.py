@@ -1,4 +1,11 @@
-"""The served model: one onnxruntime session yielding logits and every tap in one pass."""
+"""The served model: one onnxruntime session yielding logits and every tap in one pass.
+
+A model is an ONNX file carrying ``abl_guard`` metadata: written by ``abl-guard export`` (float NCHW [0, 1] in,
+normalisation in the graph) or by ``abl-guard adopt`` from someone else's classifier (any layout, dtype and
+normalisation, recorded as an :class:`~abl_guard.guard.preprocess.InputContract`; the file keeps its own outputs).
+Callers and detectors always hand :class:`OnnxModel` the canonical float NCHW [0, 1] batch; the contract is applied
+right before onnxruntime.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +19,46 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .preprocess import InputContract
+
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "abl_guard"
 MODEL_FORMAT = "abl-guard-onnx/1"
+#: the output holding the pre-softmax class scores in every abl-guard model
+LOGITS_NAME = "logits"
 
 
 def model_metadata(session: ort.InferenceSession, path: str | os.PathLike = "<model>") -> dict[str, Any]:
-    """The ``abl_guard`` JSON metadata written by ``abl-guard export``."""
+    """The ``abl_guard`` JSON metadata written by ``abl-guard export`` or ``abl-guard adopt``."""
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if raw is None:
-        raise ValueError(f"{path} has no abl-guard metadata; export it with `abl-guard export`")
+        raise ValueError(f"{path} has no abl-guard metadata; wrap it first with `abl-guard adopt {path} -o "
+                         "guarded.onnx` (or export a torch checkpoint with `abl-guard export`)")
     meta = json.loads(raw)
     if meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: unsupported model metadata format {meta.get('format')!r} (expected {MODEL_FORMAT})")
     return meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``abl_guard`` metadata of a model file, read with onnxruntime only (no torch, no onnx)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return model_metadata(sess, path)
+
+
+def tap_names_of(meta: dict[str, Any], outputs: Sequence[str]) -> list[str]:
+    """The taps a model exposes: the metadata's ``taps`` in output order (older files: every output but logits)."""
+    taps = meta.get("taps")
+    if isinstance(taps, dict) and taps:
+        return [n for n in outputs if n in taps]
+    return [n for n in outputs if n != LOGITS_NAME]
+
+
 class OnnxModel:
-    """An exported abl-guard model. ``run(x)`` maps float32 NCHW [0, 1] batches to named outputs.
+    """An exported or adopted abl-guard model. ``run(x)`` maps float32 NCHW [0, 1] batches to named outputs.
 
     onnxruntime's ``InferenceSession.run`` is thread-safe, so one instance serves concurrent callers.
     Calling the instance (``model(x)``) is the ``ModelFn`` that detectors needing extra passes receive.
@@ -52,10 +80,20 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=chosen)
         self.meta = model_metadata(self.session, self.path)
         self.input_name: str = self.meta["input_name"]
-        self.input_shape: tuple[int, int, int] = tuple(int(v) for v in self.meta["input_shape"])  # type: ignore
+        self.contract = InputContract.from_metadata(self.meta)
+        self.input_shape: tuple[int, int, int] = self.contract.shape
         self.class_names: list[str] = list(self.meta["class_names"])
-        self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
-        self.tap_names: list[str] = [n for n in self.output_names if n != "logits"]
+        session_outputs = [o.name for o in self.session.get_outputs()]
+        if LOGITS_NAME not in session_outputs:
+            raise ValueError(f"{self.path} has no {LOGITS_NAME!r} output")
+        self.tap_names: list[str] = tap_names_of(self.meta, session_outputs)
+        #: what the guard reads (logits and taps); an adopted file also keeps its own outputs (``model_outputs``)
+        self.output_names: list[str] = [LOGITS_NAME, *self.tap_names]
+        self.model_outputs: list[str] = [n for n in self.meta.get("model_outputs", [LOGITS_NAME])
+                                         if n in session_outputs]
+        fixed = self.meta.get("fixed_batch")
+        #: a graph that could not be given a dynamic batch axis runs in chunks of exactly this size (padded)
+        self.fixed_batch: int | None = int(fixed) if fixed else None
         self.batch_size = int(batch_size)
 
     @property
@@ -63,7 +101,8 @@ class OnnxModel:
         return len(self.class_names)
 
     def run(self, x: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run in chunks of ``batch_size``; returns ``{name: array}`` for ``outputs`` (default: all)."""
+        """Run canonical float32 NCHW [0, 1] images in chunks of ``batch_size``; returns ``{name: array}`` for
+        ``outputs`` (default: logits and every tap). The input contract is applied to each chunk."""
         names = list(outputs) if outputs is not None else self.output_names
         unknown = set(names) - set(self.output_names)
         if unknown:
@@ -71,10 +110,15 @@ class OnnxModel:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"model input must be (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        step = self.fixed_batch or self.batch_size
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for s in range(0, len(x), self.batch_size):
-            for n, arr in zip(names, self.session.run(names, {self.input_name: x[s : s + self.batch_size]})):
-                parts[n].append(arr)
+        for s in range(0, len(x), step):
+            chunk = x[s : s + step]
+            n = len(chunk)
+            if self.fixed_batch and n < self.fixed_batch:  # pad with copies of the last row, drop their outputs
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - n, axis=0)])
+            for name, arr in zip(names, self.session.run(names, {self.input_name: self.contract.to_native(chunk)})):
+                parts[name].append(arr[:n])
         return {n: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for n, v in parts.items()}
 
     __call__ = run
@@ -90,7 +134,7 @@ class OnnxModel:
 _HEAD_OPS = {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Identity"}
 
 
-def dense_head(path: str | os.PathLike, tap: str, output: str = "logits") -> list[dict[str, Any]]:
+def dense_head(path: str | os.PathLike, tap: str, output: str = LOGITS_NAME) -> list[dict[str, Any]]:
     """Read the dense layers that map graph tensor ``tap`` to ``output`` from an ONNX file.
 
     Walks the graph from ``tap`` to ``output``; every step must be the only consumer of its input and one of Gemm

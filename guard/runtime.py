@@ -30,8 +30,19 @@ from typing import Any
 import numpy as np
 
 from abl_guard.detectors import Detector, detector_from_state
+from abl_guard.detectors._util import softmax
 
-from .bundle import MODEL_FILE, BundleError, BundleWriter, is_archive, load_arrays, open_bundle, pack_bundle
+from .bundle import (
+    MODEL_FILE,
+    BundleError,
+    BundleLimits,
+    BundleWriter,
+    bundle_file,
+    is_archive,
+    load_arrays,
+    open_bundle,
+    pack_bundle,
+)
 from .calibration import COMBINERS, Calibrator, RateEstimate, alarm_null, min_calibration_size
 from .model import OnnxModel
 from .preprocess import to_model_input
@@ -112,12 +123,6 @@ def _finite(v: float) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def unique_names(detectors: Sequence[Detector]) -> list[str]:
     names, seen = [], {}
     for d in detectors:
@@ -154,6 +159,9 @@ def _raw_scores(names: Sequence[str], detectors: Sequence[Detector], obs: Mappin
 
 def _file_key(name: str) -> str:
     return name.replace("#", "_")
+
+
+file_key = _file_key  # public: guard/report.py names the calibration arrays with it
 
 
 def _split(n: int, fractions: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -390,7 +398,7 @@ class Guard:
     @classmethod
     def load(cls, path: str | os.PathLike, providers: Sequence[str] | None = None,
              batch_size: int = 256, intra_op_threads: int | None = None, blas_threads: int | None = 1,
-             allow_spinning: bool | None = False) -> Guard:
+             allow_spinning: bool | None = False, limits: BundleLimits | None = None) -> Guard:
         """Load a bundle directory or ``.zip`` archive, verifying every hash and the format version.
 
         ``providers`` are onnxruntime execution providers (default: CUDA when available, else CPU);
@@ -398,22 +406,31 @@ class Guard:
         default: the guard alternates onnxruntime with numpy work, and onnxruntime's busy-waiting idle workers would
         compete with it for the cores (``None``: onnxruntime's default). ``blas_threads`` caps BLAS threads while
         detectors score (``None``: leave BLAS alone). ``batch_size`` bounds how many inputs are converted and scored
-        at once. Raises :class:`~guard.bundle.BundleError` when the bundle is not sound.
+        at once. ``limits`` caps what opening the bundle may cost (:class:`~guard.bundle.BundleLimits`). Raises
+        :class:`~guard.bundle.BundleError` when the bundle is not sound.
         """
-        with open_bundle(path) as (root, manifest):
-            try:
-                model = OnnxModel(root / manifest["model"]["file"], providers=providers, batch_size=batch_size,
-                                  intra_op_threads=intra_op_threads, allow_spinning=allow_spinning)
+        with open_bundle(path, limits) as (root, manifest):
+            try:  # every file opened is a hashed member of the bundle (bundle_file)
+                model_file = bundle_file(root, manifest, manifest["model"]["file"])
+                try:
+                    model = OnnxModel(model_file, providers=providers, batch_size=batch_size,
+                                      intra_op_threads=intra_op_threads, allow_spinning=allow_spinning)
+                except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types; not an ONNX model
+                    raise BundleError(f"{path}: {manifest['model']['file']} is not a usable abl-guard ONNX model: "
+                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
                 cal = manifest["calibration"]
-                arrays = load_arrays(root / cal["file"])
+                arrays = load_arrays(bundle_file(root, manifest, cal["file"]), limits)
                 names, dets = [], []
                 for entry in manifest["detectors"]:
                     dets.append(detector_from_state(entry["type"], entry["params"],
-                                                    load_arrays(root / entry["state_file"])))
+                                                    load_arrays(bundle_file(root, manifest, entry["state_file"]),
+                                                                limits)))
                     names.append(entry["name"])
                 calibrator = calibrator_from_manifest(manifest, arrays)
-            except (KeyError, ValueError, TypeError) as e:
-                raise BundleError(f"{path}: bundle content does not match this abl-guard: {e!r}") from e
+            except BundleError:
+                raise
+            except (KeyError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as e:
+                raise BundleError(f"{path}: bundle content does not match this abl-guard: {e!r}"[:500]) from e
         return cls(model, names, dets, calibrator, manifest, blas_threads)
 
     # ------------------------------------------------------------------ properties
@@ -450,10 +467,14 @@ class Guard:
         return [x]
 
     def _inspect_float(self, xf: np.ndarray) -> Inspection:
-        obs = observe(self.model, xf, self._outputs)
-        with self._blas(len(xf)):
+        return self.inspect_observations(observe(self.model, xf, self._outputs))
+
+    def inspect_observations(self, obs: Mapping[str, np.ndarray]) -> Inspection:
+        """Verdicts from one forward pass's arrays (``logits``, the taps, and the canonical ``input`` when a
+        detector reads it) — for callers that ran the model themselves (:class:`~guard.session.GuardedSession`)."""
+        with self._blas(len(obs["logits"])):
             raw = _raw_scores(self.names, self.detectors, obs, self.model)
-        probs = _softmax(obs["logits"].astype(np.float64))
+        probs = softmax(obs["logits"].astype(np.float64))
         labels = probs.argmax(1)
         combined, P, low = self.calibrator.pvalues(raw, labels)
         return Inspection(labels.astype(np.int64), probs[np.arange(len(labels)), labels], combined,
