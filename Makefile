@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test lint data clean
+.PHONY: demo test lint typecheck data clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[train,test,serve,ray]'
 	touch $(STAMP)
 
 # Fashion-MNIST comes from Debian; install it when missing and the system allows it (root + apt).
@@ -32,6 +32,14 @@ test: $(STAMP) data
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(MAKE) typecheck
+
+# mypy on the rooms a deployment runs (config in pyproject.toml). The checkout itself is the abl_guard package, so a
+# link named abl_guard in a temporary directory goes on MYPYPATH.
+typecheck: $(STAMP)
+	@d=$$(mktemp -d) && ln -s "$(CURDIR)" "$$d/abl_guard" && \
+	  MYPYPATH="$$d" $(BIN)/mypy -p abl_guard.guard -p abl_guard.detectors -p abl_guard.export; \
+	  rc=$$?; rm -rf "$$d"; exit $$rc
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache *.egg-info
