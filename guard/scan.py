@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import stat
 import sys
@@ -58,7 +57,7 @@ import numpy as np
 from .calibration import ClassAlarm, RateEstimate, stream_alarms
 from .progress import progress_bar
 from .runtime import Guard
-from .sources import InputItem, SourceLimits
+from .sources import InputItem, SourceLimits, safe_text
 
 try:
     import fcntl
@@ -96,18 +95,6 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _escape_surrogate(m: re.Match[str]) -> str:
-    c = ord(m.group())
-    return f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\u{c:04x}"
-
-
-def safe_text(text: str) -> str:
-    """``text`` as valid Unicode: a surrogate-escaped byte (a file name's undecodable ``0xff``) becomes ``\\xff``,
-    any other lone surrogate ``\\udxxx``; valid text is returned unchanged (idempotent)."""
-    return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
 
 
 def record_text(text: str) -> str:

@@ -127,10 +127,24 @@ def _escape_surrogate(m: re.Match[str]) -> str:
     return f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\u{c:04x}"
 
 
-def _text(s: str) -> str:
-    """``s`` as valid Unicode, the same mapping as :func:`guard.scan.safe_text` (records are written through it):
-    a file name's undecodable byte ``0xff`` (surrogate-escaped) becomes ``\\xff``, a lone surrogate ``\\udxxx``."""
-    return _SURROGATE.sub(_escape_surrogate, s) if _SURROGATE.search(s) else s
+def safe_text(text: str) -> str:
+    """``text`` as valid Unicode: a surrogate-escaped byte (a file name's undecodable ``0xff``) becomes ``\\xff``,
+    any other lone surrogate ``\\udxxx``; valid text is returned unchanged (idempotent). Ids are made with it here and
+    records are written through it (:mod:`guard.scan`), so both sides of ``--resume`` agree."""
+    return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
+
+
+_text = safe_text
+
+
+def b64_image_bytes(data: str) -> bytes:
+    """The bytes of a base64 image string (a ``data:`` URL is fine); raises ``ValueError`` when it is not base64."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error as e:
+        raise ValueError(str(e)) from e
 
 
 def _msg(s: str) -> str:
@@ -639,12 +653,9 @@ def _jsonl_line(name: str, lineno: int, line: Any, base: str, input_shape: Seque
             return
         yield _image_item(os.path.abspath(os.path.join(base, p)), input_shape, limits, iid)
     elif isinstance(obj.get("image"), str):
-        data = obj["image"]
-        if data.startswith("data:"):
-            data = data.partition(",")[2]
         try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as e:
+            raw = b64_image_bytes(obj["image"])
+        except ValueError as e:
             yield InputItem(iid, error=_msg(f"invalid base64 image: {e}"), source=ref)
             return
         yield _bytes_item(raw, input_shape, limits, iid, ref)

@@ -15,8 +15,6 @@ request with one bad input is refused whole, naming the input.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import math
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..preprocess import InputError, to_model_input
-from ..sources import SourceError, decode_image
+from ..sources import SourceError, b64_image_bytes, decode_image
 
 NPY_MAGIC = b"\x93NUMPY"
 NPY_TYPES = ("application/x-npy", "application/npy")
@@ -181,12 +179,9 @@ def _from_json(body: bytes, input_shape: Sequence[int], limits: Limits) -> Input
         if not isinstance(it, dict) or not isinstance(it.get("image"), str):
             raise RequestError(400, "bad_json", f'input {i}: expected an object with an "image" base64 string')
         iid = str(it["id"]) if it.get("id") is not None else str(i)
-        data = it["image"]
-        if data.startswith("data:"):
-            data = data.partition(",")[2]
         try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as e:
+            raw = b64_image_bytes(it["image"])
+        except ValueError as e:
             raise RequestError(400, "bad_base64", f"input {i} ({iid!r}): invalid base64: {e}") from e
         x, r = decode_one_image(raw, input_shape, limits, f"input {i} ({iid!r})")
         xs.append(x)
