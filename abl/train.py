@@ -12,7 +12,6 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from abl_guard.guard.progress import progress_bar
+
+from . import distributed
+
+# the configuration and its choices live in the torch-free run_config (the CLI builds its options from them)
+from .run_config import AUGMENTATIONS, MEMORY_FORMATS, PRECISIONS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +37,45 @@ def select_device(name: str = "auto") -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
+    dev = distributed.local_device(dev)  # under torchrun: this rank's GPU
     if dev.type == "cuda":
         # fixed input shapes: let cuDNN pick the fastest kernels; TF32 for any fp32 matmuls left outside autocast
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if dev.type == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else (os.cpu_count() or 1)))
+        torch.set_num_threads(_cpu_threads or default_cpu_threads())
     return dev
+
+
+_cpu_threads: int | None = None
+
+
+def default_cpu_threads() -> int:
+    """``$OMP_NUM_THREADS`` when set (the user's or the scheduler's choice), else the cores this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def set_cpu_threads(n: int | None) -> int:
+    """Pin torch's CPU threads to ``n`` (None: :func:`default_cpu_threads`) for this process; returns the count.
+
+    :func:`select_device` keeps this choice. Inter-op threads can only be set before torch's first parallel work, so
+    a later call changes the intra-op count only. Oversubscribed cores make torch far slower, not faster.
+    """
+    global _cpu_threads
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    _cpu_threads = n
+    count = n or default_cpu_threads()
+    torch.set_num_threads(count)
+    try:
+        torch.set_num_interop_threads(count)
+    except RuntimeError:  # already set, or parallel work has started
+        log.debug("inter-op threads already fixed at %d", torch.get_num_interop_threads())
+    return count
 
 
 def set_seed(seed: int) -> None:
@@ -56,8 +90,6 @@ def to_float(images: np.ndarray | torch.Tensor, device: torch.device | str = "cp
     return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
 
 
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
@@ -79,7 +111,6 @@ def resolve_channels_last(memory_format: str, device: torch.device) -> bool:
     return memory_format == "channels-last"
 
 
-AUGMENTATIONS = ("none", "crop", "crop-flip")
 
 
 def augment_batch(x: torch.Tensor, mode: str, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -113,7 +144,9 @@ def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: i
 class ArrayBatches:
     """Mini-batches over uint8 images held on the training device (or on the CPU when they do not fit).
 
-    ``indices`` restricts the set (e.g. ABL's clean subset) without copying the arrays.
+    ``indices`` restricts the set (e.g. ABL's clean subset) without copying the arrays. In a process group
+    (:mod:`abl.distributed`) every epoch iterates this rank's shard of a ``DistributedSampler`` permutation instead,
+    and ``batch_size`` (the global batch) is split evenly over the ranks.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device, batch_size: int,
@@ -130,15 +163,28 @@ class ArrayBatches:
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=store)
         self.indices = None if indices is None else torch.as_tensor(np.asarray(indices, np.int64), device=store)
         self.generator = torch.Generator(device=store).manual_seed(seed)
+        group = distributed.current()
+        self.world = 1 if group is None else group.world_size
+        self.distributed = group is not None
+        self.batch_size = distributed.per_rank_batch(self.batch_size)  # in a group: the rank's share
 
     def __len__(self) -> int:
         n = len(self.labels) if self.indices is None else len(self.indices)
+        n = -(-n // self.world)  # the sampler pads every rank's shard to the same length
         return (n + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yields ``(x_float_nchw, labels, dataset_indices)`` on the training device."""
         base = torch.arange(len(self.labels), device=self.images.device) if self.indices is None else self.indices
-        order = base[torch.randperm(len(base), device=base.device, generator=self.generator)] if self.shuffle else base
+        if self.distributed:  # every rank draws the same seed from its generator (reseeding and resume work as in
+            # one process) and takes its part of that permutation
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+            pos = distributed.shard(len(base), 0, seed, self.shuffle)
+            order = base[torch.as_tensor(pos, device=base.device)]
+        elif self.shuffle:
+            order = base[torch.randperm(len(base), device=base.device, generator=self.generator)]
+        else:
+            order = base
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             x = to_float(self.images[idx], self.device)
@@ -226,30 +272,6 @@ def train_one_epoch(model: nn.Module, batches: ArrayBatches, optimizer: torch.op
     return float(total) / max(count, 1)
 
 
-@dataclass
-class TrainConfig:
-    """Plain SGD training (the no-defence baseline). Defaults suit the small CNN on Fashion-MNIST."""
-
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_milestones: tuple[int, ...] = ()
-    lr_gamma: float = 0.1
-    augment: str = "none"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    memory_format: str = "auto"
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["lr_milestones"] = list(self.lr_milestones)
-        return d
-
-
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
 
@@ -265,8 +287,10 @@ class PlainTrainer:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.cfg = cfg
+        # under torchrun: DistributedDataParallel, each rank on its shard with its share of the global batch
+        self.ddp = distributed.wrap_model(self.model, self.device)
         self.batches = ArrayBatches(images, labels, self.device, cfg.batch_size, augment=cfg.augment, seed=cfg.seed)
-        self.opt = make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.opt = make_optimizer(self.ddp, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(cfg.lr_milestones), cfg.lr_gamma)
         self.epoch_seconds: list[float] = []
 
@@ -277,9 +301,11 @@ class PlainTrainer:
     def epoch(self, quiet: bool = False) -> dict[str, float]:
         """One epoch; returns ``{"epoch", "loss", "seconds"}`` (the loss read-back synchronises the device)."""
         t0 = time.perf_counter()
-        loss = train_one_epoch(self.model, self.batches, self.opt, F.cross_entropy,
-                               f"epoch {self.epochs_done + 1}/{self.cfg.epochs}", quiet, self.autocast,
-                               self.channels_last)
+        loss = train_one_epoch(self.ddp, self.batches, self.opt, F.cross_entropy,
+                               f"epoch {self.epochs_done + 1}/{self.cfg.epochs}", quiet or not distributed.is_main(),
+                               self.autocast, self.channels_last)
+        loss = distributed.mean_over_ranks(loss)  # the epoch's loss over the whole training set
+        distributed.sync_buffers(self.ddp)  # every rank ends the epoch with rank 0's BatchNorm statistics
         self.sched.step()
         self.epoch_seconds.append(time.perf_counter() - t0)
         return {"epoch": self.epochs_done, "loss": loss, "seconds": self.epoch_seconds[-1]}

@@ -24,6 +24,7 @@ def pipeline(tmp_path_factory):
     return d, r
 
 
+@pytest.mark.slow
 def test_train_record_and_artifacts(pipeline):
     d, _ = pipeline
     rec = json.loads((d / "run" / "run.json").read_text())

@@ -18,6 +18,7 @@ E2E = dict(isolation_epochs=2, clean_epochs=4, isolation_ratio=0.05, lr=0.05, ba
            device="cpu", eval_every=0)
 
 
+@pytest.mark.slow
 def test_abl_clearly_lowers_asr_vs_no_defence(poisoned_digits):
     d = poisoned_digits
     plain = d.model()
@@ -102,6 +103,7 @@ def test_joint_unlearning_step_is_clean_descent_minus_isolated_ascent(small_pois
         next(cycle_batches(ArrayBatches(d.images, d.labels, CPU, 16, indices=np.zeros(0, np.int64))))
 
 
+@pytest.mark.slow
 def test_guard_keeps_the_best_epoch_that_passed_it(small_poisoned):
     d = small_poisoned
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, unlearning_epochs=4, unlearning_lr=0.5, isolation_ratio=0.05,
@@ -146,6 +148,7 @@ class _InterruptError(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at_call", [2, 4, 7])  # isolation epoch 2, clean epoch 1, unlearning epoch 2
 def test_resume_continues_an_interrupted_run_exactly(small_poisoned, resume_reference, tmp_path, stop_at_call):
     d = small_poisoned
@@ -174,6 +177,7 @@ def test_resume_continues_an_interrupted_run_exactly(small_poisoned, resume_refe
     assert again.report["stages"] == res.report["stages"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_configuration(small_poisoned, tmp_path):
     d = small_poisoned
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=0, unlearning_epochs=0, isolation_ratio=0.05, device="cpu",

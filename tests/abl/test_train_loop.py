@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from abl_guard.abl.checkpoint import load_checkpoint, save_checkpoint
@@ -22,6 +23,7 @@ def test_batches_cover_subset_once():
     assert sorted(seen.tolist()) == list(range(10, 30)) and len(b) == 3
 
 
+@pytest.mark.slow
 def test_training_learns_digits_and_checkpoint_roundtrip(tmp_path, digits_train, digits_test):
     torch.manual_seed(0)
     spec = digits_train.spec
