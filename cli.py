@@ -6,9 +6,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from abl_guard.detectors import Detector
+    from abl_guard.guard.build import CleanData
 
 log = logging.getLogger("abl_guard")
 
@@ -648,6 +652,31 @@ def calibrate(ctx: click.Context, model_path: str, data_paths: tuple[str, ...], 
     rate on the validation part is reported with a Clopper-Pearson 95% interval and stored in the manifest.
     Arguments are checked (detectors and their parameters, fractions, the output) before the model is opened.
     """
+    dets = _calibration_detectors(detector_names, detector_params)
+    parts = _calibration_fractions(fractions)
+    if Path(output).exists() and not force:
+        raise OutputConflictError(f"{output} exists; pass --force to replace it")
+    from abl_guard.guard.build import EmptyDataError, calibrate_bundle, read_clean_data
+    from abl_guard.guard.model import read_metadata
+
+    meta = read_metadata(model_path)
+    data_paths, label_mode = _calibration_sources(ctx, data_paths, label_mode, dataset, data_root, split)
+    if data_paths:
+        try:
+            clean = read_clean_data(model_path, data_paths, start=start, count=count, labels=label_mode, meta=meta)
+        except EmptyDataError as e:
+            raise click.BadParameter(str(e), param_hint="'--data'") from e
+    else:
+        clean = _dataset_clean_data(dataset, split, data_root, start, count, meta["input_shape"][1:])
+    manifest = calibrate_bundle(
+        model_path, clean.images, clean.labels, dets, output, fpr=fpr, combine=combine, mondrian=mondrian,
+        seed=seed, overwrite=force, fractions=parts, provenance={"calibration_data": clean.provenance},
+    )
+    _echo_calibration(output, fpr, manifest, clean)
+
+
+def _calibration_detectors(detector_names: str, detector_params: tuple[str, ...]) -> list[Detector]:
+    """``--detectors`` / ``--detector-param`` -> detector objects; usage errors before any model is opened."""
     from abl_guard.detectors import make_detector
 
     per_det: dict[str, dict[str, Any]] = {}
@@ -661,70 +690,66 @@ def calibrate(ctx: click.Context, model_path: str, data_paths: tuple[str, ...], 
     if unknown:
         raise click.BadParameter(f"parameters given for detectors not selected: {sorted(unknown)}")
     try:
-        dets = [make_detector(n, **per_det.get(n, {})) for n in names]
+        return [make_detector(n, **per_det.get(n, {})) for n in names]
     except (ValueError, TypeError) as e:
         raise click.BadParameter(_one_line(e), param_hint="'--detectors' / '--detector-param'") from e
+
+
+def _calibration_fractions(fractions: str) -> tuple[float, ...]:
     parts = _parse_numbers(fractions, float, "'--fractions'")
     if parts is None or len(parts) != 3 or min(parts) <= 0:
         raise click.BadParameter(f"expected three positive fractions or counts, got {fractions!r}",
                                  param_hint="'--fractions'")
-    if Path(output).exists() and not force:
-        raise OutputConflictError(f"{output} exists; pass --force to replace it")
-    from abl_guard.guard import calibrate_bundle
-    from abl_guard.guard.model import read_metadata
+    return tuple(parts)
 
-    meta = read_metadata(model_path)
-    c, h, w = meta["input_shape"]
+
+def _calibration_sources(ctx: click.Context, data_paths: tuple[str, ...], label_mode: str, dataset: str,
+                         data_root: str | None, split: str) -> tuple[tuple[str, ...], str]:
+    """``--data`` paths and label mode; the imagefolder dataset is read like ``--data`` (scan's decoding)."""
     given = {k for k in ("dataset", "data_root", "split")
              if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT,
                                                     click.core.ParameterSource.DEFAULT_MAP, None)}
     if data_paths and given:
         raise click.UsageError(f"--data replaces --dataset/--data-root/--split (got {', '.join(sorted(given))})")
-    if not data_paths and dataset == "imagefolder":  # read like --data: scan's decoding at the model's size
+    if not data_paths and dataset == "imagefolder":
         if data_root is None:
             raise click.BadParameter("the imagefolder dataset needs --data-root DIR", param_hint="'--data-root'")
         root = Path(data_root)
-        data_paths, label_mode = (str(root / split if (root / split).is_dir() else root),), "given"
-    if data_paths:
-        from abl_guard.guard.labelled import fill_predicted, read_calibration_data
+        return (str(root / split if (root / split).is_dir() else root),), "given"
+    return data_paths, label_mode
 
-        cdata = read_calibration_data(data_paths, (c, h, w), meta["class_names"], start=start, count=count,
-                                      labels=label_mode)
-        if len(cdata.labels) == 0:
-            raise click.BadParameter(f"no readable images in {', '.join(data_paths)} (from input {start})",
-                                     param_hint="'--data'")
-        fill_predicted(cdata, model_path)
-        images, labels = cdata.images, cdata.labels
-        provenance = {"sources": list(data_paths), "start": start, "count": count, "labels": label_mode,
-                      **cdata.provenance()}
-        predicted = cdata.predicted
-    else:
-        from abl_guard.abl.data import load_dataset, pad_to
 
-        data = load_dataset(dataset, split, data_root)
-        if data.images.shape[1:3] != (h, w) and data.images.shape[1] < h:
-            data = pad_to(data, h)
-        data = data.subset(slice(start, start + count))
-        if len(data) == 0:
-            raise click.BadParameter(f"no images in {dataset}/{split}[{start}:{start + count}]",
-                                     param_hint="'--start'")
-        images, labels, predicted = data.images, data.labels, 0
-        provenance = {"dataset": dataset, "split": split, "start": start, "count": len(data)}
-    manifest = calibrate_bundle(
-        model_path, images, labels, dets, output, fpr=fpr, combine=combine, mondrian=mondrian,
-        seed=seed, overwrite=force, fractions=tuple(parts), provenance={"calibration_data": provenance},
-    )
+def _dataset_clean_data(dataset: str, split: str, data_root: str | None, start: int, count: int,
+                        size: list[int]) -> CleanData:
+    """A built-in labelled set (or a .npz) as calibration data, padded up to the model's ``size`` (H, W)."""
+    from abl_guard.abl.data import load_dataset, pad_to
+    from abl_guard.guard.build import CleanData
+
+    h, w = size
+    data = load_dataset(dataset, split, data_root)
+    if data.images.shape[1:3] != (h, w) and data.images.shape[1] < h:
+        data = pad_to(data, h)
+    data = data.subset(slice(start, start + count))
+    if len(data) == 0:
+        raise click.BadParameter(f"no images in {dataset}/{split}[{start}:{start + count}]", param_hint="'--start'")
+    return CleanData(data.images, data.labels, 0,
+                     {"dataset": dataset, "split": split, "start": start, "count": len(data)})
+
+
+def _echo_calibration(output: str, fpr: float, manifest: dict[str, Any], clean: CleanData) -> None:
+    """The calibrate command's report: validation FPR with its interval, accuracy, skipped inputs, per-class FPR."""
     cal = manifest["calibration"]
     v = cal["validation"]
+    n, predicted = len(clean.labels), clean.predicted
     click.echo(f"{output}: detectors {', '.join(d['name'] for d in manifest['detectors'])}; combine {cal['combine']}"
                f"{' (Mondrian, per predicted class)' if cal['mondrian'] else ''}; target FPR {fpr:.2%}; validation "
                f"FPR {v['rate']:.2%} (95% CI {v['ci95'][0]:.2%}-{v['ci95'][1]:.2%}, {v['k']}/{v['n']}); "
-               + ("clean accuracy n/a (predicted labels)" if predicted == len(labels) else
+               + ("clean accuracy n/a (predicted labels)" if predicted == n else
                   f"clean accuracy {v['clean_accuracy']:.2%}"
-                  + (f" ({predicted} of {len(labels)} labels predicted)" if predicted else "")))
-    if data_paths and provenance["skipped_unreadable"]:
-        click.echo(f"skipped {provenance['skipped_unreadable']} unreadable inputs: {provenance['skipped_reasons']}",
-                   err=True)
+                  + (f" ({predicted} of {n} labels predicted)" if predicted else "")))
+    if clean.provenance.get("skipped_unreadable"):
+        click.echo(f"skipped {clean.provenance['skipped_unreadable']} unreadable inputs: "
+                   f"{clean.provenance['skipped_reasons']}", err=True)
     if cal["mondrian"]:
         per = ", ".join(f"{c} {r['rate']:.1%} ({r['k']}/{r['n']})" for c, r in v["per_class"].items())
         click.echo(f"validation FPR per predicted class: {per}")

@@ -263,9 +263,8 @@ def _make_batch_dynamic(proto: Any) -> int | None:
 # ------------------------------------------------------------------------------------------------ contract
 
 
-def _input_contract(graph: Any, layout: str | None, input_shape: Sequence[int] | None,
-                    value_range: Sequence[float] | None, mean: Sequence[float] | None,
-                    std: Sequence[float] | None) -> InputContract:
+def _graph_input(graph: Any) -> tuple[Any, str, list[int | str | None]]:
+    """The graph's one real input, its dtype (float or uint8) and its dims."""
     inputs = _real_inputs(graph)
     if len(inputs) != 1:
         raise AdoptError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); abl-guard "
@@ -276,8 +275,11 @@ def _input_contract(graph: Any, layout: str | None, input_shape: Sequence[int] |
     elem = inp.type.tensor_type.elem_type
     if elem not in _INPUT_DTYPES:
         raise AdoptError(f"input {inp.name!r} has element type {elem}; images must be float or uint8")
-    dtype = _INPUT_DTYPES[elem]
-    dims = _dims(inp) or []
+    return inp, _INPUT_DTYPES[elem], _dims(inp) or []
+
+
+def _layout(name: str, dims: Sequence[int | str | None], layout: str | None) -> str:
+    """``layout`` checked against the input's rank, or read from it (rank 4: where the 1/3/4 channels sit)."""
     rank = len(dims)
     if layout is None:
         if rank == 2:
@@ -288,40 +290,62 @@ def _input_contract(graph: Any, layout: str | None, input_shape: Sequence[int] |
             chan = {1, 3, 4}
             nchw, nhwc = dims[1] in chan and dims[3] not in chan, dims[3] in chan and dims[1] not in chan
             if nchw == nhwc:
-                raise AdoptError(f"cannot tell the layout of input shape {dims}; pass --layout NCHW or NHWC")
+                raise AdoptError(f"cannot tell the layout of input shape {list(dims)}; pass --layout NCHW or NHWC")
             layout = "NCHW" if nchw else "NHWC"
         else:
-            raise AdoptError(f"input {inp.name!r} has rank {rank}; expected an image batch (rank 2-4)")
+            raise AdoptError(f"input {name!r} has rank {rank}; expected an image batch (rank 2-4)")
     want_rank = {"NCHW": 4, "NHWC": 4, "NHW": 3, "flat": 2}.get(layout)
     if want_rank is None:
         raise AdoptError(f"layout must be NCHW, NHWC, NHW or flat, got {layout!r}")
     if rank and rank != want_rank:
-        raise AdoptError(f"layout {layout} needs a rank-{want_rank} input, the graph's is {dims}")
+        raise AdoptError(f"layout {layout} needs a rank-{want_rank} input, the graph's is {list(dims)}")
+    return layout
+
+
+def _image_shape(dims: Sequence[int | str | None], layout: str,
+                 input_shape: Sequence[int] | None) -> tuple[int, int, int]:
+    """(C, H, W): ``input_shape`` checked against the graph's fixed dims, or read from them."""
     if input_shape is None:
-        fixed = [d if isinstance(d, int) and d > 0 else None for d in dims[1:]]
-        if layout == "flat" or None in fixed or not fixed:
-            raise AdoptError(f"the graph does not fix the image size (input {dims}, layout {layout}); pass "
+        fixed = [d for d in dims[1:] if isinstance(d, int) and d > 0]
+        if layout == "flat" or not fixed or len(fixed) != len(dims) - 1:
+            raise AdoptError(f"the graph does not fix the image size (input {list(dims)}, layout {layout}); pass "
                              "--input-shape C,H,W")
-        c, h, w = {"NCHW": lambda: fixed, "NHWC": lambda: [fixed[2], fixed[0], fixed[1]],
-                   "NHW": lambda: [1, fixed[0], fixed[1]]}[layout]()
-    else:
-        c, h, w = (int(v) for v in input_shape)
-        native = {"NCHW": [c, h, w], "NHWC": [h, w, c], "NHW": [h, w], "flat": [c * h * w]}[layout]
-        for got, need in zip(dims[1:], native):
-            if isinstance(got, int) and got > 0 and got != need:
-                raise AdoptError(f"--input-shape {c},{h},{w} as {layout} is {native}; the graph takes {dims[1:]}")
+        return {"NCHW": lambda: (fixed[0], fixed[1], fixed[2]), "NHWC": lambda: (fixed[2], fixed[0], fixed[1]),
+                "NHW": lambda: (1, fixed[0], fixed[1])}[layout]()
+    c, h, w = (int(v) for v in input_shape)
+    native = {"NCHW": [c, h, w], "NHWC": [h, w, c], "NHW": [h, w], "flat": [c * h * w]}[layout]
+    for got, need in zip(dims[1:], native):
+        if isinstance(got, int) and got > 0 and got != need:
+            raise AdoptError(f"--input-shape {c},{h},{w} as {layout} is {native}; the graph takes {list(dims[1:])}")
+    return c, h, w
+
+
+def _value_range(dtype: str, value_range: Sequence[float] | None, mean: Sequence[float] | None,
+                 std: Sequence[float] | None) -> tuple[float, float]:
+    """The input's value range: 0..255 for uint8 (which takes no normalisation outside the graph), else given or
+    [0, 1]."""
     if dtype == "uint8":
         if value_range is not None and tuple(map(float, value_range)) != (0.0, 255.0):
             raise AdoptError("a uint8 input takes values 0..255; --input-range does not apply")
         if mean is not None or std is not None:
             raise AdoptError("a uint8 input cannot be normalised outside the graph; --mean/--std do not apply")
-        rng: tuple[float, float] = (0.0, 255.0)
-    else:
-        rng = (0.0, 1.0) if value_range is None else (float(value_range[0]), float(value_range[1]))
+        return (0.0, 255.0)
     if (mean is None) != (std is None):
         raise AdoptError("--mean and --std go together")
+    return (0.0, 1.0) if value_range is None else (float(value_range[0]), float(value_range[1]))
+
+
+def _input_contract(graph: Any, layout: str | None, input_shape: Sequence[int] | None,
+                    value_range: Sequence[float] | None, mean: Sequence[float] | None,
+                    std: Sequence[float] | None) -> InputContract:
+    """What the graph's input takes (layout, size, dtype, range, normalisation outside the graph), from the graph
+    where it says and the options where it does not."""
+    inp, dtype, dims = _graph_input(graph)
+    layout = _layout(inp.name, dims, layout)
+    shape = _image_shape(dims, layout, input_shape)
+    rng = _value_range(dtype, value_range, mean, std)
     try:
-        return InputContract((c, h, w), layout, dtype, rng, tuple(map(float, mean)) if mean is not None else None,
+        return InputContract(shape, layout, dtype, rng, tuple(map(float, mean)) if mean is not None else None,
                              tuple(map(float, std)) if std is not None else None)
     except ValueError as e:
         raise AdoptError(str(e)) from None
@@ -460,6 +484,198 @@ def _write(dst: Path, data: bytes) -> None:
         raise
 
 
+# ------------------------------------------------------------------------------------------------ adopt's steps
+
+
+@dataclass
+class _Plan:
+    """What :func:`adopt` found in the graph: its input, the classifier output and its logits, the taps."""
+
+    contract: InputContract
+    input_name: str
+    classifier_output: str
+    scores: str  # the classifier output's float scores (the ZipMap's input when it has one)
+    logits: str
+    activation: str
+    model_outputs: list[str]
+    taps: dict[str, str]  # tap name -> tensor
+
+
+@dataclass
+class _Tolerance:
+    """How the parity check runs: the real inputs it adds to the random ones, its tolerances and seed."""
+
+    real: np.ndarray | None
+    atol: float
+    rtol: float
+    seed: int
+
+
+def _read_source(src: Path, dst: Path, overwrite: bool) -> tuple[bytes, Any]:
+    """The original file's bytes and its parsed graph, refusing an existing output and an adopted source."""
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --force to replace it")
+    if dst.resolve() == src.resolve():
+        raise AdoptError("the output must be a new file; the original stays as it is")
+    original_bytes = src.read_bytes()
+    proto = _load(src)
+    if any(p.key == METADATA_KEY for p in proto.metadata_props):
+        raise AdoptError(f"{src} already carries abl-guard metadata; calibrate it directly")
+    return original_bytes, proto
+
+
+def _with_check_data(check_inputs: np.ndarray | None, check_data: Sequence[str | os.PathLike] | None,
+                     contract: InputContract) -> np.ndarray | None:
+    """``check_inputs`` plus the first :data:`CHECK_INPUTS` readable inputs of ``check_data`` (read like scan)."""
+    if not check_data:
+        return check_inputs
+    from abl_guard.guard.labelled import read_calibration_data
+
+    real = read_calibration_data(check_data, contract.shape, ["0", "1"], count=CHECK_INPUTS,
+                                 labels="predicted").images
+    if not len(real):
+        raise AdoptError(f"no readable inputs in {', '.join(map(str, check_data))} for the check")
+    return real if check_inputs is None else np.concatenate([check_inputs, real])
+
+
+def _choose_classifier(graph: Any, infos: Mapping[str, Any], output: str | None) -> tuple[str, str]:
+    """``(classifier output, its float scores)``: the one named ``output``, else the first candidate."""
+    cands = _classifier_candidates(graph, infos)
+    if output is not None:
+        cands = [c for c in cands if c[0] == output]
+        if not cands:
+            raise AdoptError(f"output {output!r} is not a 2-D float (or ZipMap) output; outputs: "
+                             f"{_describe_outputs(graph, infos)}")
+    if not cands:
+        raise AdoptError(f"no 2-D float output, so not a classifier abl-guard can guard; outputs: "
+                         f"{_describe_outputs(graph, infos)}")
+    if len(cands) > 1:
+        log.warning("several classifier outputs (%s); using %s (choose with --output)",
+                    ", ".join(c[0] for c in cands), cands[0][0])
+    return cands[0]
+
+
+def _choose_taps(graph: Any, logits: str, tensors: set[str], taps: Mapping[str, str] | None,
+                 penultimate: str | None) -> dict[str, str]:
+    """Tap name -> tensor: the penultimate features (found, or ``penultimate``) and the ``taps`` asked for."""
+    tap_map: dict[str, str] = {}
+    pen = penultimate or find_penultimate(graph, logits)
+    if pen is not None:
+        tap_map[PENULTIMATE] = _resolve(graph, pen, tensors)
+    for name, ref in (taps or {}).items():
+        if name in tap_map and penultimate is None and name == PENULTIMATE:
+            log.info("tap %s given explicitly; replaces the automatic choice %s", name, tap_map[name])
+        tap_map[name] = _resolve(graph, ref, tensors)
+    if PENULTIMATE not in tap_map:
+        raise AdoptError("cannot find the penultimate features (no Gemm/MatMul before the logits); name them with "
+                         "--tap penultimate=TENSOR (`--list-taps` lists the tensors)")
+    for name in (LOGITS_NAME, *tap_map):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
+            raise AdoptError(f"tap name {name!r} must be a plain identifier")
+    if len({LOGITS_NAME, *tap_map}) != len(tap_map) + 1:
+        raise AdoptError(f"a tap cannot be called {LOGITS_NAME!r}")
+    return tap_map
+
+
+def _plan(proto: Any, contract: InputContract, output: str | None, taps: Mapping[str, str] | None,
+          penultimate: str | None) -> _Plan:
+    """Find the classifier, its logits and the taps, and expose logits and taps as graph outputs (in place)."""
+    g = proto.graph
+    infos = _infer(proto)
+    tensors = set(_producers(g)) | {i.name for i in g.input} | {i.name for i in g.initializer}
+    classifier_output, scores = _choose_classifier(g, infos, output)
+    logits, activation = _walk_to_logits(g, scores)
+    model_outputs = [o.name for o in g.output]
+    tap_map = _choose_taps(g, logits, tensors, taps, penultimate)
+    exposures = [(logits, LOGITS_NAME), *((t, n) for n, t in tap_map.items())]
+    for tensor, name in exposures:
+        if name != tensor and (name in tensors or name in model_outputs):
+            raise AdoptError(f"the graph already has a tensor named {name!r} that is not the {name} adopt chose "
+                             f"({tensor!r}); rename the tap (--tap OTHER=TENSOR)")
+    for tensor, name in exposures:
+        _expose(proto, tensor, name, infos)
+    return _Plan(contract, _real_inputs(g)[0].name, classifier_output, scores, logits, activation, model_outputs,
+                 tap_map)
+
+
+def _metadata(proto: Any, src: Path, original_bytes: bytes, plan: _Plan,
+              class_names: Sequence[str] | None) -> dict[str, Any]:
+    """The ``abl_guard`` metadata (class names may still be empty: :func:`_probe_classes` fills them in)."""
+    names = [str(n) for n in class_names] if class_names is not None else _zipmap_classes(proto.graph)
+    return {
+        "format": MODEL_FORMAT,
+        "input_name": plan.input_name,
+        **plan.contract.to_metadata(),
+        "class_names": list(names or []),
+        "outputs": [LOGITS_NAME, *plan.taps],
+        "taps": {name: {"tensor": tensor} for name, tensor in plan.taps.items()},
+        "model_outputs": plan.model_outputs,
+        "classifier_output": plan.classifier_output,
+        "output_activation": plan.activation,
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "adopted": {"source_file": src.name, "source_sha256": hashlib.sha256(original_bytes).hexdigest(),
+                    "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+                    "logits_tensor": plan.logits},
+    }
+
+
+def _serialise(model: Any, meta: Mapping[str, Any], extra: Mapping[str, Any]) -> bytes:
+    """``model``'s bytes with ``meta`` (+ ``extra``) as its only ``abl_guard`` metadata entry (``model`` is edited)."""
+    for p in list(model.metadata_props):
+        if p.key == METADATA_KEY:
+            model.metadata_props.remove(p)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps({**meta, **extra})
+    return model.SerializeToString()
+
+
+def _probe_classes(surgery: Any, meta: dict[str, Any], plan: _Plan, fixed: int | None, seed: int) -> None:
+    """Run the model once: it must run on what the contract feeds and give ``(N, classes >= 2)`` logits; class
+    names default to the class indices (set in ``meta``)."""
+    contract = plan.contract
+    try:
+        probe = _session(_serialise(surgery, meta, {}))
+        x = contract.to_native(_random_inputs(contract, fixed or 2, seed))
+        z = probe.run([LOGITS_NAME], {plan.input_name: x})[0]
+    except Exception as e:  # noqa: BLE001 - onnxruntime errors: the graph does not run on what the contract feeds
+        raise AdoptError(f"the model does not run on inputs of the contract ({contract.layout} {contract.dtype} "
+                         f"{contract.native_shape()}): {str(e).splitlines()[0][:300]}") from None
+    num_classes = int(z.shape[1]) if z.ndim == 2 else 0
+    if num_classes < 2:
+        raise AdoptError(f"the logits have shape {z.shape}; a classifier needs (N, classes >= 2)")
+    if not meta["class_names"]:
+        meta["class_names"] = [str(i) for i in range(num_classes)]
+    if len(meta["class_names"]) != num_classes:
+        raise AdoptError(f"{len(meta['class_names'])} class names for a model with {num_classes} classes")
+
+
+def _checked_model(original_bytes: bytes, surgery: Any, dynamic: Any, meta: Mapping[str, Any], plan: _Plan,
+                   fixed: int | None, tol: _Tolerance) -> tuple[bytes, dict[str, float], str, dict[str, Any]]:
+    """The adopted model's bytes once the parity check passes: with a dynamic batch when it works, else (a graph
+    that bakes its batch into a shape) with the file's fixed batch. Returns ``(bytes, parity, batch, extra)``."""
+    probs = plan.classifier_output if plan.classifier_output == plan.scores else None
+
+    def check(data: bytes, new_fixed: int | None) -> dict[str, float]:
+        return _check(original_bytes, data, plan.contract, plan.input_name, plan.model_outputs, list(plan.taps),
+                      probs, plan.activation, fixed, new_fixed, tol.real, tol.atol, tol.rtol, tol.seed)
+
+    try:
+        data = _serialise(dynamic, meta, {})
+        parity = check(data, None)
+        return data, parity, "dynamic" if fixed is None else f"made dynamic (the file fixed it at {fixed})", {}
+    except Exception as e:  # noqa: BLE001 - a graph baking the batch into a shape fails at run time or differs
+        if fixed is None:
+            if isinstance(e, AdoptError):
+                raise
+            raise AdoptError(f"the adopted model fails to run: {str(e).splitlines()[0][:300]}") from None
+        reason = str(e).splitlines()[0][:200]
+    log.warning("the graph fixes the batch at %d and fails with another batch size (%s); keeping it fixed "
+                "(the runtime pads the last chunk)", fixed, reason)
+    extra = {"fixed_batch": fixed}
+    data = _serialise(surgery, meta, extra)
+    return data, check(data, fixed), f"fixed at {fixed} (with another batch size: {reason})", extra
+
+
 # ------------------------------------------------------------------------------------------------ public API
 
 
@@ -525,136 +741,22 @@ def adopt(
     import onnx
 
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --force to replace it")
-    if dst.resolve() == src.resolve():
-        raise AdoptError("the output must be a new file; the original stays as it is")
-    original_bytes = src.read_bytes()
-    proto = _load(src)
-    g = proto.graph
-    if any(p.key == METADATA_KEY for p in proto.metadata_props):
-        raise AdoptError(f"{src} already carries abl-guard metadata; calibrate it directly")
-    contract = _input_contract(g, layout, input_shape, value_range, mean, std)
-    input_name = _real_inputs(g)[0].name
-    if check_data:
-        from abl_guard.guard.labelled import read_calibration_data
-
-        real = read_calibration_data(check_data, contract.shape, ["0", "1"], count=CHECK_INPUTS,
-                                     labels="predicted").images
-        if not len(real):
-            raise AdoptError(f"no readable inputs in {', '.join(map(str, check_data))} for the check")
-        check_inputs = real if check_inputs is None else np.concatenate([check_inputs, real])
-    infos = _infer(proto)
-    tensors = set(_producers(g)) | {i.name for i in g.input} | {i.name for i in g.initializer}
-
-    cands = _classifier_candidates(g, infos)
-    if output is not None:
-        cands = [c for c in cands if c[0] == output]
-        if not cands:
-            raise AdoptError(f"output {output!r} is not a 2-D float (or ZipMap) output; outputs: "
-                             f"{_describe_outputs(g, infos)}")
-    if not cands:
-        raise AdoptError(f"no 2-D float output, so not a classifier abl-guard can guard; outputs: "
-                         f"{_describe_outputs(g, infos)}")
-    if len(cands) > 1:
-        log.warning("several classifier outputs (%s); using %s (choose with --output)",
-                    ", ".join(c[0] for c in cands), cands[0][0])
-    classifier_output, scores = cands[0]
-    logits, activation = _walk_to_logits(g, scores)
-    model_outputs = [o.name for o in g.output]
-
-    tap_map: dict[str, str] = {}
-    pen = penultimate or find_penultimate(g, logits)
-    if pen is not None:
-        tap_map[PENULTIMATE] = _resolve(g, pen, tensors)
-    for name, ref in (taps or {}).items():
-        if name in tap_map and penultimate is None and name == PENULTIMATE:
-            log.info("tap %s given explicitly; replaces the automatic choice %s", name, tap_map[name])
-        tap_map[name] = _resolve(g, ref, tensors)
-    if PENULTIMATE not in tap_map:
-        raise AdoptError("cannot find the penultimate features (no Gemm/MatMul before the logits); name them with "
-                         "--tap penultimate=TENSOR (`--list-taps` lists the tensors)")
-    for name in (LOGITS_NAME, *tap_map):
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
-            raise AdoptError(f"tap name {name!r} must be a plain identifier")
-    if len({LOGITS_NAME, *tap_map}) != len(tap_map) + 1:
-        raise AdoptError(f"a tap cannot be called {LOGITS_NAME!r}")
-    exposures = [(logits, LOGITS_NAME), *((t, n) for n, t in tap_map.items())]
-    for tensor, name in exposures:
-        if name != tensor and (name in tensors or name in model_outputs):
-            raise AdoptError(f"the graph already has a tensor named {name!r} that is not the {name} adopt chose "
-                             f"({tensor!r}); rename the tap (--tap OTHER=TENSOR)")
-    for tensor, name in exposures:
-        _expose(proto, tensor, name, infos)
-
-    class_names = [str(n) for n in class_names] if class_names is not None else _zipmap_classes(g)
-    meta: dict[str, Any] = {
-        "format": MODEL_FORMAT,
-        "input_name": input_name,
-        **contract.to_metadata(),
-        "class_names": list(class_names or []),
-        "outputs": [LOGITS_NAME, *tap_map],
-        "taps": {name: {"tensor": tensor} for name, tensor in tap_map.items()},
-        "model_outputs": model_outputs,
-        "classifier_output": classifier_output,
-        "output_activation": activation,
-        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
-        "adopted": {"source_file": src.name, "source_sha256": hashlib.sha256(original_bytes).hexdigest(),
-                    "producer": f"{proto.producer_name} {proto.producer_version}".strip(), "logits_tensor": logits},
-    }
+    original_bytes, proto = _read_source(src, dst, overwrite)
+    contract = _input_contract(proto.graph, layout, input_shape, value_range, mean, std)
+    check_inputs = _with_check_data(check_inputs, check_data, contract)
+    plan = _plan(proto, contract, output, taps, penultimate)
+    meta = _metadata(proto, src, original_bytes, plan, class_names)
     surgery = proto  # the graph with the added outputs, batch as in the file
     dynamic = onnx.ModelProto()
     dynamic.CopyFrom(surgery)
     fixed = _make_batch_dynamic(dynamic)
-    probs = classifier_output if classifier_output == scores else None
-
-    def serialise(model: Any, extra: Mapping[str, Any]) -> bytes:
-        for p in list(model.metadata_props):
-            if p.key == METADATA_KEY:
-                model.metadata_props.remove(p)
-        entry = model.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps({**meta, **extra})
-        return model.SerializeToString()
-
     try:
         onnx.checker.check_model(dynamic)
     except Exception as e:  # noqa: BLE001 - the checker raises several types
         raise AdoptError(f"the adopted graph does not validate: {str(e).splitlines()[0]}") from None
-    # the class count comes from running the model; names default to the class indices
-    try:
-        probe = _session(serialise(surgery, {}))
-        z = probe.run([LOGITS_NAME], {input_name: contract.to_native(_random_inputs(contract, fixed or 2, seed))})[0]
-    except Exception as e:  # noqa: BLE001 - onnxruntime errors: the graph does not run on what the contract feeds
-        raise AdoptError(f"the model does not run on inputs of the contract ({contract.layout} {contract.dtype} "
-                         f"{contract.native_shape()}): {str(e).splitlines()[0][:300]}") from None
-    num_classes = int(z.shape[1]) if z.ndim == 2 else 0
-    if num_classes < 2:
-        raise AdoptError(f"the logits have shape {z.shape}; a classifier needs (N, classes >= 2)")
-    if not meta["class_names"]:
-        meta["class_names"] = [str(i) for i in range(num_classes)]
-    if len(meta["class_names"]) != num_classes:
-        raise AdoptError(f"{len(meta['class_names'])} class names for a model with {num_classes} classes")
-
-    batch, extra = "dynamic", {}
-    try:
-        data = serialise(dynamic, {})
-        parity = _check(original_bytes, data, contract, input_name, model_outputs, list(tap_map), probs, activation,
-                        fixed, None, check_inputs, atol, rtol, seed)
-        if fixed is not None:
-            batch = f"made dynamic (the file fixed it at {fixed})"
-    except Exception as e:  # noqa: BLE001 - a graph baking the batch into a shape fails at run time or differs
-        if fixed is None:
-            if isinstance(e, AdoptError):
-                raise
-            raise AdoptError(f"the adopted model fails to run: {str(e).splitlines()[0][:300]}") from None
-        reason = str(e).splitlines()[0][:200]
-        log.warning("the graph fixes the batch at %d and fails with another batch size (%s); keeping it fixed "
-                    "(the runtime pads the last chunk)", fixed, reason)
-        extra = {"fixed_batch": fixed}
-        data = serialise(surgery, extra)
-        parity = _check(original_bytes, data, contract, input_name, model_outputs, list(tap_map), probs, activation,
-                        fixed, fixed, check_inputs, atol, rtol, seed)
-        batch = f"fixed at {fixed} (with another batch size: {reason})"
+    _probe_classes(surgery, meta, plan, fixed, seed)
+    data, parity, batch, extra = _checked_model(original_bytes, surgery, dynamic, meta, plan, fixed,
+                                                _Tolerance(check_inputs, atol, rtol, seed))
     _write(dst, data)
-    log.info("adopted %s -> %s (logits %s, taps %s; batch %s)", src, dst, logits, tap_map, batch)
-    return AdoptReport(dst, [LOGITS_NAME, *tap_map], dict(tap_map), parity, batch, {**meta, **extra})
+    log.info("adopted %s -> %s (logits %s, taps %s; batch %s)", src, dst, plan.logits, plan.taps, batch)
+    return AdoptReport(dst, [LOGITS_NAME, *plan.taps], dict(plan.taps), parity, batch, {**meta, **extra})

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +60,13 @@ class TapWrapper(nn.Module):
             else:
                 self._handles.append(mod.register_forward_hook(self._hook(name)))
 
-    def _pre_hook(self, name: str):
+    def _pre_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_mod: nn.Module, args: tuple) -> None:
             self._store[name] = args[0]
 
         return hook
 
-    def _hook(self, name: str):
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> None:
             # clone: a following in-place op (ReLU(inplace=True)) must not change what the tap shows
             self._store[name] = out.clone()

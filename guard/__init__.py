@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 #: public name -> the sub-module that defines it
 _LAZY = {
     "BundleError": "bundle", "pack_bundle": "bundle", "InputError": "preprocess", "InputContract": "preprocess",
-    "Guard": "runtime", "Inspection": "runtime", "Verdict": "runtime", "calibrate_bundle": "runtime",
+    "Guard": "runtime", "Inspection": "runtime", "Verdict": "runtime", "calibrate_bundle": "build",
     "GuardedSession": "session",
 }
 
@@ -21,9 +21,10 @@ __all__ = ["BundleError", "Guard", "GuardedSession", "InputContract", "InputErro
            "calibrate_bundle", "pack_bundle"]
 
 if TYPE_CHECKING:
+    from .build import calibrate_bundle
     from .bundle import BundleError, pack_bundle
     from .preprocess import InputContract, InputError
-    from .runtime import Guard, Inspection, Verdict, calibrate_bundle
+    from .runtime import Guard, Inspection, Verdict
     from .session import GuardedSession
 
 

@@ -104,7 +104,7 @@ def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> str:
         if np.asarray(v).dtype == object:
             raise BundleError(f"array {k!r} has dtype object; bundles hold numeric arrays only")
     with open(path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        np.savez(f, allow_pickle=False, **{k: np.asarray(v) for k, v in arrays.items()})
     return sha256_file(path)
 
 
@@ -192,7 +192,7 @@ class BundleWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _safe_name(root: Path | str, name: Any) -> None:
+def _safe_name(root: str | os.PathLike, name: Any) -> None:
     """A plain relative POSIX name (no absolute path, ``..``, ``.``, empty part, backslash, NUL) other than the
     manifest's."""
     plain = (isinstance(name, str) and name and "\\" not in name and "\x00" not in name

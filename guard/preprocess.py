@@ -38,7 +38,7 @@ def pil_to_array(img: Any, input_shape: Sequence[int]) -> tuple[np.ndarray, bool
         img = img.convert(mode)
     resized = img.size != (w, h)
     if resized:
-        img = img.resize((w, h), Image.BILINEAR)
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     return (arr[..., None] if arr.ndim == 2 else arr), resized
 
@@ -60,7 +60,7 @@ def _wide_to_array(img: Any, input_shape: Sequence[int]) -> tuple[np.ndarray, bo
     arr = np.asarray(img).astype(np.float32) * np.float32(scale)  # 'I;16B' has no PIL conversion to 'F'
     resized = img.size != (w, h)
     if resized:
-        arr = np.asarray(Image.fromarray(arr, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
+        arr = np.asarray(Image.fromarray(arr, mode="F").resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
     arr = np.clip(arr, 0.0, 1.0)[..., None]  # bilinear weights sum to one; clip only float rounding
     return (np.repeat(arr, c, axis=-1) if c != 1 else arr), resized
 

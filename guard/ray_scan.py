@@ -38,7 +38,7 @@ import re
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,7 +239,7 @@ def _parquet_items(path: str, input_shape: Sequence[int], skip: Callable[[str], 
 
 
 def _source_items(sources: Sequence[str], input_shape: Sequence[int], skip: Callable[[str], bool],
-                  limits: SourceLimits) -> Iterator[InputItem]:
+                  limits: SourceLimits) -> Generator[InputItem, None, None]:
     """The local scan's items (``iter_inputs``) with named Parquet files read by :func:`_parquet_items`."""
     for src in sources:
         if _is_parquet(src):
@@ -270,7 +270,7 @@ class ReadPlan:
 
     def tasks(self, rows_per_task: int) -> list[tuple[int, list[tuple[int, int]]]]:
         """``(first source, runs)`` for each read task: consecutive numbers, ``rows_per_task`` of them at most."""
-        out: list[tuple[int, list[tuple[int, int]]]] = []
+        out: list[list[tuple[int, int]]] = []
         cur: list[tuple[int, int]] = []
         n = 0
         for a, b in self.todo:
@@ -475,6 +475,8 @@ class GuardActor:
                 items.append(InputItem(str(iid), img, err if isinstance(err, str) else None, bool(rs),
                                        src if isinstance(src, str) else None))
             return [int(s) for s in batch["seq"]], items
+        if self.id_column is None or self.image_column is None:
+            raise ValueError("rows that are not the read tasks' decoded items need image_column and id_column")
         ids = [safe_text(str(v)) for v in batch[self.id_column]]
         keep = [i for i, iid in enumerate(ids) if iid not in self.skip_ids]
         images = batch[self.image_column]
@@ -719,7 +721,7 @@ def _run(ray: Any, make_ds: Callable[[set[str] | None], Any], guard: Guard, outp
     try:
         if fmt == "parquet":
             with _locked_folder(path, resume):
-                summary, ids = ScanSummary(output=str(path)), Counter()
+                summary, ids = ScanSummary(output=str(path)), Counter[str]()
                 if resume:
                     for rec in read_parquet_records(path):
                         summary.add(rec)

@@ -112,8 +112,8 @@ def build_report(verdicts: str | os.PathLike, bundle: str | os.PathLike | None =
 # ------------------------------------------------------------------------------------------------ drawing
 
 
-def _hist(ax: Any, scanned: Sequence[float], flagged: Sequence[float], cal: np.ndarray | None, title: str,
-          xlabel: str, thresholds: Sequence[float] = ()) -> None:
+def _hist(ax: Any, scanned: Sequence[float] | np.ndarray, flagged: Sequence[float] | np.ndarray,
+          cal: np.ndarray | None, title: str, xlabel: str, thresholds: Sequence[float] = ()) -> None:
     """Shares of inputs per bin: clean calibration (grey), scanned not flagged (blue) and flagged (red; the two
     scanned series are shares of *all* scanned inputs, so they add up to the scan's distribution). Heavy-tailed
     positive scores get logarithmic bins."""
@@ -184,10 +184,10 @@ def _thumbnails(records: Sequence[Mapping[str, Any]], cols: int = 12) -> np.ndar
             continue
         rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
         pil = Image.fromarray(rgb)
-        pil.thumbnail((THUMB, THUMB), Image.NEAREST if max(pil.size) < THUMB else Image.BILINEAR)
+        pil.thumbnail((THUMB, THUMB), Image.Resampling.NEAREST if max(pil.size) < THUMB else Image.Resampling.BILINEAR)
         if max(pil.size) < THUMB:
             scale = THUMB // max(pil.size)
-            pil = pil.resize((pil.size[0] * scale, pil.size[1] * scale), Image.NEAREST)
+            pil = pil.resize((pil.size[0] * scale, pil.size[1] * scale), Image.Resampling.NEAREST)
         a = np.asarray(pil)
         grid[y : y + a.shape[0], x : x + a.shape[1]] = a
     return grid

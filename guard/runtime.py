@@ -1,9 +1,9 @@
-"""The runtime guard: calibrate detectors on clean data into a bundle, then score every input against it.
+"""The runtime guard: score every input against a calibrated bundle.
 
-``calibrate_bundle`` splits clean labelled images into *fit* (detectors learn), *calibration* (each detector's clean
-score distribution, the combined p-value threshold) and *validation* (the realised false-positive rate) parts.
 ``Guard.load(bundle).inspect(images)`` returns one :class:`Verdict` per input; ``predict`` returns labels and a
-flag mask without building per-input objects.
+flag mask without building per-input objects. Bundles are written by :func:`~abl_guard.guard.build.calibrate_bundle`
+(re-exported here); the forward pass and raw scoring below (:func:`observe`, :func:`needed_outputs`,
+:func:`raw_scores`) are shared with it, so a guard scores exactly as it was calibrated.
 
 Combining detectors: every detector's score becomes a conformal p-value against its clean calibration scores
 (two-sided detectors: both tails); the p-values are combined with **Fisher's method by default**
@@ -16,36 +16,25 @@ a whole flags the target fraction of clean inputs rather than k times it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from abl_guard.detectors import Detector, detector_from_state
 from abl_guard.detectors._util import softmax
 
-from .bundle import (
-    MODEL_FILE,
-    BundleError,
-    BundleLimits,
-    BundleWriter,
-    bundle_file,
-    is_archive,
-    load_arrays,
-    open_bundle,
-    pack_bundle,
-)
-from .calibration import COMBINERS, Calibrator, RateEstimate, alarm_null, min_calibration_size
+from .bundle import BundleError, BundleLimits, bundle_file, load_arrays, open_bundle
+from .calibration import Calibrator
 from .model import OnnxModel
 from .preprocess import to_model_input
+from .threads import BlasThreads
+
+if TYPE_CHECKING:
+    from .build import calibrate_bundle as calibrate_bundle  # re-exported (see __getattr__ below)
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +101,12 @@ class Inspection:
     def concat(parts: Sequence[Inspection]) -> Inspection:
         if len(parts) == 1:
             return parts[0]
-        return Inspection(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                            ("labels", "confidence", "p_value", "p_threshold", "pvals", "low_tail")),
-                          {n: np.concatenate([p.scores[n] for p in parts]) for n in parts[0].scores})
+
+        def cat(f: str) -> np.ndarray:
+            return np.concatenate([getattr(p, f) for p in parts])
+
+        return Inspection(cat("labels"), cat("confidence"), cat("p_value"), cat("p_threshold"), cat("pvals"),
+                          cat("low_tail"), {n: np.concatenate([p.scores[n] for p in parts]) for n in parts[0].scores})
 
 
 def _finite(v: float) -> float | None:
@@ -124,7 +116,9 @@ def _finite(v: float) -> float | None:
 
 
 def unique_names(detectors: Sequence[Detector]) -> list[str]:
-    names, seen = [], {}
+    """Detector names made unique by order of appearance (``mahalanobis``, ``mahalanobis#2``, ...)."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
     for d in detectors:
         n = d.name
         seen[n] = seen.get(n, 0) + 1
@@ -141,13 +135,15 @@ def needed_outputs(detectors: Sequence[Detector]) -> list[str]:
 
 
 def observe(model: OnnxModel, x: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """One forward pass: the model's ``outputs`` (all when None) plus the canonical input under ``input``."""
     obs = model.run(x, outputs)
     obs["input"] = x
     return obs
 
 
-def _raw_scores(names: Sequence[str], detectors: Sequence[Detector], obs: Mapping[str, np.ndarray],
-                model: OnnxModel) -> dict[str, np.ndarray]:
+def raw_scores(names: Sequence[str], detectors: Sequence[Detector], obs: Mapping[str, np.ndarray],
+               model: OnnxModel) -> dict[str, np.ndarray]:
+    """Each detector's raw scores for one forward pass's observations, checked to be one float per input."""
     out = {}
     for n, d in zip(names, detectors):
         s = np.asarray(d.score(obs, model), np.float64)
@@ -157,221 +153,19 @@ def _raw_scores(names: Sequence[str], detectors: Sequence[Detector], obs: Mappin
     return out
 
 
-def _file_key(name: str) -> str:
+def file_key(name: str) -> str:
+    """A detector's name as it appears in bundle file and array names (``#`` of repeated detectors -> ``_``)."""
     return name.replace("#", "_")
-
-
-file_key = _file_key  # public: guard/report.py names the calibration arrays with it
-
-
-def _split(n: int, fractions: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded fit / calibration / validation split; ``fractions`` are three positive fractions or three counts."""
-    f = [float(v) for v in fractions]
-    if len(f) != 3 or min(f) <= 0:
-        raise ValueError(f"fractions must be three positive numbers, got {fractions}")
-    if all(v.is_integer() and v >= 1 for v in f) and sum(f) > 3:  # counts
-        if sum(f) > n:
-            raise ValueError(f"split sizes {[int(v) for v in f]} exceed the {n} images given")
-        sizes = [int(v) for v in f]
-    else:
-        if abs(sum(f) - 1) > 1e-6:
-            raise ValueError(f"fractions must sum to 1, got {fractions}")
-        sizes = [int(f[0] * n), int(f[1] * n), n - int(f[0] * n) - int(f[1] * n)]
-    perm = np.random.default_rng(seed).permutation(n)
-    a, b = sizes[0], sizes[0] + sizes[1]
-    return perm[:a], perm[a:b], perm[b : b + sizes[2]]
-
-
-def calibrate_bundle(
-    model_path: str | os.PathLike,
-    images: np.ndarray,
-    labels: np.ndarray,
-    detectors: Sequence[Detector],
-    out_dir: str | os.PathLike,
-    *,
-    fpr: float = 0.01,
-    fractions: Sequence[float] = (0.5, 0.3, 0.2),
-    combine: str = DEFAULT_COMBINE,
-    mondrian: bool = False,
-    seed: int = 0,
-    overwrite: bool = False,
-    provenance: Mapping[str, Any] | None = None,
-    providers: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Fit ``detectors`` on clean labelled images, calibrate the guard to ``fpr`` and write a bundle.
-
-    ``fractions`` split the images into fit / calibration / validation parts (seeded permutation; three fractions
-    summing to 1, or three counts). ``mondrian`` calibrates per predicted class. ``out_dir`` ending in ``.zip``
-    writes a single-file archive instead of a directory. Returns the manifest.
-    """
-    if not detectors:
-        raise ValueError("at least one detector is needed")
-    if combine not in COMBINERS:
-        raise ValueError(f"combine must be one of {COMBINERS}")
-    if not 0.0 < fpr < 1.0:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    model = OnnxModel(model_path, providers=providers)
-    x = to_model_input(images, model.input_shape)
-    labels = np.asarray(labels, np.int64)
-    if labels.shape != (len(x),):
-        raise ValueError(f"{len(labels)} labels for {len(x)} images")
-    fit_idx, cal_idx, val_idx = _split(len(x), fractions, seed)
-    if min(len(fit_idx), len(cal_idx), len(val_idx)) < 10:
-        raise ValueError(f"too few calibration images ({len(x)}) for a fit/calibration/validation split")
-    if len(cal_idx) < min_calibration_size(fpr):
-        raise ValueError(f"{len(cal_idx)} calibration inputs cannot resolve a false-positive rate of {fpr}; "
-                         f"need at least {min_calibration_size(fpr)} in the calibration part")
-
-    names = unique_names(detectors)
-    outputs = needed_outputs(detectors)
-    obs_fit = observe(model, x[fit_idx], outputs)
-    for name, det in zip(names, detectors):
-        log.info("fitting %s on %d clean inputs", name, len(fit_idx))
-        det.fit(obs_fit, labels[fit_idx], model)
-    del obs_fit
-
-    obs_cal = observe(model, x[cal_idx], outputs)
-    cal_scores = _raw_scores(names, detectors, obs_cal, model)
-    cal_pred = obs_cal["logits"].argmax(1)
-    del obs_cal
-    k = model.num_classes
-    cal = Calibrator.fit(cal_scores, cal_pred, [d.two_sided for d in detectors], combine, fpr, k, mondrian)
-    if mondrian and cal.fallback_classes:
-        log.warning("Mondrian calibration: classes %s have fewer than %d calibration inputs and use the pooled "
-                    "threshold", cal.fallback_classes, min_calibration_size(fpr))
-    cal_loo, _, _ = cal.pvalues(cal_scores, cal_pred, leave_one_out=True)
-
-    obs_val = observe(model, x[val_idx], outputs)
-    val_scores = _raw_scores(names, detectors, obs_val, model)
-    val_pred = obs_val["logits"].argmax(1)
-    val_combined, val_p, _ = cal.pvalues(val_scores, val_pred)
-    val_thr = cal.thresholds(val_pred)
-    val_flags = val_combined <= val_thr
-    validation: dict[str, Any] = RateEstimate.of(val_flags).to_json()
-    validation["per_detector_rate_at_threshold"] = {
-        n: float(np.mean(val_p[:, i] <= val_thr)) for i, n in enumerate(names)
-    }
-    validation["clean_accuracy"] = float(np.mean(val_pred == labels[val_idx]))
-    clean_flag_pred = np.r_[cal_pred[cal_loo <= cal.thresholds(cal_pred)], val_pred[val_flags]]
-    null_alpha, null_method = alarm_null(clean_flag_pred, cal_pred, k)
-    validation["per_class"] = {
-        model.class_names[c]: RateEstimate.of(val_flags[val_pred == c]).to_json()
-        for c in range(k) if np.any(val_pred == c)
-    }
-
-    archive = is_archive(out_dir)
-    if archive and Path(out_dir).exists() and not overwrite:
-        raise BundleError(f"{out_dir} exists; pass overwrite=True (--force) to replace it")
-    staging = None
-    if archive:  # build the directory privately, then pack it
-        Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=Path(out_dir).parent))
-    bundle_dir = staging / "bundle" if staging else Path(out_dir)
-    writer = BundleWriter(bundle_dir, overwrite=overwrite)
-    try:
-        model_sha = writer.add_file(model_path, MODEL_FILE)
-        det_entries = []
-        for name, det in zip(names, detectors):
-            fname = f"detectors/{_file_key(name)}.npz"
-            digest = writer.add_arrays(fname, det.state_dict())
-            det_entries.append({"name": name, "type": det.name, "params": det.get_params(),
-                                "two_sided": bool(det.two_sided), "tail_kinds": dict(det.tail_kinds),
-                                "requires": list(det.requires), "state_file": fname, "sha256": digest})
-        cal_file = "calibration.npz"
-        cal_sha = writer.add_arrays(cal_file, {"pred": cal_pred.astype(np.int64),
-                                               **{f"scores__{_file_key(n)}": s for n, s in cal_scores.items()}})
-        meta = model.meta
-        manifest = writer.commit({
-            "input": {"name": model.input_name, "shape": list(model.input_shape), "layout": "NCHW",
-                      "dtype": "float32", "range": [0.0, 1.0],
-                      "accepts": "uint8 NHWC (or NHW grayscale), float NCHW/NHWC in [0, 1], PIL images",
-                      "normalization": meta.get("normalization")},
-            "class_names": list(model.class_names),
-            "taps": list(model.tap_names),
-            "outputs_used": outputs,
-            "model": {"file": MODEL_FILE, "sha256": model_sha, "metadata": meta},
-            "detectors": det_entries,
-            "calibration": {
-                "file": cal_file, "sha256": cal_sha, **cal.to_json(), "fpr_target": fpr, "seed": seed,
-                "fractions": [float(f) for f in fractions],
-                "split": {"fit": len(fit_idx), "calibration": len(cal_idx), "validation": len(val_idx)},
-                "predicted_class_counts": np.bincount(cal_pred, minlength=k).tolist(),
-                "alarm_null": {"method": null_method, "dirichlet": [float(a) for a in null_alpha],
-                               "probs": [float(a / null_alpha.sum()) for a in null_alpha]},
-                "validation": validation,
-            },
-            "provenance": {
-                "model": {key: meta.get(key) for key in ("arch", "dataset", "source_checkpoint_sha256", "training",
-                                                          "torch_version", "opset") if key in meta}
-                | {"onnx_sha256": model_sha},
-                **dict(provenance or {}),
-            },
-        })
-        if archive:
-            pack_bundle(bundle_dir, out_dir, overwrite=True)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if staging:
-            shutil.rmtree(staging, ignore_errors=True)
-    return manifest
 
 
 def calibrator_from_manifest(manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Calibrator:
     """The bundle's :class:`Calibrator` from its manifest and ``calibration.npz`` arrays (no model needed)."""
     cal = manifest["calibration"]
     entries = manifest["detectors"]
-    scores = {e["name"]: arrays[f"scores__{_file_key(e['name'])}"] for e in entries}
+    scores = {e["name"]: arrays[f"scores__{file_key(e['name'])}"] for e in entries}
     return Calibrator(scores, arrays["pred"], [bool(e["two_sided"]) for e in entries], cal["combine"],
                       len(manifest["class_names"]), cal["p_threshold"], cal.get("mondrian", False),
                       cal.get("class_thresholds"), cal.get("fallback_classes") or ())
-
-
-class _BlasThreads:
-    """Caps BLAS threads while detectors score. Detector arithmetic is small (a batch times a few hundred features),
-    where OpenBLAS's threads only contend with onnxruntime's for the same cores: on 2 shared cores one Mahalanobis
-    batch of 64 took 18 ms with 2 BLAS threads and 0.7 ms with 1 (and 1 thread wins from batch 4 on even without
-    onnxruntime running). Uses threadpoolctl (a scikit-learn dependency); a no-op without it. BLAS has only a
-    process-wide setting, so concurrent callers share one cap: the first to enter sets it, the last to leave
-    restores the previous setting (no flip-flopping under a running call)."""
-
-    MIN_BATCH = 4  # below this OpenBLAS stays single-threaded anyway; skip the (microsecond) bookkeeping
-    _lock = threading.Lock()
-    _holders = 0
-    _saved: list[int] = []
-    _libs: list[Any] | None = None
-
-    def __init__(self, threads: int | None) -> None:
-        self.threads = threads
-
-    @contextlib.contextmanager
-    def __call__(self, batch: int) -> Iterator[None]:
-        if self.threads is None or batch < self.MIN_BATCH:
-            yield
-            return
-        cls = type(self)
-        with cls._lock:
-            if cls._libs is None:  # finding the BLAS libraries takes ~0.3 ms: once per process
-                try:
-                    from threadpoolctl import ThreadpoolController
-
-                    cls._libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
-                except ImportError:
-                    cls._libs = []
-            if cls._holders == 0:
-                cls._saved = [lib.get_num_threads() for lib in cls._libs]
-                for lib in cls._libs:
-                    lib.set_num_threads(self.threads)
-            cls._holders += 1
-        try:
-            yield
-        finally:
-            with cls._lock:
-                cls._holders -= 1
-                if cls._holders == 0:
-                    for lib, n in zip(cls._libs, cls._saved):
-                        lib.set_num_threads(n)
 
 
 class Guard:
@@ -385,7 +179,7 @@ class Guard:
     def __init__(self, model: OnnxModel, names: Sequence[str], detectors: Sequence[Detector],
                  calibrator: Calibrator, manifest: dict[str, Any], blas_threads: int | None = 1) -> None:
         self.model = model
-        self._blas = _BlasThreads(blas_threads)
+        self._blas = BlasThreads(blas_threads)
         self.names = list(names)
         self.detectors = list(detectors)
         self.calibrator = calibrator
@@ -473,7 +267,7 @@ class Guard:
         """Verdicts from one forward pass's arrays (``logits``, the taps, and the canonical ``input`` when a
         detector reads it) — for callers that ran the model themselves (:class:`~guard.session.GuardedSession`)."""
         with self._blas(len(obs["logits"])):
-            raw = _raw_scores(self.names, self.detectors, obs, self.model)
+            raw = raw_scores(self.names, self.detectors, obs, self.model)
         probs = softmax(obs["logits"].astype(np.float64))
         labels = probs.argmax(1)
         combined, P, low = self.calibrator.pvalues(raw, labels)
@@ -512,3 +306,14 @@ class Guard:
         """``(labels, flagged)`` arrays for a batch — the fast path for serving."""
         ins = self.inspect_arrays(x)
         return ins.labels, ins.flagged
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        """``calibrate_bundle`` lives in :mod:`.build`, which imports this module: re-exported here on first use."""
+        if name == "calibrate_bundle":
+            from .build import calibrate_bundle
+
+            return calibrate_bundle
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

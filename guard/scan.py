@@ -550,17 +550,17 @@ def _batches(items: Iterable[InputItem], n: int) -> Iterator[list[InputItem]]:
 
 
 def _records(guard: Guard, batch: list[InputItem]) -> list[dict[str, Any]]:
-    good = [it for it in batch if it.error is None]
+    good = [(it, it.image) for it in batch if it.error is None and it.image is not None]
     verdicts: dict[int, dict[str, Any]] = {}
     if good:
         try:
-            vs = guard.inspect(np.stack([it.image for it in good]))
-            verdicts = {id(it): v.to_json() for it, v in zip(good, vs)}
+            vs = guard.inspect(np.stack([image for _, image in good]))
+            verdicts = {id(it): v.to_json() for (it, _), v in zip(good, vs)}
         except Exception as e:  # noqa: BLE001 - a failing batch must not lose its inputs
             log.warning("batch failed (%s); retrying inputs one by one", e)
-            for it in good:
+            for it, image in good:
                 try:
-                    verdicts[id(it)] = guard.inspect(it.image[None])[0].to_json()
+                    verdicts[id(it)] = guard.inspect(image[None])[0].to_json()
                 except Exception as e1:  # noqa: BLE001
                     it.error = f"scoring failed: {type(e1).__name__}: {e1}"
     out = []

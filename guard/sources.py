@@ -414,13 +414,14 @@ class _ArrayStream:
 
 def _open_npz(fp: IO[bytes], limits: SourceLimits) -> tuple[zipfile.ZipFile, zipfile.ZipInfo]:
     """The zip of an ``.npz`` and its images member (``images``/``x``/``inputs``, or the only member)."""
-    end = getattr(zipfile, "_EndRecData", None)  # the end record: bound the central directory before it is parsed
-    if end is not None:
+    # the end record (CPython internals, hence getattr): bound the central directory before it is parsed
+    end, size_at = getattr(zipfile, "_EndRecData", None), getattr(zipfile, "_ECD_SIZE", None)
+    if end is not None and size_at is not None:
         rec = end(fp)
         if rec is None:
             raise SourceError("unreadable array file: not a zip file")
-        if rec[zipfile._ECD_SIZE] > limits.max_zip_directory_bytes:
-            raise SourceError(f"unreadable array file: zip directory of {rec[zipfile._ECD_SIZE]} bytes (limit "
+        if rec[size_at] > limits.max_zip_directory_bytes:
+            raise SourceError(f"unreadable array file: zip directory of {rec[size_at]} bytes (limit "
                               f"{limits.max_zip_directory_bytes})")
         fp.seek(0)
     zf = zipfile.ZipFile(fp)
@@ -557,7 +558,7 @@ def _array_items(path: str, input_shape: Sequence[int], skip: Skip, limits: Sour
             avail = 0 if chunk is None else len(chunk)
             ids = [f"{pid}#{i}" for i in range(start, start + avail)]
             todo = [i for i, iid in enumerate(ids) if not skip(iid)]
-            if todo:
+            if todo and chunk is not None:  # (todo is empty when no rows were read)
                 yield from _rows_to_items([ids[i] for i in todo], chunk if len(todo) == avail else chunk[todo],
                                           input_shape)
             if avail < stop - start:  # the rest of the file is lost: one record for it, not one per row

@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from ..bundle import package_version
 from ..calibration import ClassAlarm, target_class_alarm
@@ -53,7 +54,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def _error(status: int, reason: str, detail: str, request: Request | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           headers: Mapping[str, str] | None = None) -> JSONResponse:
     rid = None
     if request is not None:
         request.state.reason = reason
@@ -162,18 +163,19 @@ class Service:
 
     def _setup_metrics(self) -> None:
         r = self.registry = Registry()
-        self.m_requests = r.add(Counter("abl_guard_requests_total", "HTTP requests by endpoint and status code.",
-                                        ("endpoint", "code")))
-        self.m_latency = r.add(Histogram("abl_guard_request_duration_seconds", "Request latency by endpoint.",
-                                         LATENCY_BUCKETS, ("endpoint",)))
-        self.m_inputs = r.add(Counter("abl_guard_inputs_total", "Inputs scored, by endpoint.", ("endpoint",)))
-        self.m_flagged = r.add(Counter("abl_guard_flagged_total", "Inputs flagged, by predicted class.",
-                                       ("class_name",)))
-        self.m_errors = r.add(Counter("abl_guard_errors_total", "Refused or failed requests, by reason.",
-                                      ("reason",)))
-        self.m_batch = r.add(Histogram("abl_guard_batch_size", "Inputs per model + detector call.", BATCH_BUCKETS))
-        self.m_batch_time = r.add(Histogram("abl_guard_batch_duration_seconds", "Time of one model + detector call.",
-                                            LATENCY_BUCKETS))
+        self.m_requests = Counter("abl_guard_requests_total", "HTTP requests by endpoint and status code.",
+                                  ("endpoint", "code"))
+        self.m_latency = Histogram("abl_guard_request_duration_seconds", "Request latency by endpoint.",
+                                   LATENCY_BUCKETS, ("endpoint",))
+        self.m_inputs = Counter("abl_guard_inputs_total", "Inputs scored, by endpoint.", ("endpoint",))
+        self.m_flagged = Counter("abl_guard_flagged_total", "Inputs flagged, by predicted class.", ("class_name",))
+        self.m_errors = Counter("abl_guard_errors_total", "Refused or failed requests, by reason.", ("reason",))
+        self.m_batch = Histogram("abl_guard_batch_size", "Inputs per model + detector call.", BATCH_BUCKETS)
+        self.m_batch_time = Histogram("abl_guard_batch_duration_seconds", "Time of one model + detector call.",
+                                      LATENCY_BUCKETS)
+        for m in (self.m_requests, self.m_latency, self.m_inputs, self.m_flagged, self.m_errors, self.m_batch,
+                  self.m_batch_time):
+            r.add(m)  # registration order is the order of /metrics
         r.add(Gauge("abl_guard_queue_depth", "Inputs accepted and not yet answered (queued or running).",
                     lambda: self.batcher.depth if self.batcher else 0))
         r.add(Gauge("abl_guard_queue_capacity", "Most inputs the queue holds before answering 503.",
@@ -192,16 +194,23 @@ class Service:
             r.add(Gauge("abl_guard_alarm_p_value", "Smallest adjusted p-value of the target-class alarm.",
                         lambda: self.alarm().p_value))
             r.add(Gauge("abl_guard_alarm_target_class", "Index of the suspected target class (-1: no alarm).",
-                        lambda: float(-1 if self.alarm().target is None else self.alarm().target)))
+                        self._alarm_target))
 
     def alarm(self) -> ClassAlarm:
         """The target-class alarm over the sliding window (recomputed at most once per scrape)."""
-        key = (len(self.window.items), tuple(self.window.flagged.tolist()))
+        if self._alarm_null is None:
+            raise RuntimeError("the bundle records no alarm null (calibrated by an older abl-guard); re-calibrate it")
+        flagged = self.window.flagged.tolist()
+        key = (len(self.window.items), tuple(flagged))
         if getattr(self, "_alarm_key", None) != key:
-            self._alarm_cache = target_class_alarm(self.window.flagged, self._alarm_null, self.guard.class_names,
+            self._alarm_cache = target_class_alarm(flagged, self._alarm_null, self.guard.class_names,
                                                    alpha=self.config.alarm_alpha)
             self._alarm_key = key
         return self._alarm_cache
+
+    def _alarm_target(self) -> float:
+        target = self.alarm().target
+        return float(-1 if target is None else target)
 
     def _on_batch(self, n: int, seconds: float) -> None:
         self.m_batch.observe(n)
@@ -209,7 +218,7 @@ class Service:
 
     # ------------------------------------------------------------------ ASGI entry: request id, auth, logging
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.router(scope, receive, send)
             return
@@ -224,7 +233,7 @@ class Service:
         status = 500
         rid_header = (b"x-request-id", rid.encode())
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

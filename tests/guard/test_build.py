@@ -1,0 +1,77 @@
+"""guard/build.py (bundle writing) split from guard/runtime.py (serving): the names stay importable from where they
+were, serving does not load the calibration-time module, and ``calibrate --data`` with nothing readable is a usage
+error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+
+def test_calibrate_bundle_is_reexported_where_it_was():
+    import abl_guard.guard
+    import abl_guard.guard.build as build
+    import abl_guard.guard.runtime as runtime
+
+    assert runtime.calibrate_bundle is build.calibrate_bundle is abl_guard.guard.calibrate_bundle
+    from abl_guard.guard.runtime import calibrate_bundle, file_key, needed_outputs, observe  # noqa: F401
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        runtime.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("first", ["abl_guard.guard.build", "abl_guard.guard.runtime"])
+def test_either_module_imports_first_and_serving_leaves_build_unloaded(first):
+    code = (f"import sys, importlib; importlib.import_module({first!r})\n"
+            "from abl_guard.guard.runtime import Guard, calibrate_bundle\n"
+            "from abl_guard.guard.build import calibrate_bundle as c2\n"
+            "assert calibrate_bundle is c2\n")
+    if first.endswith("runtime"):
+        code = ("import sys; import abl_guard.guard.runtime, abl_guard.guard.session, abl_guard.guard.scan\n"
+                "assert 'abl_guard.guard.build' not in sys.modules, 'serving loaded build'\n") + code
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_split_is_seeded_and_checks_its_sizes():
+    from abl_guard.guard.build import _split
+
+    a = _split(100, (0.5, 0.3, 0.2), seed=3)
+    b = _split(100, (0.5, 0.3, 0.2), seed=3)
+    assert [len(p) for p in a] == [50, 30, 20]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len(np.unique(np.concatenate(a))) == 100  # a partition
+    assert [len(p) for p in _split(100, (40, 30, 10), seed=0)] == [40, 30, 10]  # counts
+    with pytest.raises(ValueError, match="exceed"):
+        _split(50, (40, 30, 10), seed=0)
+    with pytest.raises(ValueError, match="sum to 1"):
+        _split(100, (0.5, 0.3, 0.3), seed=0)
+
+
+def test_read_clean_data_and_the_cli_refuse_sources_with_nothing_readable(tiny_onnx, tmp_path):
+    from abl_guard.cli import main
+    from abl_guard.guard.build import EmptyDataError, read_clean_data
+
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(EmptyDataError, match="no readable images"):
+        read_clean_data(tiny_onnx, [str(tmp_path / "junk.png")])
+    r = CliRunner().invoke(main, ["calibrate", str(tiny_onnx), "--data", str(tmp_path / "junk.png"),
+                                  "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--data" in r.output and "no readable images" in r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_read_clean_data_reads_like_scan_and_records_provenance(tiny_onnx, digits_train, tmp_path):
+    from abl_guard.guard.build import read_clean_data
+
+    np.savez(tmp_path / "d.npz", images=digits_train.images[:30], labels=digits_train.labels[:30])
+    clean = read_clean_data(tiny_onnx, [str(tmp_path / "d.npz")], start=5, count=20)
+    assert clean.images.shape == (20, 1, 8, 8) and clean.images.dtype == np.float32
+    np.testing.assert_array_equal(clean.labels, digits_train.labels[5:25])
+    assert clean.predicted == 0
+    assert clean.provenance["sources"] == [str(tmp_path / "d.npz")] and clean.provenance["start"] == 5
+    assert clean.provenance["inputs"] == 20 and clean.provenance["skipped_unreadable"] == 0
