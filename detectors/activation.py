@@ -11,12 +11,12 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from ._util import adaptive_avg_pool, softmax, subsample
 from .base import Detector, ModelFn, NotFittedError, Observations, register
+from .taps import resolve_taps, taps_state, with_taps
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,28 @@ class RbfOneClassSVM:
     intercept: float
     gamma: float
 
+    @staticmethod
+    def resolve_gamma(x: np.ndarray, gamma: float | str) -> float:
+        """The kernel width scikit-learn would use: ``"scale"`` = ``1 / (d * var(x))`` (1 if the variance is 0),
+        ``"auto"`` = ``1 / d``; resolved here so the fitted value is ours, not read from a private attribute."""
+        if not isinstance(gamma, str):
+            return float(gamma)
+        x = np.asarray(x, np.float64)
+        if gamma == "scale":
+            var = float(x.var())
+            return 1.0 / (x.shape[1] * var) if var != 0 else 1.0
+        if gamma == "auto":
+            return 1.0 / x.shape[1]
+        raise ValueError(f"gamma must be a number, 'scale' or 'auto', got {gamma!r}")
+
     @classmethod
     def fit(cls, x: np.ndarray, nu: float, gamma: float | str) -> RbfOneClassSVM:
         from sklearn.svm import OneClassSVM
 
-        svm = OneClassSVM(kernel="rbf", nu=nu, gamma=gamma).fit(x)
+        g = cls.resolve_gamma(x, gamma)
+        svm = OneClassSVM(kernel="rbf", nu=nu, gamma=g).fit(x)
         return cls(np.asarray(svm.support_vectors_, np.float64), np.asarray(svm.dual_coef_, np.float64).ravel(),
-                   float(svm.intercept_[0]), float(svm._gamma))
+                   float(svm.intercept_[0]), g)
 
     def decision(self, x: np.ndarray, chunk: int = 2048) -> np.ndarray:
         out = np.empty(len(x))
@@ -79,27 +94,28 @@ class NIC(Detector):
 
     Deviations from NIC: pooled (not full, flattened) activations and PCA to 64 rather than 5,000 dimensions (cost);
     one ``nu``/``gamma`` for all layer SVMs (NIC tunes them per layer; ``nu = 0.1, gamma = "scale"`` is its PI/final
-    setting); the default taps are the model's named taps, not every layer.
+    setting); the layers are the model's taps (``taps=None``: every tap in metadata order, ``penultimate`` last,
+    resolved at fit — :mod:`detectors.taps`), not every layer.
     """
 
     name = "nic"
     tail_kinds = {"high": "activation-anomaly"}
 
-    def __init__(self, taps: Sequence[str] = ("block1", "block2", "block3", "penultimate"), grid: int = 2,
+    def __init__(self, taps: Sequence[str] | None = None, grid: int = 2,
                  max_dim: int = 64, nu: float = 0.1, gamma: float | str = "scale", final_nu: float = 0.1,
                  probe_c: float = 1.0, max_samples: int = 4000, seed: int = 0, chunk_size: int = 4096) -> None:
         super().__init__(chunk_size)
         if isinstance(taps, str):
             taps = [t for t in taps.split(",") if t]
-        if len(taps) < 1 or len(set(taps)) != len(taps):
-            raise ValueError(f"taps must be a non-empty list of distinct tap names, got {taps!r}")
+        if taps is not None and (len(taps) < 1 or len(set(taps)) != len(taps)):
+            raise ValueError(f"taps must be a non-empty list of distinct tap names (or None: all), got {taps!r}")
         if grid < 1 or max_dim < 1:
             raise ValueError("grid and max_dim must be >= 1")
         if not (0 < nu <= 1 and 0 < final_nu <= 1):
             raise ValueError("nu and final_nu must be in (0, 1]")
         if max_samples < 20:
             raise ValueError("max_samples must be >= 20")
-        self.taps = [str(t) for t in taps]
+        self.taps = None if taps is None else [str(t) for t in taps]
         self.grid = int(grid)
         self.max_dim = int(max_dim)
         self.nu = float(nu)
@@ -108,6 +124,7 @@ class NIC(Detector):
         self.probe_c = float(probe_c)
         self.max_samples = int(max_samples)
         self.seed = int(seed)
+        self.taps_: list[str] | None = None  # the resolved taps
         self.num_classes_: int | None = None
         self.layers_: list[dict[str, np.ndarray]] = []
         self.vi_: list[RbfOneClassSVM] = []
@@ -118,12 +135,7 @@ class NIC(Detector):
 
     @property
     def requires(self) -> tuple[str, ...]:
-        return (*self.taps, "logits")
-
-    def get_params(self) -> dict[str, Any]:
-        return {"taps": list(self.taps), "grid": self.grid, "max_dim": self.max_dim, "nu": self.nu,
-                "gamma": self.gamma, "final_nu": self.final_nu, "probe_c": self.probe_c,
-                "max_samples": self.max_samples, "seed": self.seed, "chunk_size": self.chunk_size}
+        return (*self.taps_, "logits") if self.taps_ is not None else ("logits",)
 
     # ------------------------------------------------------------------ features
 
@@ -148,7 +160,7 @@ class NIC(Detector):
 
     def _decisions(self, obs: Observations, rows: slice | np.ndarray) -> np.ndarray:
         """Per-layer VI and per-pair PI decision values ``(n, 2L - 1)`` for the selected rows."""
-        zs = [self._project(self._pooled(obs, t, rows), layer) for t, layer in zip(self.taps, self.layers_)]
+        zs = [self._project(self._pooled(obs, t, rows), layer) for t, layer in zip(self.taps_ or [], self.layers_)]
         probs = [self._probe_proba(z, layer) for z, layer in zip(zs, self.layers_)]
         cols = [svm.decision(z) for svm, z in zip(self.vi_, zs)]
         cols += [svm.decision(np.hstack([probs[i], probs[i + 1]])) for i, svm in enumerate(self.pi_)]
@@ -161,6 +173,8 @@ class NIC(Detector):
         from sklearn.linear_model import LogisticRegression
 
         t0 = time.perf_counter()
+        self.taps_ = resolve_taps(self.taps, reference, model, "NIC")
+        reference = with_taps(reference, self.taps_, model, "NIC")
         logits = self._get(reference, "logits", 2)
         self.num_classes_ = int(logits.shape[1])
         n = len(logits)
@@ -174,7 +188,7 @@ class NIC(Detector):
             raise ValueError("NIC's probes need reference inputs the model assigns to at least two classes")
 
         self.layers_, self.vi_, zs = [], [], []
-        for tap in self.taps:
+        for tap in self.taps_:
             x = self._pooled(reference, tap, a_idx)
             mean, scale = x.mean(axis=0), x.std(axis=0)
             scale = np.where(scale > 1e-8, scale, 1.0)
@@ -196,13 +210,13 @@ class NIC(Detector):
             zs.append(z)
         probs = [self._probe_proba(z, layer) for z, layer in zip(zs, self.layers_)]
         self.pi_ = [RbfOneClassSVM.fit(np.hstack([probs[i], probs[i + 1]]), self.nu, self.gamma)
-                    for i in range(len(self.taps) - 1)]
+                    for i in range(len(self.taps_) - 1)]
 
         d = self._decisions(reference, b_idx)
         self.final_mean_ = d.mean(axis=0)
         self.final_std_ = np.maximum(d.std(axis=0), 1e-12)
         self.final_ = RbfOneClassSVM.fit((d - self.final_mean_) / self.final_std_, self.final_nu, "scale")
-        log.info("NIC fitted on %d + %d inputs, %d layers, in %.1fs", len(a_idx), len(b_idx), len(self.taps),
+        log.info("NIC fitted on %d + %d inputs, %d layers, in %.1fs", len(a_idx), len(b_idx), len(self.taps_),
                  time.perf_counter() - t0)
         return self
 
@@ -213,13 +227,15 @@ class NIC(Detector):
     def layer_decisions(self, batch: Observations) -> np.ndarray:
         """The per-layer VI and per-pair PI decision values ``(N, 2L - 1)`` (positive = like clean data)."""
         self._check()
-        n = len(self._get(batch, self.taps[0]))
+        assert self.taps_ is not None
+        n = len(self._get(batch, self.taps_[0]))
         return np.concatenate([self._decisions(batch, s) for s in self._chunks(n)]) if n else np.zeros((0, 0))
 
     def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
         self._check()
-        assert self.final_ is not None
-        n = len(self._get(batch, self.taps[0]))
+        assert self.final_ is not None and self.taps_ is not None
+        batch = with_taps(batch, self.taps_, model, "NIC")
+        n = len(self._get(batch, self.taps_[0]))
         out = np.empty(n)
         for s in self._chunks(n):
             d = (self._decisions(batch, s) - self.final_mean_) / self.final_std_
@@ -232,7 +248,8 @@ class NIC(Detector):
         self._check()
         assert self.final_ is not None and self.final_mean_ is not None and self.final_std_ is not None
         state: dict[str, np.ndarray] = {"num_classes": np.array(self.num_classes_, np.int64),
-                                        "final_mean": self.final_mean_, "final_std": self.final_std_}
+                                        "final_mean": self.final_mean_, "final_std": self.final_std_,
+                                        "taps": taps_state(self.taps_ or [])}
         for i, layer in enumerate(self.layers_):
             state.update({f"layer{i}__{k}": v for k, v in layer.items()})
             state.update(self.vi_[i].to_state(f"vi{i}__"))
@@ -243,10 +260,15 @@ class NIC(Detector):
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
         self.num_classes_ = int(state["num_classes"])
+        # bundles written before taps were resolved at fit name them only in the parameters
+        self.taps_ = [str(t) for t in state["taps"]] if "taps" in state else self.taps
+        if not self.taps_:
+            raise ValueError("NIC state names no taps")
         keys = ("mean", "scale", "pca_mean", "components", "probe_coef", "probe_intercept", "probe_classes")
-        self.layers_ = [{k: np.asarray(state[f"layer{i}__{k}"]) for k in keys} for i in range(len(self.taps))]
-        self.vi_ = [RbfOneClassSVM.from_state(state, f"vi{i}__") for i in range(len(self.taps))]
-        self.pi_ = [RbfOneClassSVM.from_state(state, f"pi{i}__") for i in range(len(self.taps) - 1)]
+        L = len(self.taps_)
+        self.layers_ = [{k: np.asarray(state[f"layer{i}__{k}"]) for k in keys} for i in range(L)]
+        self.vi_ = [RbfOneClassSVM.from_state(state, f"vi{i}__") for i in range(L)]
+        self.pi_ = [RbfOneClassSVM.from_state(state, f"pi{i}__") for i in range(L - 1)]
         self.final_ = RbfOneClassSVM.from_state(state, "final__")
         self.final_mean_ = np.asarray(state["final_mean"], np.float64)
         self.final_std_ = np.asarray(state["final_std"], np.float64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
@@ -22,9 +21,6 @@ class _LogitScore(Detector):
         super().__init__(chunk_size)
         self.two_sided = bool(two_sided)  # type: ignore[misc]  # instance override of the class default
         self.num_classes_: int | None = None
-
-    def get_params(self) -> dict[str, Any]:
-        return {"two_sided": self.two_sided, "chunk_size": self.chunk_size}
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> _LogitScore:
@@ -75,9 +71,6 @@ class Energy(_LogitScore):
             raise ValueError("temperature must be > 0")
         self.temperature = float(temperature)
 
-    def get_params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, **super().get_params()}
-
     def _stat(self, logits: np.ndarray) -> np.ndarray:
         t = self.temperature
         return -t * logsumexp(logits / t, axis=1)
@@ -119,9 +112,6 @@ class Strip(Detector):
     @property
     def requires(self) -> tuple[str, ...]:
         return ("input",)
-
-    def get_params(self) -> dict[str, Any]:
-        return {"n_blend": self.n_blend, "alpha": self.alpha, "seed": self.seed, "chunk_size": self.chunk_size}
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None, model: ModelFn | None = None) -> Strip:
         x = check_images(self._get(reference, "input"), "Strip")

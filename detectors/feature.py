@@ -9,6 +9,7 @@ from scipy.linalg import solve_triangular
 
 from ._util import subsample
 from .base import Detector, ModelFn, Observations, flatten_features, register
+from .taps import resolve_tap, resolve_taps, taps_state, with_taps
 
 
 @register
@@ -24,30 +25,34 @@ class Mahalanobis(Detector):
     FGSM-style step needs gradients, which a serving runtime does not have) and no per-layer logistic regression
     (the guard combines detectors by p-values). ``ridge`` adds ``ridge * mean(diag(Sigma))`` to the diagonal so
     rank-deficient features (e.g. ReLU units that are always 0) stay invertible; set 0 for the exact estimator.
+    ``tap=None`` reads ``penultimate``, or the model's last tap when it has none (resolved at fit, :mod:`.taps`).
     """
 
     name = "mahalanobis"
     tail_kinds = {"high": "off-manifold"}
 
-    def __init__(self, tap: str = "penultimate", ridge: float = 1e-6, chunk_size: int = 4096) -> None:
+    def __init__(self, tap: str | None = None, ridge: float = 1e-6, chunk_size: int = 4096) -> None:
         super().__init__(chunk_size)
         if ridge < 0:
             raise ValueError("ridge must be >= 0")
         self.tap = tap
         self.ridge = float(ridge)
+        self.tap_: str | None = None  # the resolved tap
         self.means_: np.ndarray | None = None
         self.chol_: np.ndarray | None = None
         self.whitened_means_: np.ndarray | None = None
 
     @property
     def requires(self) -> tuple[str, ...]:
-        return (self.tap,)
+        return (self.tap_,) if self.tap_ is not None else ("logits",)
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> Mahalanobis:
         if labels is None:
             raise ValueError("Mahalanobis.fit needs the reference labels (class-conditional means)")
-        feats = flatten_features(self._get(reference, self.tap)).astype(np.float64)
+        self.tap_ = resolve_tap(self.tap, reference, model, "Mahalanobis")
+        reference = with_taps(reference, [self.tap_], model, "Mahalanobis")
+        feats = flatten_features(self._get(reference, self.tap_)).astype(np.float64)
         labels = np.asarray(labels)
         if labels.shape != (len(feats),):
             raise ValueError(f"labels shape {labels.shape} does not match {len(feats)} reference inputs")
@@ -77,10 +82,11 @@ class Mahalanobis(Detector):
         self.whitened_means_ = solve_triangular(self.chol_, self.means_[present].T, lower=True).T
 
     def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
-        self._check_fitted("chol_", "whitened_means_")
-        feats = flatten_features(self._get(batch, self.tap))
+        self._check_fitted("chol_", "whitened_means_", "tap_")
+        assert self.tap_ is not None
+        feats = flatten_features(self._get(with_taps(batch, [self.tap_], model, "Mahalanobis"), self.tap_))
         if feats.shape[1] != self.chol_.shape[0]:
-            raise ValueError(f"{self.tap!r} has {feats.shape[1]} features, fitted on {self.chol_.shape[0]}")
+            raise ValueError(f"{self.tap_!r} has {feats.shape[1]} features, fitted on {self.chol_.shape[0]}")
         out = np.empty(len(feats))
         wm = self.whitened_means_
         wm_sq = (wm**2).sum(axis=1)
@@ -91,10 +97,14 @@ class Mahalanobis(Detector):
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        self._check_fitted("chol_", "means_")
-        return {"means": self.means_, "chol": self.chol_}
+        self._check_fitted("chol_", "means_", "tap_")
+        return {"means": self.means_, "chol": self.chol_, "tap": taps_state([self.tap_])}
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        # bundles written before taps were resolved at fit name the tap only in the parameters
+        self.tap_ = str(state["tap"][0]) if "tap" in state else self.tap
+        if self.tap_ is None:
+            raise ValueError("Mahalanobis state names no tap")
         self.means_ = np.asarray(state["means"], dtype=np.float64)
         self.chol_ = np.asarray(state["chol"], dtype=np.float64)
         self._whiten_means()
@@ -108,58 +118,66 @@ class LayerMahalanobis(Detector):
     is standardised by the mean and standard deviation of its scores on the clean fit reference, and the layer scores
     are averaged. Deviation: Lee et al. weight the layers with a logistic regression trained on validation
     adversarial or OOD data; the guard never sees attack data at calibration, so the layers get equal weight.
+    ``taps=None`` reads every tap of the model in metadata order, ``penultimate`` last (resolved at fit).
     """
 
     name = "mahalanobis-layers"
     tail_kinds = {"high": "off-manifold"}
 
-    def __init__(self, taps: Sequence[str] = ("block1", "block2", "block3", "penultimate"), ridge: float = 1e-6,
+    def __init__(self, taps: Sequence[str] | None = None, ridge: float = 1e-6,
                  chunk_size: int = 4096) -> None:
         super().__init__(chunk_size)
         if isinstance(taps, str):
             taps = [t for t in taps.split(",") if t]
-        if not taps or len(set(taps)) != len(taps):
-            raise ValueError(f"taps must be a non-empty list of distinct tap names, got {taps!r}")
-        self.taps = [str(t) for t in taps]
+        if taps is not None and (not taps or len(set(taps)) != len(taps)):
+            raise ValueError(f"taps must be a non-empty list of distinct tap names (or None: all), got {taps!r}")
+        self.taps = None if taps is None else [str(t) for t in taps]
         self.ridge = float(ridge)
+        self.taps_: list[str] | None = None  # the resolved taps
         self.layers_: list[Mahalanobis] | None = None
         self.z_mean_: np.ndarray | None = None
         self.z_std_: np.ndarray | None = None
 
     @property
     def requires(self) -> tuple[str, ...]:
-        return tuple(self.taps)
+        return tuple(self.taps_) if self.taps_ is not None else ("logits",)
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> LayerMahalanobis:
+        self.taps_ = resolve_taps(self.taps, reference, model, "LayerMahalanobis")
+        reference = with_taps(reference, self.taps_, model, "LayerMahalanobis")
         layers = [Mahalanobis(tap=t, ridge=self.ridge, chunk_size=self.chunk_size).fit(reference, labels)
-                  for t in self.taps]
+                  for t in self.taps_]
         scores = np.stack([m.score(reference) for m in layers], axis=1)
         self.layers_ = layers
         self.z_mean_ = scores.mean(axis=0)
         self.z_std_ = np.maximum(scores.std(axis=0), 1e-12)
         return self
 
-    def layer_scores(self, batch: Observations) -> np.ndarray:
+    def layer_scores(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
         """Standardised per-layer scores ``(N, len(taps))``."""
-        self._check_fitted("layers_", "z_mean_")
-        assert self.layers_ is not None
+        self._check_fitted("layers_", "z_mean_", "taps_")
+        assert self.layers_ is not None and self.taps_ is not None
+        batch = with_taps(batch, self.taps_, model, "LayerMahalanobis")
         return (np.stack([m.score(batch) for m in self.layers_], axis=1) - self.z_mean_) / self.z_std_
 
     def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
-        return self.layer_scores(batch).mean(axis=1)
+        return self.layer_scores(batch, model).mean(axis=1)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("layers_", "z_mean_")
         assert self.layers_ is not None and self.z_mean_ is not None and self.z_std_ is not None
-        state = {"z_mean": self.z_mean_, "z_std": self.z_std_}
+        state = {"z_mean": self.z_mean_, "z_std": self.z_std_, "taps": taps_state(self.taps_ or [])}
         for i, m in enumerate(self.layers_):
             state.update({f"{i}__{k}": v for k, v in m.state_dict().items()})
         return state
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.taps_ = [str(t) for t in state["taps"]] if "taps" in state else self.taps
+        if not self.taps_:
+            raise ValueError("mahalanobis-layers state names no taps")
         self.layers_ = []
-        for i, t in enumerate(self.taps):
+        for i, t in enumerate(self.taps_):
             m = Mahalanobis(tap=t, ridge=self.ridge, chunk_size=self.chunk_size)
             m._load_state({k.split("__", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}__")})
             self.layers_.append(m)
@@ -203,6 +221,7 @@ class KNNDistance(Detector):
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> KNNDistance:
+        resolve_tap(self.tap, reference, model, "KNNDistance")  # a one-line error when the model lacks the tap
         feats = flatten_features(self._get(reference, self.tap))
         if len(feats) < self.k:
             raise ValueError(f"k={self.k} needs at least {self.k} reference inputs, got {len(feats)}")

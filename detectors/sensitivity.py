@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from scipy.ndimage import median_filter
 
 from ._util import check_images, model_logits, softmax
 from .base import Detector, ModelFn, NotFittedError, Observations, register
+from .taps import resolve_tap, taps_state, with_taps
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class ModelMutation(Detector):
     and every mutant is a batched numpy head pass (``M`` matrix products per layer). The head's weights come from the
     model at fit time (``model.dense_head(tap)``, read from the ONNX graph by ``guard.model.OnnxModel``) and are
     checked to reproduce the model's logits on the reference. With the SmallCNN, ``tap="pool"`` fuzzes both dense
-    layers (fc1 and fc) as Jin et al. fuzz every Dense layer; the default ``"penultimate"`` (fuzz the classifier
-    only) works for every exported model.
+    layers (fc1 and fc) as Jin et al. fuzz every Dense layer; the default (``tap=None``) is ``penultimate`` (fuzz
+    the classifier only), or the model's last tap when it has none (resolved at fit, :mod:`.taps`).
 
     Deviations: the SPRT is replaced by the explicit LCR over all mutants (Jin et al.'s SPRT settings amount to an LCR
     threshold of about 0.16 — see the research brief — and a calibrated score gives AUROCs); the reference label is
@@ -57,7 +57,7 @@ class ModelMutation(Detector):
     needs_model = True
     tail_kinds = {"high": "adversarial-like", "low": "backdoor-like"}
 
-    def __init__(self, tap: str = "penultimate", n_mutants: int = 100, mean_factor: float = 1.0,
+    def __init__(self, tap: str | None = None, n_mutants: int = 100, mean_factor: float = 1.0,
                  std_factor: float = 0.65, statistic: str = "lcr+drop", seed: int = 0, check_tol: float = 1e-3,
                  chunk_size: int = 4096) -> None:
         super().__init__(chunk_size)
@@ -68,6 +68,7 @@ class ModelMutation(Detector):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         self.tap = tap
+        self.tap_: str | None = None  # the resolved tap: penultimate (or the model's last tap) when unset
         self.n_mutants = int(n_mutants)
         self.mean_factor = float(mean_factor)
         self.std_factor = float(std_factor)
@@ -81,12 +82,7 @@ class ModelMutation(Detector):
 
     @property
     def requires(self) -> tuple[str, ...]:
-        return (self.tap, "logits")
-
-    def get_params(self) -> dict[str, Any]:
-        return {"tap": self.tap, "n_mutants": self.n_mutants, "mean_factor": self.mean_factor,
-                "std_factor": self.std_factor, "statistic": self.statistic, "seed": self.seed,
-                "check_tol": self.check_tol, "chunk_size": self.chunk_size}
+        return (self.tap_, "logits") if self.tap_ is not None else ("logits",)
 
     # ------------------------------------------------------------------ fit
 
@@ -96,9 +92,11 @@ class ModelMutation(Detector):
         if head is None:
             raise ValueError("ModelMutation.fit needs a model with dense_head(tap) (guard.model.OnnxModel) to read "
                              "the weights of the dense layers after the tap")
-        layers = head(self.tap)
+        self.tap_ = resolve_tap(self.tap, reference, model, "ModelMutation")
+        reference = with_taps(reference, [self.tap_], model, "ModelMutation")
+        layers = head(self.tap_)
         if not any(layer["op"] == "linear" for layer in layers):
-            raise ValueError(f"no dense layer follows tap {self.tap!r}: nothing to mutate")
+            raise ValueError(f"no dense layer follows tap {self.tap_!r}: nothing to mutate")
         self.ops_ = np.array([_OPS[layer["op"]] for layer in layers], np.int64)
         self.weights_ = [np.asarray(la["weight"], np.float32) for la in layers if la["op"] == "linear"]
         self.biases_ = [np.asarray(la["bias"], np.float32) for la in layers if la["op"] == "linear"]
@@ -122,18 +120,19 @@ class ModelMutation(Detector):
         got = self._head_pass(acts, [w[None] for w in self.weights_])[0]
         err = float(np.max(np.abs(got - want))) if len(want) else 0.0
         if err > self.check_tol * (1.0 + float(np.max(np.abs(want), initial=0.0))):
-            raise ValueError(f"the dense head after {self.tap!r} does not reproduce the logits (max |diff| {err:.3g})")
+            raise ValueError(f"the dense head after {self.tap_!r} does not reproduce the logits (max |diff| {err:.3g})")
 
     # ------------------------------------------------------------------ score
 
     def _activations(self, obs: Observations) -> np.ndarray:
-        a = self._get(obs, self.tap)
+        assert self.tap_ is not None
+        a = self._get(obs, self.tap_)
         if a.ndim == 2:
             return a
         assert self.ops_ is not None
         if self.ops_[0] == _OPS["flatten"]:
             return a.reshape(len(a), -1)
-        raise ValueError(f"tap {self.tap!r} is {a.ndim}-D and the head does not start by flattening it")
+        raise ValueError(f"tap {self.tap_!r} is {a.ndim}-D and the head does not start by flattening it")
 
     def _head_pass(self, acts: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
         """``acts (n, d)`` through the head with stacked weights ``(M, out, in)`` per layer -> logits ``(M, n, K)``."""
@@ -152,9 +151,12 @@ class ModelMutation(Detector):
     def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
         if self.ops_ is None or not self.mutants_:
             raise NotFittedError("ModelMutation is not fitted: call fit() first")
+        assert self.tap_ is not None
+        batch = with_taps(batch, [self.tap_], model, "ModelMutation")
         acts = self._activations(batch)
         if acts.shape[1] != self.weights_[0].shape[1]:
-            raise ValueError(f"{self.tap!r} has {acts.shape[1]} features, the head expects {self.weights_[0].shape[1]}")
+            raise ValueError(f"{self.tap_!r} has {acts.shape[1]} features, the head expects "
+                             f"{self.weights_[0].shape[1]}")
         logits = self._get(batch, "logits", 2)
         if len(logits) != len(acts):
             raise ValueError(f"{len(logits)} logits for {len(acts)} activations")
@@ -181,12 +183,16 @@ class ModelMutation(Detector):
     def state_dict(self) -> dict[str, np.ndarray]:
         if self.ops_ is None or not self.mutants_:
             raise NotFittedError("ModelMutation is not fitted: call fit() first")
-        state: dict[str, np.ndarray] = {"ops": self.ops_}
+        state: dict[str, np.ndarray] = {"ops": self.ops_, "tap": taps_state([self.tap_ or ""])}
         for k, (w, b, m) in enumerate(zip(self.weights_, self.biases_, self.mutants_)):
             state[f"weight_{k}"], state[f"bias_{k}"], state[f"mutants_{k}"] = w, b, m
         return state
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        # bundles written before taps were resolved at fit name the tap only in the parameters
+        self.tap_ = str(state["tap"][0]) if "tap" in state else self.tap
+        if not self.tap_:
+            raise ValueError("mutation state names no tap")
         self.ops_ = np.asarray(state["ops"], np.int64)
         n = int(np.sum(self.ops_ == _OPS["linear"]))
         self.weights_ = [np.asarray(state[f"weight_{k}"], np.float32) for k in range(n)]
@@ -242,9 +248,6 @@ class InputSqueezing(Detector):
     @property
     def requires(self) -> tuple[str, ...]:
         return ("input", "logits")
-
-    def get_params(self) -> dict[str, Any]:
-        return {"bits": self.bits, "median": self.median, "chunk_size": self.chunk_size}
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> InputSqueezing:

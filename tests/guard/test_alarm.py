@@ -136,3 +136,102 @@ def test_alarm_on_a_real_backdoored_model(backdoor_bundle, tiny_backdoored, tmp_
                          quiet=True)
     assert mixed.alarm.fired and mixed.alarm.target == t["attack"].target, mixed.alarm.message()
     assert mixed.to_json()["alarm"]["target"] == t["attack"].target
+
+
+# ------------------------------------------------------------------------------------------------ stream alarms
+
+
+def manifest_section(rng, mondrian=False, n=3000):
+    """What calibrate_bundle stores: the alarm null, the calibration part's predicted counts, validation flags."""
+    s, p = simulate(n, rng)
+    cal = Calibrator.fit(s, p, [False, False], "cauchy", 0.01, K, mondrian)
+    loo, _, _ = cal.pvalues(s, p, leave_one_out=True)
+    vs, vp = simulate(n // 2, rng)
+    vc, _, _ = cal.pvalues(vs, vp)
+    vflags = vc <= cal.thresholds(vp)
+    clean_flags = np.r_[p[loo <= cal.thresholds(p)], vp[vflags]]
+    null, method = alarm_null(clean_flags, p, K)
+    section = {"alarm_null": {"method": method, "dirichlet": [float(a) for a in null]},
+               "predicted_class_counts": np.bincount(p, minlength=K).tolist(),
+               "validation": {"k": int(vflags.sum()), "n": int(len(vflags))}}
+    return cal, section
+
+
+def stream(cal, scores, pred):
+    comb, _, _ = cal.pvalues(scores, pred)
+    flags = comb <= cal.thresholds(pred)
+    return np.bincount(pred[flags], minlength=K), np.bincount(pred, minlength=K)
+
+
+def shifted(n, rng, share=0.6, shift=1.0):
+    """A clean stream under distribution shift: most inputs predicted as class 2 (not the calibration mix), every
+    class's scores raised alike (another camera / dataset)."""
+    pred = np.where(rng.random(n) < share, 2, rng.integers(0, K, n))
+    z = rng.standard_normal((n, 2)) * np.array([1.0, 1.0, 1.0, 1.8, 1.0])[pred][:, None] + shift
+    return {"a": z[:, 0], "b": z[:, 1]}, pred
+
+
+@pytest.mark.parametrize("mondrian", [False, True])
+def test_shifted_clean_stream_is_drift_not_a_backdoor(mondrian):
+    from abl_guard.guard.calibration import stream_alarms
+
+    rng = np.random.default_rng(3)
+    cal, section = manifest_section(rng, mondrian)
+    class_fired = drift_fired = 0
+    for _ in range(10):
+        flags, preds = stream(cal, *shifted(5000, rng))
+        alarm = stream_alarms(flags, preds, section)
+        old = target_class_alarm(flags, section["alarm_null"]["dirichlet"])  # the unconditional test
+        assert old.fired and old.target == 2  # what the scan used to report: a false backdoor target
+        class_fired += alarm.fired
+        drift_fired += alarm.drift.fired
+        assert alarm.conditional and {t["name"] for t in alarm.drift.tests} == {"flag rate", "prediction mix"}
+    assert class_fired == 0 and drift_fired == 10
+    assert "DRIFT" in alarm.message() and alarm.to_json()["drift"]["fired"]
+
+
+def test_clean_stream_in_the_calibration_mix_raises_neither_alarm():
+    from abl_guard.guard.calibration import stream_alarms
+
+    rng = np.random.default_rng(4)
+    cal, section = manifest_section(rng)
+    fired = 0
+    for _ in range(20):
+        alarm = stream_alarms(*stream(cal, *simulate(5000, rng)), section)
+        fired += alarm.fired + alarm.drift.fired
+    assert fired <= 1
+
+
+@pytest.mark.parametrize("share", [0.6, None])
+def test_backdoor_stream_fires_the_class_alarm(share):
+    """60 triggered inputs (predicted as target 1, off the clean distribution) in a clean stream: the class alarm
+    names class 1 whether the clean part is in the calibration mix or shifted."""
+    from abl_guard.guard.calibration import stream_alarms
+
+    rng = np.random.default_rng(5)
+    cal, section = manifest_section(rng)
+    s, p = simulate(5000, rng) if share is None else shifted(5000, rng, share, shift=0.0)
+    s = {k: np.r_[v, rng.normal(6.0, 1.0, 60)] for k, v in s.items()}
+    p = np.r_[p, np.ones(60, np.int64)]
+    alarm = stream_alarms(*stream(cal, s, p), section, class_names=list("ABCDE"))
+    assert alarm.fired and alarm.target == 1 and alarm.target_name == "B", alarm.message()
+    assert "given the stream's prediction mix" in alarm.message()
+
+
+def test_drift_alarm_tests_and_malformed_sections():
+    from abl_guard.guard.calibration import drift_alarm, stream_alarms
+
+    # 40 flags in 1,000 against 10 in 1,000 clean: the flag-rate test alone fires
+    d = drift_alarm(40, 1000, clean_flags=(10, 1000))
+    assert d.fired and d.tests[0]["name"] == "flag rate" and d.p_value < 1e-4
+    assert not drift_alarm(12, 1000, clean_flags=(10, 1000)).fired
+    rng = np.random.default_rng(0)
+    same = drift_alarm(0, 0, stream_scores=rng.random(500), calibration_scores=rng.random(900))
+    moved = same.with_scores(rng.random(500) ** 3, rng.random(900))
+    assert not same.fired and moved.fired and moved.tests[-1]["name"] == "scores"
+    # a hand-edited manifest: bad counts are ignored (unconditional class alarm, no mix test), never a crash
+    section = {"alarm_null": {"dirichlet": [1.0] * K}, "predicted_class_counts": ["x"] * K,
+               "validation": {"k": 5, "n": 2}}
+    alarm = stream_alarms([0, 9, 0, 0, 0], [10] * K, section)
+    assert not alarm.conditional and alarm.drift.tests == []
+    assert stream_alarms([0] * K, [0] * K, {"alarm_null": None}) is None

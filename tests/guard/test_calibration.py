@@ -55,3 +55,88 @@ def test_clopper_pearson_known_values():
     assert abs(lo - 0.0048) < 5e-4 and abs(hi - 0.0183) < 5e-4
     with pytest.raises(ValueError):
         combine_pvalues(np.ones((3, 2)), "nope")
+
+
+# ------------------------------------------------------------------------------------------------ fusion (issue 16)
+
+
+def test_combiners_reduce_to_the_p_value_of_one_detector_and_keep_tiny_ones():
+    from abl_guard.guard.calibration import COMBINERS
+
+    p = np.array([1e-250, 1e-8, 0.003, 0.2, 0.5, 0.77, 1.0])
+    for method in ("cauchy", "hmp", "min-p"):
+        np.testing.assert_allclose(combine_pvalues(p[:, None], method), p, rtol=1e-9, err_msg=method)
+    # one tiny p-value among two: Cauchy and the harmonic mean keep it (about 2 x 1e-200), Fisher dilutes it
+    two = np.array([[1e-200, 0.5]])
+    for method in ("cauchy", "hmp"):
+        np.testing.assert_allclose(combine_pvalues(two, method), [2e-200], rtol=1e-3, err_msg=method)
+    assert combine_pvalues(two, "fisher")[0] > 1e-198
+    assert set(COMBINERS) >= {"fisher", "min-p", "cauchy", "hmp"}
+
+
+def test_tails_extend_conformal_p_values_beyond_the_calibration_range():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(999)
+    inside = np.linspace(ref.min(), ref.max(), 50)
+    p0, _ = conformal_pvalues(ref, inside)
+    p1, _ = conformal_pvalues(ref, inside, tails=True)
+    np.testing.assert_array_equal(p0, p1)  # exactly conformal inside the range
+    beyond = ref.max() + np.array([1e-12, 0.5, 1.0, 3.0, 50.0])
+    pb, _ = conformal_pvalues(ref, beyond, tails=True)
+    assert pb[0] == pytest.approx(1 / 1000, rel=1e-6) and np.all(np.diff(pb) < 0) and pb[-1] < 1e-20
+    low, tail = conformal_pvalues(ref, np.array([ref.min() - 2.0]), two_sided=True, tails=True)
+    assert low[0] < 2 / 1000 and tail[0] == "low"
+    # leave-one-out: the calibration maximum is compared with the runner-up, below 1/n but not absurdly
+    loo, _ = conformal_pvalues(ref, ref, leave_one_out=True, tails=True)
+    assert 1e-6 < loo[np.argmax(ref)] < 1 / 999
+
+
+def _guard_auroc(cal, neg, pos, combine, tails=True):
+    from sklearn.metrics import roc_auc_score
+
+    from abl_guard.guard.calibration import Calibrator
+
+    pred = np.zeros(len(next(iter(cal.values()))), np.int64)
+    c = Calibrator.fit(cal, pred, [False] * len(cal), combine, 0.01, 1, tails=tails)
+    a, _, _ = c.pvalues(neg, np.zeros(len(neg["strong"]), np.int64))
+    b, _, _ = c.pvalues(pos, np.zeros(len(pos["strong"]), np.int64))
+    return roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], -np.log(np.r_[a, b]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_noise_detector_does_not_drown_a_strong_one(seed):
+    """A strong detector (attack shifted 5 sd) plus uninformative ones: the harmonic mean and min-p with tails stay
+    within 0.005 AUROC of the strong detector alone; Fisher without tails (the old guard) loses several times that."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n, shift):
+        return {"strong": rng.standard_normal(n) + shift, **{f"noise{i}": rng.standard_normal(n) for i in range(3)}}
+
+    cal, neg, pos = draw(1000, 0.0), draw(2000, 0.0), draw(500, 5.0)
+    only = {k: {"strong": v["strong"]} for k, v in (("cal", cal), ("neg", neg), ("pos", pos))}
+    alone = _guard_auroc(only["cal"], only["neg"], only["pos"], "hmp")
+    for method in ("hmp", "min-p"):
+        for k in (1, 3):
+            keys = ["strong"] + [f"noise{i}" for i in range(k)]
+            sub = [{q: d[q] for q in keys} for d in (cal, neg, pos)]
+            assert _guard_auroc(*sub, method) >= alone - 0.005, (method, k)
+    assert _guard_auroc(cal, neg, pos, "fisher", tails=False) < alone - 0.01
+
+
+def test_calibrate_nic_on_a_model_without_the_small_cnn_taps(tiny_onnx, digits_train, tmp_path):
+    """The tiny ONNX model has one tap (``penultimate``): NIC and layer-Mahalanobis with their default taps calibrate
+    on it, the bundle names the resolved taps, and a tap the model lacks is a one-line ValueError (CLI: exit 1)."""
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import Guard, calibrate_bundle
+
+    x, y = digits_train.images[:900], digits_train.labels[:900]
+    dets = [make_detector("nic", max_samples=300), make_detector("mahalanobis-layers"), make_detector("mahalanobis")]
+    manifest = calibrate_bundle(tiny_onnx, x, y, dets, tmp_path / "b", fpr=0.05, combine="hmp")
+    assert [d["requires"] for d in manifest["detectors"]] == [["penultimate", "logits"], ["penultimate"],
+                                                            ["penultimate"]]
+    assert manifest["calibration"]["combine"] == "hmp" and manifest["calibration"]["tails"] is True
+    g = Guard.load(tmp_path / "b")
+    v = g.inspect(digits_train.images[900:960])
+    assert len(v) == 60 and all(0 < r.p_value <= 1 for r in v)
+    with pytest.raises(ValueError, match=r"no tap 'block1'; its taps are \['penultimate'\]"):
+        calibrate_bundle(tiny_onnx, x, y, [make_detector("nic", taps="block1,penultimate")], tmp_path / "c")
