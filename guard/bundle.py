@@ -319,6 +319,16 @@ def _zip_entry_count(f: IO[bytes], where: str | os.PathLike) -> tuple[int, int]:
     return entries, cd_size
 
 
+def _open_archive_or_fail(path: Path, limits: BundleLimits) -> tuple[zipfile.ZipFile, dict[str, Any]]:
+    """:func:`_open_archive`, with whatever a hostile zip raises turned into :class:`BundleError`."""
+    try:
+        return _open_archive(path, limits)
+    except BundleError:
+        raise
+    except _ZIP_ERRORS as e:
+        raise BundleError(f"{path}: not a readable bundle archive: {e}") from e
+
+
 def _open_archive(path: Path, limits: BundleLimits) -> tuple[zipfile.ZipFile, dict[str, Any]]:
     """The archive opened and its manifest checked, before anything is extracted: entry count and directory size
     from the end record, the manifest's size from the zip directory (and as read), and the listed members' declared
@@ -393,12 +403,7 @@ def read_manifest(bundle: str | os.PathLike, verify: bool = True, limits: Bundle
         if verify:
             with open_bundle(root, limits) as (_, manifest):
                 return manifest
-        try:
-            zf, manifest = _open_archive(root, limits)
-        except BundleError:
-            raise
-        except _ZIP_ERRORS as e:
-            raise BundleError(f"{root}: not a readable bundle archive: {e}") from e
+        zf, manifest = _open_archive_or_fail(root, limits)
         zf.close()
         return manifest
     try:
@@ -432,12 +437,7 @@ def open_bundle(bundle: str | os.PathLike, limits: BundleLimits | None = None
     if not (path.is_file() and is_archive(path)):
         yield path, read_manifest(path, verify=True, limits=limits)
         return
-    try:
-        zf, manifest = _open_archive(path, limits)
-    except BundleError:
-        raise
-    except _ZIP_ERRORS as e:
-        raise BundleError(f"{path}: not a readable bundle archive: {e}") from e
+    zf, manifest = _open_archive_or_fail(path, limits)
     with zf, tempfile.TemporaryDirectory(prefix="abl-guard-bundle-") as tmp:
         root = Path(tmp)
         try:
