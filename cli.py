@@ -625,9 +625,11 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
               help="Comma-separated detectors.")
 @click.option("--detector-param", "detector_params", multiple=True, metavar="DETECTOR.KEY=VALUE",
               help="Detector hyper-parameter (repeatable), e.g. mahalanobis.ridge=0.")
-@click.option("--combine", type=click.Choice(["fisher", "min-p"]), default="fisher", show_default=True,
-              help="How detectors' p-values are combined: Fisher adds evidence across detectors (default); min-p "
-                   "(Bonferroni) suits one detector firing alone. The threshold is set on the combined p-value.")
+@click.option("--combine", type=click.Choice(["fisher", "min-p", "cauchy", "hmp"]), default="fisher",
+              show_default=True,
+              help="How detectors' p-values are combined: Fisher adds evidence across detectors (default; measured "
+                   "best on correlated detectors); min-p, Cauchy and the harmonic mean (hmp) follow the smallest "
+                   "p-value. The threshold is set on the combined p-value.")
 @click.option("--mondrian", is_flag=True,
               help="Calibrate per predicted class (each class gets its own threshold and the target FPR).")
 @click.option("--fractions", default="0.5,0.3,0.2", show_default=True,

@@ -36,27 +36,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import cpu_name
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from abl_guard.abl.checkpoint import load_checkpoint
+from abl_guard.abl.data import load_dataset
+from abl_guard.abl.experiment import ExperimentConfig, run_experiment
+from abl_guard.abl.models import model_taps
+from abl_guard.abl.train import TrainConfig
+from abl_guard.attacks import REGISTRY as ATTACKS
+from abl_guard.attacks import make_attack
+from abl_guard.attacks.adversarial import run_attack
+from abl_guard.detectors import make_detector
+from abl_guard.export import export_onnx
+from abl_guard.guard.calibration import combine_pvalues, conformal_pvalues
+from abl_guard.guard.model import OnnxModel
+from abl_guard.guard.preprocess import to_model_input
+from abl_guard.guard.runtime import needed_outputs, observe
+
 ROOT = Path(__file__).resolve().parents[1]
-
-from _common import cpu_name  # noqa: E402
-
-from abl_guard.abl.checkpoint import load_checkpoint  # noqa: E402
-from abl_guard.abl.data import load_dataset  # noqa: E402
-from abl_guard.abl.experiment import ExperimentConfig, run_experiment  # noqa: E402
-from abl_guard.abl.models import model_taps  # noqa: E402
-from abl_guard.abl.train import TrainConfig  # noqa: E402
-from abl_guard.attacks import REGISTRY as ATTACKS  # noqa: E402
-from abl_guard.attacks import make_attack  # noqa: E402
-from abl_guard.attacks.adversarial import run_attack  # noqa: E402
-from abl_guard.detectors import make_detector  # noqa: E402
-from abl_guard.export import export_onnx  # noqa: E402
-from abl_guard.guard.calibration import combine_pvalues, conformal_pvalues  # noqa: E402
-from abl_guard.guard.model import OnnxModel  # noqa: E402
-from abl_guard.guard.preprocess import to_model_input  # noqa: E402
-from abl_guard.guard.runtime import needed_outputs, observe  # noqa: E402
-
 log = logging.getLogger("bench.detect")
 
 ORDER = ["badnets", "blend", "trojan", "sig", "wanet", "label-consistent"]
@@ -147,6 +145,7 @@ def evaluate_model(name: str, onnx_path: Path, splits: dict[str, Any], positives
         d.fit(obs_fit, fit_y, model)
         fit_seconds[row] = time.perf_counter() - t0
     del obs_fit
+    outputs = needed_outputs([d for _, d in dets])  # detectors with unset taps resolved them at fit
 
     def score_all(images: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         x = to_model_input(images, model.input_shape)

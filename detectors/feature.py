@@ -83,7 +83,7 @@ class Mahalanobis(Detector):
 
     def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
         self._check_fitted("chol_", "whitened_means_", "tap_")
-        assert self.tap_ is not None
+        assert self.tap_ is not None and self.chol_ is not None and self.whitened_means_ is not None
         feats = flatten_features(self._get(with_taps(batch, [self.tap_], model, "Mahalanobis"), self.tap_))
         if feats.shape[1] != self.chol_.shape[0]:
             raise ValueError(f"{self.tap_!r} has {feats.shape[1]} features, fitted on {self.chol_.shape[0]}")
@@ -98,6 +98,7 @@ class Mahalanobis(Detector):
 
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("chol_", "means_", "tap_")
+        assert self.means_ is not None and self.chol_ is not None and self.tap_ is not None
         return {"means": self.means_, "chol": self.chol_, "tap": taps_state([self.tap_])}
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:

@@ -165,7 +165,8 @@ def calibrator_from_manifest(manifest: Mapping[str, Any], arrays: Mapping[str, n
     scores = {e["name"]: arrays[f"scores__{file_key(e['name'])}"] for e in entries}
     return Calibrator(scores, arrays["pred"], [bool(e["two_sided"]) for e in entries], cal["combine"],
                       len(manifest["class_names"]), cal["p_threshold"], cal.get("mondrian", False),
-                      cal.get("class_thresholds"), cal.get("fallback_classes") or ())
+                      cal.get("class_thresholds"), cal.get("fallback_classes") or (),
+                      tails=bool(cal.get("tails", False)))  # bundles from before the tails were calibrated without
 
 
 class Guard:

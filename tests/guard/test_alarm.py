@@ -235,3 +235,19 @@ def test_drift_alarm_tests_and_malformed_sections():
     alarm = stream_alarms([0, 9, 0, 0, 0], [10] * K, section)
     assert not alarm.conditional and alarm.drift.tests == []
     assert stream_alarms([0] * K, [0] * K, {"alarm_null": None}) is None
+
+
+def test_an_almost_all_flagged_stream_tilts_but_does_not_concentrate():
+    """A heavily shifted stream (96% flagged): one class at 100% is significant but no backdoor concentration; the
+    effect-size floor (flags >= 2x expected) keeps the conditional alarm quiet while the drift alarm fires."""
+    from abl_guard.guard.calibration import stream_alarms
+
+    preds = np.array([300, 300, 300, 300, 300])
+    flags = np.array([300, 282, 285, 284, 288])
+    # class 0 is rarely flagged on clean data (low propensity), so its 100% looks concentrated to the null
+    section = {"alarm_null": {"dirichlet": [2.0, 60.0, 60.0, 60.0, 60.0]}, "predicted_class_counts": [200] * K,
+               "validation": {"k": 10, "n": 1000}}
+    alarm = stream_alarms(flags, preds, section)
+    assert alarm.p_value < 1e-3 and not alarm.fired and alarm.drift.fired
+    assert target_class_alarm(flags, section["alarm_null"]["dirichlet"], predicted_by_class=preds,
+                              calibration_counts=[200] * K, min_ratio=1.0).fired
