@@ -39,6 +39,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from .sources import SourceError, read_npy_header
+
 BUNDLE_FORMAT = "abl-guard-bundle"
 BUNDLE_VERSION = 2  # 2: manifest_sha256, input spec, predicted labels of the calibration part (Mondrian, alarm)
 MANIFEST = "manifest.json"
@@ -122,14 +124,10 @@ def _check_npz(path: Path, limits: BundleLimits) -> None:
             if not info.filename.endswith(".npy"):
                 raise BundleError(f"{path}: member {info.filename!r} is not an .npy array")
             with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0), (3, 0)):
-                    raise BundleError(f"{path}: {info.filename}: unsupported .npy version {version}")
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
-                if dtype.hasobject:
-                    raise BundleError(f"{path}: {info.filename} holds Python objects; bundles hold numbers only")
+                try:
+                    shape, _, dtype, _ = read_npy_header(f)
+                except SourceError as e:  # object arrays, bad magic or versions, oversized headers, bad shapes
+                    raise BundleError(f"{path}: {info.filename}: {e}") from e
                 if math.prod(shape) * dtype.itemsize > info.file_size:
                     raise BundleError(f"{path}: {info.filename} declares shape {shape}, more than it holds")
 

@@ -295,8 +295,10 @@ def _read_exact(fp: IO[bytes], n: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def _read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """``(shape, fortran_order, dtype, header_bytes)`` of a ``.npy`` stream, reading at most the capped header.
+def read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, header_bytes)`` of a ``.npy`` stream, reading at most the capped header;
+    object dtypes and invalid shapes raise :class:`SourceError`. The one header reader of the guard: input files,
+    ``.npz`` members, bundle arrays and the service's ``.npy`` bodies all go through it.
 
     numpy's own reader reads a header of any declared length before checking it (up to 4 GiB in format 2.0)."""
     magic = _read_exact(fp, 8, "header")
@@ -335,7 +337,7 @@ class _ArrayStream:
         self._fp, self._closers, self._npy_file = fp, [fp, *closers], npy_file
         self.problem = "the file is truncated"
         try:
-            self.shape, fortran, self.dtype, self.header_bytes = _read_npy_header(fp)
+            self.shape, fortran, self.dtype, self.header_bytes = read_npy_header(fp)
             self.ndim = len(self.shape)
             self.row_items = math.prod(self.shape[1:]) if self.ndim > 1 else 1
             self.data_bytes = math.prod(self.shape) * self.dtype.itemsize

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..preprocess import InputError, to_model_input
-from ..sources import SourceError, b64_image_bytes, decode_image
+from ..sources import SourceError, b64_image_bytes, decode_image, read_npy_header
 
 NPY_MAGIC = b"\x93NUMPY"
 NPY_TYPES = ("application/x-npy", "application/npy")
@@ -105,14 +105,7 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     key = data[:end]
     hit = _NPY_HEADERS.get(key)
     if hit is None:
-        f = io.BytesIO(key)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            hit = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            hit = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
+        hit = read_npy_header(io.BytesIO(key))[:3]
         if len(_NPY_HEADERS) >= 256:
             _NPY_HEADERS.clear()
         _NPY_HEADERS[key] = hit
@@ -122,14 +115,13 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 def decode_npy(data: bytes, input_shape: Sequence[int], what: str) -> np.ndarray:
     """An ``.npy`` payload -> float32 ``(N, C, H, W)``. The header's shape and dtype must account for the body
-    exactly before anything is allocated, and object arrays are refused (what ``np.load(allow_pickle=False)``
-    refuses); the data is then viewed in place with ``np.frombuffer``, never unpickled."""
+    exactly before anything is allocated, and object arrays are refused by the header reader (what
+    ``np.load(allow_pickle=False)`` refuses); the data is then viewed in place with ``np.frombuffer``, never
+    unpickled."""
     try:
         shape, fortran, dtype, offset = _npy_header(data)
     except Exception as e:  # noqa: BLE001 - numpy raises ValueError, SyntaxError, ... on bad headers
         raise RequestError(400, "malformed_npy", f"{what}: not a readable .npy payload: {e}") from e
-    if dtype.hasobject:
-        raise RequestError(400, "malformed_npy", f"{what}: object arrays are never loaded (they would need pickle)")
     count = math.prod(shape)  # Python integers: a forged header cannot overflow into a matching size
     if len(data) - offset != count * dtype.itemsize:
         raise RequestError(400, "malformed_npy", f"{what}: the .npy header declares {shape} {dtype} "
