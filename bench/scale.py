@@ -122,13 +122,13 @@ def scans(bundle: Path, n: int, work: Path) -> dict[str, Any]:
 def driver_rate(records_path: Path, work: Path) -> float:
     """Records per second one driver core turns into output: what ``--engine ray`` does per record on the driver
     (parse the actor's JSON, write it with the local scan's writer, add it to the summary), on a scan's records."""
-    from abl_guard.guard.scan import ScanSummary, _Writer, read_records
+    from abl_guard.guard.scan import RecordWriter, ScanSummary, read_records
 
     texts = [json.dumps(r) for r in read_records(records_path)]
     dets = sorted((json.loads(texts[0]).get("detectors") or {}).keys())
     summary = ScanSummary()
     with open(work / "driver.jsonl", "w", encoding="utf-8") as f:
-        w = _Writer(f, "jsonl", dets, header=False)
+        w = RecordWriter(f, "jsonl", dets, header=False)
         t = time.perf_counter()
         for s in range(0, len(texts), 256):
             recs = [json.loads(x) for x in texts[s : s + 256]]

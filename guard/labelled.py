@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .sources import SourceLimits, _lines, _text, canonical_id, iter_inputs
+from .sources import SourceLimits, canonical_id, capped_lines, iter_inputs, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _jsonl_labels(path: Path, class_names: Sequence[str]) -> dict[str, deque[int
     out: dict[str, deque[int]] = {}
     name = canonical_id(path)
     with open(path, "rb") as f:  # lines split and capped exactly as guard.sources reads them
-        for lineno, raw in _lines(f, SourceLimits().max_line_bytes):
+        for lineno, raw in capped_lines(f, SourceLimits().max_line_bytes):
             if raw is None or not raw.strip():
                 continue
             try:
@@ -148,7 +148,7 @@ def _jsonl_labels(path: Path, class_names: Sequence[str]) -> dict[str, deque[int
                 continue
             if not isinstance(obj, dict) or "label" not in obj:
                 continue
-            iid = _text(str(obj["id"])) if obj.get("id") is not None else f"{name}:{lineno}"
+            iid = safe_text(str(obj["id"])) if obj.get("id") is not None else f"{name}:{lineno}"
             idx = _class_index(obj["label"], class_names)
             if idx is None:
                 raise LabelError(f"{path}:{lineno}: label {obj['label']!r} is not one of the model's classes "

@@ -49,17 +49,17 @@ from .progress import progress_bar
 from .runtime import Guard
 from .scan import (
     CSV_BASE,
+    DoneIds,
+    RecordWriter,
     ScanError,
     ScanSummary,
-    _clean,
-    _DoneIds,
-    _existing,
-    _json_default,
-    _locked_output,
-    _records,
-    _Writer,
+    batch_records,
     check_batch_size,
     check_output_path,
+    clean_record,
+    existing_output,
+    json_default,
+    locked_output,
     read_records,
 )
 from .sources import (
@@ -67,8 +67,8 @@ from .sources import (
     InputItem,
     SourceError,
     SourceLimits,
-    _msg,
     decode_image,
+    error_text,
     iter_inputs,
     safe_text,
 )
@@ -181,9 +181,9 @@ def _decode_item(iid: str, value: Any, input_shape: Sequence[int], limits: Sourc
             x, resized = decode_image(bytes(value), input_shape, max_pixels=limits.max_pixels)
             return InputItem(iid, x, resized=resized, source=ref)
         except SourceError as e:
-            return InputItem(iid, error=_msg(str(e)), source=ref)
+            return InputItem(iid, error=error_text(str(e)), source=ref)
         except Exception as e:  # noqa: BLE001 - PIL raises many types; every input still gets an answer
-            return InputItem(iid, error=_msg(f"unreadable image: {type(e).__name__}: {e}"), source=ref)
+            return InputItem(iid, error=error_text(f"unreadable image: {type(e).__name__}: {e}"), source=ref)
     try:
         arr = np.asarray(value)
         if arr.dtype == object:
@@ -193,9 +193,9 @@ def _decode_item(iid: str, value: Any, input_shape: Sequence[int], limits: Sourc
             raise InputError(f"array of shape {arr.shape} does not fit the model")
         return InputItem(iid, x[0], source=ref)
     except InputError as e:
-        return InputItem(iid, error=_msg(f"invalid input: {e}"), source=ref)
+        return InputItem(iid, error=error_text(f"invalid input: {e}"), source=ref)
     except Exception as e:  # noqa: BLE001
-        return InputItem(iid, error=_msg(f"invalid input: {type(e).__name__}: {e}"), source=ref)
+        return InputItem(iid, error=error_text(f"invalid input: {type(e).__name__}: {e}"), source=ref)
 
 
 def _parquet_items(path: str, input_shape: Sequence[int], skip: Callable[[str], bool], limits: SourceLimits,
@@ -215,11 +215,11 @@ def _parquet_items(path: str, input_shape: Sequence[int], skip: Callable[[str], 
         batches = pf.iter_batches(batch_size=batch_rows, columns=[col] + ([id_col] if id_col else []))
     except SourceError as e:
         if not skip(pid):
-            yield InputItem(pid, error=_msg(str(e)), source=pid)
+            yield InputItem(pid, error=error_text(str(e)), source=pid)
         return
     except Exception as e:  # noqa: BLE001 - not Parquet, truncated footer, unreadable
         if not skip(pid):
-            yield InputItem(pid, error=_msg(f"unreadable Parquet file: {type(e).__name__}: {e}"), source=pid)
+            yield InputItem(pid, error=error_text(f"unreadable Parquet file: {type(e).__name__}: {e}"), source=pid)
         return
     row = 0
     try:
@@ -234,7 +234,7 @@ def _parquet_items(path: str, input_shape: Sequence[int], skip: Callable[[str], 
                     yield _decode_item(iid, value, input_shape, limits, ref)
     except Exception as e:  # noqa: BLE001 - a corrupt row group: one record for the rest of the file
         if not skip(pid):
-            yield InputItem(pid, error=_msg(f"unreadable Parquet rows from {row}: {type(e).__name__}: {e}"),
+            yield InputItem(pid, error=error_text(f"unreadable Parquet rows from {row}: {type(e).__name__}: {e}"),
                             source=pid)
 
 
@@ -484,9 +484,9 @@ class GuardActor:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         seqs, items = self._items(batch)
-        recs = _records(self.guard, items) if items else []  # the local scan's batch -> records
+        recs = batch_records(self.guard, items) if items else []  # the local scan's batch -> records
         return {"seq": np.array(seqs, np.int64), "id": np.array([r["id"] for r in recs], dtype=object),
-                "record": np.array([json.dumps(_clean(r), allow_nan=False, default=_json_default) for r in recs],
+                "record": np.array([json.dumps(clean_record(r), allow_nan=False, default=json_default) for r in recs],
                                    dtype=object)}
 
 
@@ -556,7 +556,7 @@ def _parquet_table(records: Sequence[Mapping[str, Any]], schema: Any) -> Any:
 
     cols: dict[str, list[Any]] = {n: [] for n in schema.names}
     for rec in records:
-        rec = _clean(rec)
+        rec = clean_record(rec)
         flat = {k: v for k, v in rec.items() if k != "detectors"}
         for d, v in (rec.get("detectors") or {}).items():
             for k in ("score", "p_value", "tail"):
@@ -729,7 +729,7 @@ def _run(ray: Any, make_ds: Callable[[set[str] | None], Any], guard: Guard, outp
                     summary.resumed = summary.total
                 parts = _parts(path)
                 first = int(_PART.fullmatch(parts[-1].name).group(1)) + 1 if parts else 0  # type: ignore[union-attr]
-                total = prepare(_DoneIds(Counter(ids)) if resume else None) if prepare else None
+                total = prepare(DoneIds(Counter(ids)) if resume else None) if prepare else None
                 writer = _ParquetWriter(path, guard.detector_names, cfg.rows_per_file, first)
                 try:
                     if total != 0:  # nothing left to scan: no dataset (Ray refuses one without read tasks)
@@ -738,10 +738,11 @@ def _run(ray: Any, make_ds: Callable[[set[str] | None], Any], guard: Guard, outp
                 finally:
                     writer.close()
         else:
-            with _locked_output(path, resume) as f:
-                summary, ids = _existing(guard, path, fmt) if resume else (ScanSummary(output=str(path)), Counter())
-                total = prepare(_DoneIds(Counter(ids)) if resume else None) if prepare else None
-                w = _Writer(f, fmt, guard.detector_names, header=os.fstat(f.fileno()).st_size == 0)
+            with locked_output(path, resume) as f:
+                summary, ids = (existing_output(guard, path, fmt) if resume
+                                else (ScanSummary(output=str(path)), Counter()))
+                total = prepare(DoneIds(Counter(ids)) if resume else None) if prepare else None
+                w = RecordWriter(f, fmt, guard.detector_names, header=os.fstat(f.fileno()).st_size == 0)
                 if total != 0:
                     _write_stream(make_ds(set(ids) if resume else None), summary, w.write, ordered, quiet,
                                   total)

@@ -111,7 +111,7 @@ def record_text(text: str) -> str:
     return text[: MAX_TEXT - len(tail)] + tail
 
 
-def _clean(v: Any) -> Any:
+def clean_record(v: Any) -> Any:
     """A record made writable in both formats: text as :func:`record_text`, non-finite floats as ``None`` (JSON has
     no NaN), numpy scalars as Python numbers."""
     t = type(v)
@@ -122,15 +122,15 @@ def _clean(v: Any) -> Any:
     if v is None or t is bool or t is int:
         return v
     if isinstance(v, dict):
-        return {record_text(str(k)): _clean(x) for k, x in v.items()}
+        return {record_text(str(k)): clean_record(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [clean_record(x) for x in v]
     if isinstance(v, np.generic):
-        return _clean(v.item())
+        return clean_record(v.item())
     if isinstance(v, str):  # a str subclass
         return record_text(str(v))
     if isinstance(v, float):
-        return _clean(float(v))
+        return clean_record(float(v))
     return v
 
 
@@ -299,7 +299,10 @@ def _csv_row(rec: Mapping[str, Any], columns: Sequence[str]) -> list[Any]:
     return out
 
 
-class _Writer:
+class RecordWriter:
+    """Writes verdict records as JSONL or CSV (the bundle's detector columns), one write + flush per batch; the local
+    and the Ray scan share it."""
+
     def __init__(self, f: IO[str], fmt: str, detectors: Sequence[str], header: bool) -> None:
         self.f, self.fmt = f, fmt
         self.columns = _csv_columns(detectors)
@@ -319,10 +322,10 @@ class _Writer:
 
     def write(self, records: Sequence[Mapping[str, Any]], header: bool = False) -> None:
         """One ``write`` + ``flush`` per batch: a batch is on disk whole or (before the write) not at all. Total:
-        every record is made writable first (:func:`_clean`)."""
-        records = [_clean(r) for r in records]
+        every record is made writable first (:func:`clean_record`)."""
+        records = [clean_record(r) for r in records]
         if self.fmt == "jsonl":
-            text = "".join(json.dumps(r, allow_nan=False, default=_json_default) + "\n" for r in records)
+            text = "".join(json.dumps(r, allow_nan=False, default=json_default) + "\n" for r in records)
         else:
             text = self._csv(records, header)
         try:
@@ -333,7 +336,7 @@ class _Writer:
         self.f.flush()
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"cannot serialise {type(o).__name__}")
@@ -494,7 +497,7 @@ def _csv_record(row: dict[str, str]) -> dict[str, Any]:
     return rec
 
 
-class _DoneIds:
+class DoneIds:
     """``skip(id)`` for ``--resume``: True (and one fewer left) while the output still holds that id."""
 
     def __init__(self, ids: Counter) -> None:
@@ -549,7 +552,9 @@ def _batches(items: Iterable[InputItem], n: int) -> Iterator[list[InputItem]]:
         yield batch
 
 
-def _records(guard: Guard, batch: list[InputItem]) -> list[dict[str, Any]]:
+def batch_records(guard: Guard, batch: list[InputItem]) -> list[dict[str, Any]]:
+    """One record per item of ``batch``, in order: a verdict, or an error record (a failing batch is retried input by
+    input, so one bad input cannot lose the others). The local and the Ray scan share it."""
     good = [(it, it.image) for it in batch if it.error is None and it.image is not None]
     verdicts: dict[int, dict[str, Any]] = {}
     if good:
@@ -585,12 +590,12 @@ def scan(guard: Guard, items: Iterable[InputItem], out: IO[str], batch_size: int
     """Score ``items`` in batches, writing one record per input (in input order) to ``out``."""
     check_batch_size(batch_size)
     summary = summary or ScanSummary()
-    writer = _Writer(out, fmt, guard.detector_names, header)
+    writer = RecordWriter(out, fmt, guard.detector_names, header)
     bar = progress_bar(desc="scan", unit="img", quiet=quiet)
     with _StopFlag() as stop:
         try:
             for batch in _batches(items, batch_size):
-                recs = _records(guard, batch)
+                recs = batch_records(guard, batch)
                 stop.writing = True
                 try:
                     writer.write(recs)
@@ -616,7 +621,7 @@ def scan(guard: Guard, items: Iterable[InputItem], out: IO[str], batch_size: int
     return summary
 
 
-def _existing(guard: Guard, path: Path, fmt: str) -> tuple[ScanSummary, Counter]:
+def existing_output(guard: Guard, path: Path, fmt: str) -> tuple[ScanSummary, Counter]:
     """The summary and id counts of an output to resume into; repairs a torn last record. Raises :class:`ScanError`
     on a path that is not a regular file and on a record that is not a verdict of this bundle."""
     summary = ScanSummary(output=str(path))
@@ -682,7 +687,7 @@ def _lock(f: IO[str], path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked_output(path: Path, resume: bool) -> Iterator[IO[str]]:
+def locked_output(path: Path, resume: bool) -> Iterator[IO[str]]:
     """The output opened for appending and locked; emptied (after locking) unless resuming. A directory, and for
     ``resume`` anything but a regular file, is refused."""
     if path.is_dir():
@@ -707,7 +712,7 @@ def _scan_open(guard: Guard, items: Iterable[InputItem], f: IO[str], p: Path, ba
                fmt: str, resume: bool, alarm_alpha: float, prior: ScanSummary | None) -> ScanSummary:
     """:func:`scan` into the locked output ``f`` (at ``p``)."""
     if resume:
-        summary = prior if prior is not None else _existing(guard, p, fmt)[0]
+        summary = prior if prior is not None else existing_output(guard, p, fmt)[0]
         append = os.fstat(f.fileno()).st_size > 0
     else:
         summary, append = ScanSummary(output=str(p)), False
@@ -726,7 +731,7 @@ def scan_to_file(guard: Guard, items: Iterable[InputItem], path: str | os.PathLi
     if str(path) == "-":
         return scan(guard, items, sys.stdout, batch_size, quiet, fmt, alarm_alpha=alarm_alpha)
     p = Path(path)
-    with _locked_output(p, resume) as f:
+    with locked_output(p, resume) as f:
         return _scan_open(guard, items, f, p, batch_size, quiet, fmt, resume, alarm_alpha, prior)
 
 
@@ -746,11 +751,11 @@ def scan_sources(guard: Guard, sources: Sequence[str], path: str | os.PathLike, 
         raise ScanError("--resume needs an output file, not stdout")
     check_output_path(path, sources, protect)
     with contextlib.ExitStack() as stack:
-        out = None if str(path) == "-" else stack.enter_context(_locked_output(Path(path), resume))
+        out = None if str(path) == "-" else stack.enter_context(locked_output(Path(path), resume))
         prior, skip = None, None
         if resume:
-            prior, ids = _existing(guard, Path(path), fmt)
-            skip = _DoneIds(ids)
+            prior, ids = existing_output(guard, Path(path), fmt)
+            skip = DoneIds(ids)
         items = iter_inputs(sources, guard.input_shape, skip=skip, stdin=stdin, limits=limits)
         if out is None:
             summary = scan(guard, items, sys.stdout, batch_size, quiet, fmt, alarm_alpha=alarm_alpha)

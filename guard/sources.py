@@ -134,8 +134,6 @@ def safe_text(text: str) -> str:
     return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
 
 
-_text = safe_text
-
 
 def b64_image_bytes(data: str) -> bytes:
     """The bytes of a base64 image string (a ``data:`` URL is fine); raises ``ValueError`` when it is not base64."""
@@ -147,21 +145,22 @@ def b64_image_bytes(data: str) -> bytes:
         raise ValueError(str(e)) from e
 
 
-def _msg(s: str) -> str:
-    s = _text(s)
+def error_text(s: str) -> str:
+    """An error record's text: valid Unicode (:func:`safe_text`), capped at a few hundred characters."""
+    s = safe_text(s)
     return s if len(s) <= _MAX_MESSAGE_CHARS else s[: _MAX_MESSAGE_CHARS - 1] + "…"
 
 
 def canonical_id(path: str | os.PathLike) -> str:
     """The id a scan gives the file at ``path`` (its rows: ``ID#ROW``, its JSONL lines: ``ID:LINE``): absolute,
     normalised lexically without resolving symlinks, valid Unicode — the same however the path is spelled."""
-    return _text(os.path.abspath(os.fsdecode(path)))
+    return safe_text(os.path.abspath(os.fsdecode(path)))
 
 
 def _error(skip: Skip, iid: str, msg: str, source: str | None = None) -> Iterator[InputItem]:
     """An error record — unless ``--resume`` already holds ``iid`` (asked exactly once, like a verdict)."""
     if not skip(iid):
-        yield InputItem(iid, error=_msg(msg), source=source if source is not None else iid)
+        yield InputItem(iid, error=error_text(msg), source=source if source is not None else iid)
 
 
 # ------------------------------------------------------------------------------------------------ safe opening
@@ -260,16 +259,16 @@ def decode_image(data: bytes | str | os.PathLike, input_shape: Sequence[int], *,
 def _image_item(path: str, input_shape: Sequence[int], limits: SourceLimits, item_id: str | None = None,
                 ) -> InputItem:
     """The item of an image file at ``path`` (absolute); keyed by ``item_id`` or the path's canonical id."""
-    src = _text(path)
+    src = safe_text(path)
     iid = src if item_id is None else item_id
     try:
         with _open_regular(path) as f:
             x, resized = _decode(f, input_shape, limits.max_pixels)
         return InputItem(iid, x, resized=resized, source=src)
     except SourceError as e:
-        return InputItem(iid, error=_msg(str(e)), source=src)
+        return InputItem(iid, error=error_text(str(e)), source=src)
     except Exception as e:  # noqa: BLE001 - PIL raises many types; every input still gets an answer
-        return InputItem(iid, error=_msg(f"unreadable image: {type(e).__name__}: {e}"), source=src)
+        return InputItem(iid, error=error_text(f"unreadable image: {type(e).__name__}: {e}"), source=src)
 
 
 def _bytes_item(raw: bytes, input_shape: Sequence[int], limits: SourceLimits, iid: str, ref: str) -> InputItem:
@@ -277,9 +276,9 @@ def _bytes_item(raw: bytes, input_shape: Sequence[int], limits: SourceLimits, ii
         x, resized = _decode(io.BytesIO(raw), input_shape, limits.max_pixels)
         return InputItem(iid, x, resized=resized, source=ref)
     except SourceError as e:
-        return InputItem(iid, error=_msg(str(e)), source=ref)
+        return InputItem(iid, error=error_text(str(e)), source=ref)
     except Exception as e:  # noqa: BLE001
-        return InputItem(iid, error=_msg(f"unreadable image: {type(e).__name__}: {e}"), source=ref)
+        return InputItem(iid, error=error_text(f"unreadable image: {type(e).__name__}: {e}"), source=ref)
 
 
 # ------------------------------------------------------------------------------------------------ arrays
@@ -518,14 +517,14 @@ def _rows_to_items(ids: Sequence[str], chunk: np.ndarray, input_shape: Sequence[
                     raise InputError(f"row of shape {chunk.shape[1:]} does not fit the model") from None
                 yield InputItem(iid, x[0], source=iid)
             except InputError as e:
-                yield InputItem(iid, error=_msg(f"invalid input: {e}"), source=iid)
+                yield InputItem(iid, error=error_text(f"invalid input: {e}"), source=iid)
 
 
 def _array_items(path: str, input_shape: Sequence[int], skip: Skip, limits: SourceLimits,
                  batch: int = 1024) -> Iterator[InputItem]:
     """Items of an array file at ``path`` (absolute): one per row, or one for the file (a single image, or a file
     that cannot be read or whose rows cannot fit the model)."""
-    pid = _text(path)
+    pid = safe_text(path)
     try:
         stream = _open_array(path, limits)
     except SourceError as e:
@@ -541,9 +540,10 @@ def _array_items(path: str, input_shape: Sequence[int], skip: Skip, limits: Sour
                 try:
                     yield InputItem(pid, to_model_input(stream.read_all(), input_shape)[0], source=pid)
                 except InputError as e:
-                    yield InputItem(pid, error=_msg(f"invalid input: {e}"), source=pid)
+                    yield InputItem(pid, error=error_text(f"invalid input: {e}"), source=pid)
                 except Exception as e:  # noqa: BLE001
-                    yield InputItem(pid, error=_msg(f"unreadable array file: {type(e).__name__}: {e}"), source=pid)
+                    msg = f"unreadable array file: {type(e).__name__}: {e}"
+                    yield InputItem(pid, error=error_text(msg), source=pid)
             return
         reason = _rows_reason(shape, stream.dtype, input_shape)
         if reason is not None:
@@ -574,7 +574,7 @@ def _array_items(path: str, input_shape: Sequence[int], skip: Skip, limits: Sour
 # ------------------------------------------------------------------------------------------------ JSONL
 
 
-def _lines(stream: IO[Any], max_bytes: int) -> Iterator[tuple[int, Any]]:
+def capped_lines(stream: IO[Any], max_bytes: int) -> Iterator[tuple[int, Any]]:
     """``(line number, line)`` with the line's bytes (or characters, for a text stream) capped: an over-long line is
     read on to its end in bounded pieces and handed out as ``None``."""
     lineno = 0
@@ -596,7 +596,7 @@ def _jsonl_items(name: str, stream: IO[Any], base: str, input_shape: Sequence[in
                  limits: SourceLimits) -> Iterator[InputItem]:
     lineno = 0
     try:
-        for lineno, line in _lines(stream, limits.max_line_bytes):
+        for lineno, line in capped_lines(stream, limits.max_line_bytes):
             yield from _jsonl_line(name, lineno, line, base, input_shape, skip, limits)
     except Exception as e:  # noqa: BLE001 - the stream itself failed (EIO, a text stream's decode error)
         ref = f"{name}:{lineno + 1}"
@@ -639,7 +639,7 @@ def _jsonl_line(name: str, lineno: int, line: Any, base: str, input_shape: Seque
     if raw_id is None:
         iid = ref
     elif isinstance(raw_id, (str, int, float)) and not isinstance(raw_id, bool):
-        iid = _text(str(raw_id))
+        iid = safe_text(str(raw_id))
         if len(iid) > _MAX_ID_CHARS:
             yield from _error(skip, ref, f"invalid id: longer than {_MAX_ID_CHARS} characters")
             return
@@ -659,7 +659,7 @@ def _jsonl_line(name: str, lineno: int, line: Any, base: str, input_shape: Seque
         try:
             raw = b64_image_bytes(obj["image"])
         except ValueError as e:
-            yield InputItem(iid, error=_msg(f"invalid base64 image: {e}"), source=ref)
+            yield InputItem(iid, error=error_text(f"invalid base64 image: {e}"), source=ref)
             return
         yield _bytes_item(raw, input_shape, limits, iid, ref)
     else:
@@ -715,7 +715,7 @@ def _walk(root: str, skip_hidden: bool = False) -> Iterator[tuple[str, str | Non
 def _file_items(path: str, input_shape: Sequence[int], skip: Skip, limits: SourceLimits,
                 in_folder: bool = False) -> Iterator[InputItem]:
     """The items of one named or walked file at ``path`` (absolute, normalised)."""
-    pid = _text(path)
+    pid = safe_text(path)
     ext = os.path.splitext(pid)[1].lower()
     if ext in IMAGE_EXTS:
         if not skip(pid):
@@ -733,7 +733,7 @@ def _file_items(path: str, input_shape: Sequence[int], skip: Skip, limits: Sourc
     else:
         try:
             _check_regular(path)  # a FIFO or a dangling link says so rather than "unsupported"
-            msg = f"unsupported file type: {_text(ext) or '(none)'}"
+            msg = f"unsupported file type: {safe_text(ext) or '(none)'}"
         except SourceError as e:
             msg = str(e)
         yield from _error(skip, pid, msg)
@@ -773,13 +773,13 @@ def iter_inputs(sources: Iterable[str | os.PathLike], input_shape: Sequence[int]
         if is_dir:
             for f, problem in _walk(path, limits.skip_hidden):
                 if problem is not None:
-                    yield from _error(skip, _text(f), problem)
+                    yield from _error(skip, safe_text(f), problem)
                 else:
                     yield from _file_items(f, input_shape, skip, limits, in_folder=True)
         elif "\x00" in raw:
-            yield from _error(skip, _text(path), "invalid path: it contains a NUL byte")
+            yield from _error(skip, safe_text(path), "invalid path: it contains a NUL byte")
         elif not os.path.lexists(path):
-            yield from _error(skip, _text(path), "no such file or directory")
+            yield from _error(skip, safe_text(path), "no such file or directory")
         else:
             yield from _file_items(path, input_shape, skip, limits)
 
@@ -799,7 +799,7 @@ def read_source(source: str, limits: SourceLimits | None = None) -> np.ndarray |
         path, sep, line = source.rpartition(":")
         if sep and line.isdigit() and os.path.splitext(path)[1].lower() in JSONL_EXTS:
             with _open_regular(path) as f:
-                for lineno, text in _lines(f, limits.max_line_bytes):
+                for lineno, text in capped_lines(f, limits.max_line_bytes):
                     if lineno == int(line):
                         obj = json.loads(text)
                         obj = {"path": obj} if isinstance(obj, str) else obj

@@ -21,10 +21,10 @@ from abl_guard.cli import main
 from abl_guard.guard import Guard
 from abl_guard.guard.scan import (
     MAX_BATCH_SIZE,
+    RecordWriter,
     ScanError,
     ScanOutputError,
     ScanSummary,
-    _Writer,
     read_records,
     safe_text,
     scan_sources,
@@ -105,7 +105,7 @@ def test_safe_text_is_idempotent_and_leaves_valid_text_alone():
 def test_writer_survives_a_stream_that_is_not_utf8():
     raw = io.BytesIO()
     stream = io.TextIOWrapper(raw, encoding="ascii", newline="")
-    _Writer(stream, "csv", ["mahalanobis"], header=True).write([{"id": "é", "error": "unreadable image: é"}])
+    RecordWriter(stream, "csv", ["mahalanobis"], header=True).write([{"id": "é", "error": "unreadable image: é"}])
     assert b"\\xe9" in raw.getvalue()
 
 
@@ -137,7 +137,7 @@ def test_csv_numeric_cells_are_not_mangled(tmp_path):
            "score": -1.5, "threshold": -0.25, "kind": "backdoor",
            "detectors": {"m": {"score": -3.25, "p_value": 0.5, "tail": "low"}}}
     with open(out, "w", encoding="utf-8", newline="") as f:
-        _Writer(f, "csv", ["m"], header=True).write([rec])
+        RecordWriter(f, "csv", ["m"], header=True).write([rec])
     row = out.read_text().splitlines()[1].split(",")
     assert row[0] == "'-neg" and "-1.5" in row and "-0.25" in row and "-3.25" in row and "'=c" in row
     (back,) = read_records(out)
@@ -150,7 +150,7 @@ def test_non_finite_floats_are_written_as_null(tmp_path):
     for fmt in ("jsonl", "csv"):
         out = tmp_path / f"nan.{fmt}"
         with open(out, "w", encoding="utf-8", newline="") as f:
-            _Writer(f, fmt, [], header=True).write([rec])
+            RecordWriter(f, fmt, [], header=True).write([rec])
         (back,) = read_records(out)
         assert "p_value" not in back or back["p_value"] is None
         assert "score" not in back or back["score"] is None
@@ -167,7 +167,7 @@ def test_any_id_round_trips_through_both_formats(tmp_path_factory, ids):
     for fmt in ("csv", "jsonl"):
         out = d / f"v.{fmt}"
         with open(out, "w", encoding="utf-8", newline="") as f:
-            _Writer(f, fmt, ["m"], header=True).write([{"id": i, "error": "unreadable: " + i} for i in ids])
+            RecordWriter(f, fmt, ["m"], header=True).write([{"id": i, "error": "unreadable: " + i} for i in ids])
         back = list(read_records(out))
         assert [r["id"] for r in back] == [safe_text(i) for i in ids]
         assert [r["error"] for r in back] == [safe_text("unreadable: " + i) for i in ids]
@@ -368,7 +368,7 @@ def test_malformed_alarm_null_gives_no_alarm_not_a_crash():
 def test_overlong_ids_are_bounded_distinct_and_resume(guard, digits_test, tmp_path, fmt):
     """A 200,000-character id (the sources bound JSONL ids; a library caller need not) made a record past the CSV
     reader's field limit, so --resume refused the file."""
-    from abl_guard.guard.scan import MAX_TEXT, _DoneIds, _existing
+    from abl_guard.guard.scan import MAX_TEXT, DoneIds, existing_output
     from abl_guard.guard.sources import InputItem
 
     np.save(tmp_path / "a.npy", digits_test.images[:3])
@@ -379,8 +379,8 @@ def test_overlong_ids_are_bounded_distinct_and_resume(guard, digits_test, tmp_pa
     got = [r["id"] for r in read_records(out)]
     assert len(set(got)) == 3 and got[2] == "short" and all(len(i) <= MAX_TEXT for i in got)
     assert got[0].startswith("é" * 1000) and "sha256" in got[0]
-    _, done = _existing(guard, out, fmt)
-    skip = _DoneIds(done)
+    _, done = existing_output(guard, out, fmt)
+    skip = DoneIds(done)
     assert [skip(i) for i in ids] == [True, True, True] and not skip.left  # resume matches the long ids
 
 
