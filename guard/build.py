@@ -128,11 +128,14 @@ class _Stage:
     outputs: list[str]
 
     def fit(self, x: np.ndarray, labels: np.ndarray) -> None:
-        """Fit every detector on one forward pass over the fit part."""
-        obs = observe(self.model, x, self.outputs)
+        """Fit every detector on one forward pass over the fit part. The pass yields every tap, since a detector
+        built with ``taps=None`` picks its taps only in ``fit`` (and would otherwise run the model again for them);
+        afterwards the stage reads just the taps the fitted detectors resolved."""
+        obs = observe(self.model, x, None)
         for name, det in zip(self.names, self.detectors):
             log.info("fitting %s on %d clean inputs", name, len(x))
             det.fit(obs, labels, self.model)
+        self.outputs = needed_outputs(self.detectors)
 
     def score(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Raw per-detector scores and the predicted labels of one part (its observations are freed on return)."""
