@@ -370,7 +370,8 @@ def train(ctx: click.Context, dataset: str, attack: str, rate: float, target: in
         clash = sorted(explicit & set(params))
         if clash:
             raise click.UsageError(f"ABL parameter(s) {clash} given both as --abl-* options and --defense-param")
-        params = {**{k: v for k, v in abl_options.items() if v is not None}, **params}
+        # only the options given: the others come from ABLConfig, where --abl-mode's preset sets them
+        params = {**{k: abl_options[k] for k in explicit if abl_options[k] is not None}, **params}
     elif explicit:
         raise click.UsageError(f"--abl-* options need --defense abl (got {', '.join(sorted(explicit))})")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}

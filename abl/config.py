@@ -19,6 +19,21 @@ ISOLATION_LABELS = ("all", "target")
 UNLEARNING_MODES = ("joint", "ascent")
 ASCENT_FORMS = ("negated-ce", "complement")
 BN_MODES = ("train", "frozen")
+MODES = ("retrain", "unlearn", "paper")
+ISOLATION_STOPS = ("auto", "fixed")
+
+#: what each ``mode`` changes from the dataclass defaults (which are ``retrain``'s); explicit knobs win over it
+PRESETS: dict[str, dict[str, Any]] = {
+    "retrain": {},
+    # the first release's default: isolation, clean stage on the same model, guarded joint unlearning
+    "unlearn": {"isolation_labels": "all", "isolation_stop": "fixed", "unlearning_epochs": 5},
+    # every default the paper's (Li et al. 2021): raw-loss ranking of p = 1% at T_te, every isolated example
+    # unlearned with the unbounded L_GGA for 5 epochs at lr 5e-4 (official code), no held-out guard
+    "paper": {"isolation_labels": "all", "isolation_stop": "fixed", "isolation_score": "loss", "lga": "flooding",
+              "isolation_ratio": 0.01, "unlearning": "joint", "unlearning_bound": 0.0,
+              "unlearning_ascent": "negated-ce", "unlearning_epochs": 5, "unlearning_lr": 5e-4,
+              "unlearning_bn": "train", "holdout": 0.0},
+}
 
 
 def _knob(default: Any, help: str, **extra: Any) -> Any:
@@ -28,19 +43,33 @@ def _knob(default: Any, help: str, **extra: Any) -> Any:
 
 
 #: the string knobs and their allowed values (validated first, in this order)
-_CHOICES = {"lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES, "isolation_labels": ISOLATION_LABELS,
+_CHOICES = {"mode": MODES, "isolation_stop": ISOLATION_STOPS,
+            "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES, "isolation_labels": ISOLATION_LABELS,
             "unlearning": UNLEARNING_MODES, "unlearning_ascent": ASCENT_FORMS, "unlearning_bn": BN_MODES}
 
 
 @dataclass
 class ABLConfig:
-    """Every ABL knob. ``isolation_epochs + clean_epochs`` is the paper's total ``T`` (20 + 80)."""
+    """Every ABL knob. The defaults are ``mode="retrain"``'s; :meth:`for_mode` / :meth:`from_train` apply another
+    mode's :data:`PRESETS`. In ``unlearn`` / ``paper`` mode ``isolation_epochs + clean_epochs`` is the paper's total
+    ``T`` (20 + 80); in ``retrain`` mode the clean stage is a full schedule of its own (``clean_epochs = T``)."""
 
+    mode: str = _knob("retrain", "retrain: isolate a seed, expand it to the rest of the poison, retrain from scratch "
+                      "on the cleansed set (docs/abl.md#retrain-mode); unlearn: the first release's guarded "
+                      "unlearning on the same model; paper: every default the paper's (Li et al. 2021).",
+                      choices=MODES)
     gamma: float = _knob(0.5, "LGA threshold gamma; the isolation loss is sign(loss - gamma) * loss.")
     lga: str = _knob("flooding", "LGA on the batch-mean loss (official code) or on every example (BackdoorBox).",
                      choices=LGA_FORMS)
     isolation_epochs: int = _knob(20, "Isolation epochs T_te, part of --epochs (the rest is the clean stage). "
                                   "[default: 20% of --epochs, the paper's 20 of 100]", cli_default=None)
+    isolation_stop: str = _knob("auto", "auto: end the isolation at the first epoch whose isolated fraction is "
+                                "concentrated in one label (and, in retrain mode, whose seed expands to a separate "
+                                "population: the backdoor is learned), at most --abl-isolation-epochs; fixed: always "
+                                "run them all (the paper). [default: auto in retrain mode, else fixed]",
+                                choices=ISOLATION_STOPS, cli_default=None)
+    isolation_concentration: float = _knob(0.9, "isolation_stop=auto: the share of the isolated fraction that one "
+                                           "label must hold.")
     isolation_ratio: float = _knob(0.01, "Fraction p of the training set isolated as suspected poison (lowest "
                                    "score at T_te).")
     isolation_score: str = _knob("class-relative", "Rank by the loss relative to the median loss of the example's "
@@ -48,9 +77,16 @@ class ABLConfig:
     isolation_reference: float = _knob(0.5, "The quantile of its label's log-loss that the class-relative score "
                                        "measures an example against (0.5 = the median; higher stays on the clean "
                                        "examples when over half a label is poisoned).")
-    isolation_labels: str = _knob("all", "Unlearn every isolated example (all, the paper) or only those with the "
+    isolation_labels: str = _knob("target", "Keep every isolated example (all, the paper) or only those with the "
                                   "isolated set's majority label, the suspected target of an all-to-one backdoor "
-                                  "(target; the others go back to the clean set).", choices=ISOLATION_LABELS)
+                                  "(target; the others go back to the clean set). [default: target in retrain mode, "
+                                  "else all]", choices=ISOLATION_LABELS, cli_default=None)
+    expansion_posterior: float = _knob(0.05, "retrain mode: remove every example of the target label whose posterior "
+                                       "of looking like the isolated seed reaches this (abl/expansion.py).")
+    expansion_max_share: float = _knob(0.6, "retrain mode: refuse an expansion that would remove more than this "
+                                       "share of the target label (a clean sub-type, not poison).")
+    expansion_separation: float = _knob(2.0, "retrain mode: expand the seed only when the target label's scores "
+                                        "split into two populations at least this far apart (Ashman's D).")
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()
@@ -63,7 +99,8 @@ class ABLConfig:
     unlearning_ascent: str = _knob("negated-ce", "The ascent term on isolated examples: -CE (the paper) or "
                                    "-log(1 - p_label) (complementary label: strongest while the example is still "
                                    "fitted, fading once it is unlearned).", choices=ASCENT_FORMS)
-    unlearning_epochs: int = _knob(5, "Gradient-ascent epochs on the isolated set, after --epochs.")
+    unlearning_epochs: int = _knob(0, "Gradient-ascent epochs on the isolated set, after the clean stage. "
+                                   "[default: 0 in retrain mode, 5 otherwise]", cli_default=None)
     unlearning_lr: float = _knob(5e-4, "Unlearning learning rate (official code 5e-4).")
     unlearning_bn: str = _knob("train", "BatchNorm during unlearning: batch statistics (official code) or frozen "
                                "running statistics.", choices=BN_MODES)
@@ -86,8 +123,9 @@ class ABLConfig:
                             "unlearning epochs are always evaluated).")
 
     #: the knobs a caller may set through ``--defense-param`` / ``--abl-*`` (the rest come from the training options)
-    ABL_KNOBS = ("gamma", "lga", "isolation_epochs", "isolation_ratio", "isolation_score", "isolation_reference",
-                 "isolation_labels",
+    ABL_KNOBS = ("mode", "gamma", "lga", "isolation_epochs", "isolation_stop", "isolation_concentration",
+                 "isolation_ratio", "isolation_score", "isolation_reference",
+                 "isolation_labels", "expansion_posterior", "expansion_separation", "expansion_max_share",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -111,6 +149,9 @@ class ABLConfig:
             (not 0.0 <= self.holdout < 0.5, f"holdout must be in [0, 0.5), got {self.holdout}"),
             (self.unlearning_bound < 0, "unlearning_bound must be >= 0 (0 = unbounded ascent)"),
             (self.max_ca_drop < 0, "max_ca_drop must be >= 0"),
+            (not 0.0 < self.isolation_concentration <= 1.0, "isolation_concentration must be in (0, 1]"),
+            (not 0.0 < self.expansion_posterior < 1.0, "expansion_posterior must be in (0, 1)"),
+            (not 0.0 < self.expansion_max_share <= 1.0, "expansion_max_share must be in (0, 1]"),
             (self.lr <= 0 or self.unlearning_lr <= 0, "learning rates must be > 0"),
             (self.batch_size < 1 or self.eval_every < 0, "batch_size must be >= 1 and eval_every >= 0"),
         ]
@@ -118,6 +159,18 @@ class ABLConfig:
     @property
     def total_epochs(self) -> int:
         return self.isolation_epochs + self.clean_epochs
+
+    @property
+    def retrain(self) -> bool:
+        """Whether the clean stage retrains a freshly initialised model on the cleansed set (``mode="retrain"``)."""
+        return self.mode == "retrain"
+
+    @classmethod
+    def for_mode(cls, mode: str = "retrain", **knobs: Any) -> ABLConfig:
+        """The config of ``mode`` (its :data:`PRESETS` over the defaults), with ``knobs`` set on top."""
+        if mode not in PRESETS:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return cls(mode=mode, **{**PRESETS[mode], **knobs})
 
     def lr_at(self, epoch: int) -> float:
         """Step schedule over global epochs (isolation and clean stage share it)."""
@@ -132,18 +185,23 @@ class ABLConfig:
     def from_train(cls, train: TrainConfig, params: dict[str, Any] | None = None) -> ABLConfig:
         """Build from the shared training options plus ABL knobs (``params``; unknown keys are an error).
 
-        ``train.epochs`` is the total ``T``; ``isolation_epochs`` defaults to 20% of it (the paper's 20 of 100, at
-        least 1) and the clean stage takes the rest.
+        ``params["mode"]`` picks the preset the other params override. ``train.epochs`` is the total ``T``;
+        ``isolation_epochs`` defaults to 20% of it (the paper's 20 of 100, at least 1) and the clean stage takes the
+        rest — in ``retrain`` mode the clean stage is a full ``T`` of its own and ``isolation_epochs`` its maximum.
         """
         params = dict(params or {})
+        mode = params.get("mode", "retrain")
+        if mode not in PRESETS:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        params = {**PRESETS[mode], **params}
         unknown = sorted(set(params) - set(cls.ABL_KNOBS))
         if unknown:
             hint = " (the clean stage is --epochs minus the isolation epochs)" if "clean_epochs" in unknown else ""
             raise ValueError(f"unknown ABL parameter(s) {unknown}{hint}; known: {list(cls.ABL_KNOBS)}")
         iso = params.pop("isolation_epochs", None)
         iso = max(1, int(round(0.2 * train.epochs))) if iso is None else int(iso)
-        clean = train.epochs - iso
-        if clean < 0:
+        clean = train.epochs if mode == "retrain" else train.epochs - iso
+        if iso > train.epochs:
             raise ValueError(f"isolation epochs ({iso}) exceed the total --epochs ({train.epochs})")
         return cls(isolation_epochs=iso, clean_epochs=clean, lr=train.lr, lr_milestones=train.lr_milestones,
                    lr_gamma=train.lr_gamma, batch_size=train.batch_size, momentum=train.momentum,

@@ -97,6 +97,64 @@ def _ground_truth_stats(losses: np.ndarray, scores: np.ndarray, isolated: np.nda
     }
 
 
+def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray | None,
+                     pool: np.ndarray) -> dict[str, Any]:
+    """The seed expansion's statistics (:func:`abl_guard.abl.expansion.expand_seed`), with precision / recall of
+    everything removed and the poison it missed when the ground truth is known."""
+    rep = {**exp.report, "n_removed": int(len(removed))}
+    if poison_indices is not None:
+        poison = np.intersect1d(np.asarray(poison_indices, np.int64), pool)
+        hits = int(np.isin(removed, poison).sum())
+        rep.update(n_poison_in_pool=int(len(poison)), removed_poison=hits, missed_poison=int(len(poison) - hits),
+                   removed_clean=int(len(removed) - hits), precision=hits / max(1, len(removed)),
+                   recall=hits / len(poison) if len(poison) else float("nan"))
+    return rep
+
+
+#: the seed-probe rate at or below which a retrained model is judged free of the isolated backdoor
+PROBE_CLEAN = 0.2
+
+
+def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
+    """Whether the backdoor is gone, with the evidence, from quantities available without ground truth.
+
+    ``status``: ``not-found`` (the isolation never concentrated in one label: no fast-learned all-to-one backdoor was
+    seen), ``removed`` (a concentrated seed, and the final model maps at most :data:`PROBE_CLEAN` of the seed to its
+    label — a clean model predicts a triggered image's own content), or ``likely-present`` (the final model still maps
+    the seed to its label; with a clean-label attack, whose poison really is of the target class, this probe cannot
+    tell, and the evidence says so). CA / ASR are added by the caller when the attack is known.
+    """
+    iso = report.get("isolation", {})
+    un = report.get("unlearning", {})
+    exp = report.get("expansion", {})
+    evidence: list[str] = []
+    share = float(iso.get("isolated_majority_fraction", 0.0))
+    target = iso.get("isolated_majority_label")
+    evidence.append(f"isolation after {iso.get('epoch', '?')} epoch(s): {share:.0%} of the lowest-scoring "
+                    f"{iso.get('n_candidates', '?')} examples carry label {target}")
+    if exp:
+        if exp.get("expanded"):
+            evidence.append(f"the seed of {exp['n_seed']} grew to {exp['n_removed']} removed examples of label "
+                            f"{exp['target']} ({exp['n_target_label']} in the label; estimated poison "
+                            f"{exp.get('estimated_poison', float('nan')):.0f}, separation "
+                            f"{exp['mixture']['separation']:.1f})")
+        else:
+            evidence.append(f"the seed was not expanded: {exp.get('reason', '')}")
+    probe = un.get("isolated_accuracy_after")
+    if probe is not None:
+        evidence.append(f"the final model predicts label {target} for {probe:.0%} of the isolated seed")
+    if share < cfg.isolation_concentration:
+        status = "not-found"
+        evidence.append("no label held the isolated examples: no fast-learned all-to-one backdoor was seen")
+    elif probe is not None and probe <= PROBE_CLEAN:
+        status = "removed"
+    else:
+        status = "likely-present"
+        evidence.append("a clean model predicts a triggered image's own content; if the poison is clean-label (images "
+                        "of the target class) this probe cannot tell")
+    return {"status": status, "target": target, "evidence": evidence}
+
+
 def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
     """Evidence that ABL likely failed, from quantities available without ground truth.
 
@@ -160,6 +218,18 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      + (f" (epochs {rejected} rejected by the CA guard)" if rejected else "")
                      + f"; isolated-set accuracy {100 * un.get('isolated_accuracy_before', float('nan')):.1f}% -> "
                        f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
+    exp = report.get("expansion", {})
+    if exp:
+        msg = (f" expansion: removed {exp.get('n_removed', 0)} examples of label {exp.get('target')} "
+               f"(seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)})")
+        if "recall" in exp:
+            msg += (f"; poison recall {100 * exp['recall']:.2f}% ({exp['missed_poison']} missed), "
+                    f"{exp['removed_clean']} clean removed")
+        lines.append(msg)
+    v = report.get("verdict")
+    if v:
+        lines.append(f"   verdict: backdoor {v['status']} (target {v['target']})")
+        lines += [f"            - {e}" for e in v["evidence"]]
     lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     return lines
 

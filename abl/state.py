@@ -109,6 +109,7 @@ class ABLRun:
     stage: str = "isolation"
     epoch: int = 0  # epochs done in ``stage``
     isolated: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    removed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # retrain mode: seed + expansion
     losses: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     pending_rng: dict[str, Any] = field(default_factory=dict)  # restored at the first stage that runs after a resume
     saved: dict[str, Any] | None = None  # the state resumed from
@@ -144,7 +145,8 @@ class ABLRun:
         blob: dict[str, Any] = {"stage": stage, "epoch": epoch, "model": model_state(self.model),
                                 "config_json": self.config_json, "fingerprint": self.fingerprint,
                                 "history_json": json.dumps(self.history), "report_json": json.dumps(self.report),
-                                "isolated": torch.as_tensor(self.isolated), "losses": torch.as_tensor(self.losses),
+                                "isolated": torch.as_tensor(self.isolated),
+                                "removed": torch.as_tensor(self.removed), "losses": torch.as_tensor(self.losses),
                                 "rng": rng_state(batches)}
         if optimizer is not None:
             blob["optimizer"] = optimizer.state_dict()
@@ -162,6 +164,7 @@ class ABLRun:
         self.report = json.loads(saved["report_json"])
         self.stage, self.epoch = str(saved["stage"]), int(saved["epoch"])
         self.isolated = saved["isolated"].numpy().astype(np.int64)
+        self.removed = saved["removed"].numpy().astype(np.int64) if "removed" in saved else self.isolated.copy()
         self.losses = saved["losses"].numpy()
         if self.stage in ("isolation", "clean") and "optimizer" in saved:
             optimizer.load_state_dict(saved["optimizer"])

@@ -14,8 +14,8 @@ from abl_guard.cli import main
 @pytest.mark.slow
 def test_train_abl_writes_the_run_record_and_isolation_artifacts(tmp_path):
     out = tmp_path / "run"
-    args = ["-q", "train", "--dataset", "digits", "--defense", "abl", "--epochs", "4", "--lr", "0.05",
-            "--batch-size", "64", "--abl-isolation-ratio", "0.05", "--abl-unlearning-epochs", "2",
+    args = ["-q", "train", "--dataset", "digits", "--defense", "abl", "--abl-mode", "unlearn", "--epochs", "4",
+            "--lr", "0.05", "--batch-size", "64", "--abl-isolation-ratio", "0.05", "--abl-unlearning-epochs", "2",
             "--abl-max-ca-drop", "1.0", "--abl-eval-every", "0", "--device", "cpu", "-o", str(out)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output

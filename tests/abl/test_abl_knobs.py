@@ -12,6 +12,11 @@ from click.testing import CliRunner
 from abl_guard.abl.abl import ABLConfig, run_abl, summary_lines
 from abl_guard.abl.train import TrainConfig
 
+
+def unlearn_cfg(**knobs: object) -> ABLConfig:
+    """A config of the unlearn flow (isolation, clean stage on the same model, guarded unlearning)."""
+    return ABLConfig.for_mode("unlearn", **knobs)  # type: ignore[arg-type]
+
 FAST = dict(isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0)
 
 
@@ -19,20 +24,24 @@ def test_from_train_maps_the_shared_options_and_splits_the_epochs():
     t = TrainConfig(epochs=10, batch_size=32, lr=0.02, momentum=0.8, weight_decay=1e-3, lr_milestones=(6,),
                     lr_gamma=0.5, augment="crop", seed=4, device="cpu", precision="bf16",
                     memory_format="channels-last")
-    c = ABLConfig.from_train(t)
+    c = ABLConfig.from_train(t, {"mode": "unlearn"})
     assert (c.isolation_epochs, c.clean_epochs) == (2, 8)  # the paper's 20% of T
     assert (c.batch_size, c.lr, c.momentum, c.weight_decay, c.lr_milestones, c.lr_gamma, c.augment, c.seed,
             c.device, c.precision, c.memory_format) == (32, 0.02, 0.8, 1e-3, (6,), 0.5, "crop", 4, "cpu", "bf16",
                                                          "channels-last")
-    assert ABLConfig.from_train(t, {"isolation_epochs": 3}).clean_epochs == 7
+    assert ABLConfig.from_train(t, {"isolation_epochs": 3, "mode": "paper"}).clean_epochs == 7
     assert ABLConfig.from_train(TrainConfig(epochs=100)).isolation_epochs == 20
+    # retrain mode (the default): the isolation epochs are extra, at most 20% of T, the clean stage a full T
+    r = ABLConfig.from_train(t)
+    assert (r.mode, r.isolation_epochs, r.clean_epochs, r.isolation_stop, r.unlearning_epochs) == (
+        "retrain", 2, 10, "auto", 0)
     assert [c.lr_at(e) for e in (0, 5, 6, 9)] == [0.02, 0.02, 0.01, 0.01]
     with pytest.raises(ValueError, match="unknown ABL parameter"):
         ABLConfig.from_train(t, {"gama": 0.5})
     with pytest.raises(ValueError, match="clean stage is --epochs"):
         ABLConfig.from_train(t, {"clean_epochs": 5})
     with pytest.raises(ValueError, match="exceed"):
-        ABLConfig.from_train(t, {"isolation_epochs": 11})
+        ABLConfig.from_train(t, {"isolation_epochs": 11, "mode": "unlearn"})
 
 
 @pytest.mark.parametrize("bad", [dict(lga="mean"), dict(isolation_ratio=0.0), dict(isolation_ratio=1.0),
@@ -49,7 +58,7 @@ def test_config_rejects_bad_values(bad):
 
 def test_epoch_knobs_set_the_stage_lengths_and_ratio_holdout_seed_the_split(small_poisoned):
     d = small_poisoned
-    cfg = ABLConfig(isolation_epochs=2, clean_epochs=1, unlearning_epochs=2, max_ca_drop=1.0, holdout=0.1, **FAST)
+    cfg = unlearn_cfg(isolation_epochs=2, clean_epochs=1, unlearning_epochs=2, max_ca_drop=1.0, holdout=0.1, **FAST)
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, quiet=True)
     assert [h["stage"] for h in res.history] == ["isolation", "isolation", "clean", "unlearning", "unlearning"]
     assert len(res.holdout) == 60 and res.report["isolation"]["n_pool"] == 540
@@ -57,7 +66,7 @@ def test_epoch_knobs_set_the_stage_lengths_and_ratio_holdout_seed_the_split(smal
     assert np.isnan(res.losses[res.holdout]).all() and np.isfinite(np.delete(res.losses, res.holdout)).all()
 
     other = run_abl(d.model(width=8), d.images, d.labels,
-                    ABLConfig(isolation_epochs=1, clean_epochs=0, unlearning_epochs=0, holdout=0.0, seed=5,
+                    unlearn_cfg(isolation_epochs=1, clean_epochs=0, unlearning_epochs=0, holdout=0.0, seed=5,
                               **{**FAST, "isolation_ratio": 0.1}), quiet=True)
     assert len(other.holdout) == 0 and len(other.isolated) == 60
     assert not other.report["unlearning"]["guard"]["enabled"]
@@ -68,7 +77,7 @@ def test_gamma_and_lga_form_change_the_isolation_training(small_poisoned):
     d = small_poisoned
 
     def iso_losses(**kw):
-        cfg = ABLConfig(isolation_epochs=2, clean_epochs=0, unlearning_epochs=0, **{**FAST, **kw})
+        cfg = unlearn_cfg(isolation_epochs=2, clean_epochs=0, unlearning_epochs=0, **{**FAST, **kw})
         return run_abl(d.model(width=8), d.images, d.labels, cfg, quiet=True).losses
 
     base = iso_losses()
@@ -81,7 +90,7 @@ def test_gamma_and_lga_form_change_the_isolation_training(small_poisoned):
 def test_isolation_labels_target_unlearns_only_the_majority_label(small_poisoned):
     d = small_poisoned
     # a ratio well above the poisoning rate, so the lowest-loss candidates spill over into other labels
-    cfg = ABLConfig(isolation_epochs=2, clean_epochs=0, unlearning_epochs=1, max_ca_drop=1.0,
+    cfg = unlearn_cfg(isolation_epochs=2, clean_epochs=0, unlearning_epochs=1, max_ca_drop=1.0,
                     **{**FAST, "isolation_ratio": 0.3})
     every = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     cfg.isolation_labels = "target"
@@ -111,7 +120,7 @@ def test_unlearning_lr_and_bn_mode_are_honoured(small_poisoned):
             snaps[(kw.get("unlearning_bn", "train"), kw.get("unlearning_lr"), stage)] = copy.deepcopy(
                 model.state_dict())
 
-        cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, unlearning_epochs=1, max_ca_drop=1.0, **{**FAST, **kw})
+        cfg = unlearn_cfg(isolation_epochs=1, clean_epochs=2, unlearning_epochs=1, max_ca_drop=1.0, **{**FAST, **kw})
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +150,7 @@ def test_eval_every_sets_how_often_evaluate_runs(small_poisoned):
     # (the last epoch of a stage is covered by its stage end); every=2 adds isolation epoch 2 only
     for every, expected in ((0, 5), (1, 5 + 3), (2, 5 + 1)):
         calls.clear()
-        cfg = ABLConfig(isolation_epochs=3, clean_epochs=2, unlearning_epochs=2, max_ca_drop=1.0,
+        cfg = unlearn_cfg(isolation_epochs=3, clean_epochs=2, unlearning_epochs=2, max_ca_drop=1.0,
                         **{**FAST, "eval_every": every})
         run_abl(d.model(width=8), d.images, d.labels, cfg, evaluate=evaluate, quiet=True)
         assert len(calls) == expected, every
@@ -150,13 +159,18 @@ def test_eval_every_sets_how_often_evaluate_runs(small_poisoned):
 # ------------------------------------------------------------------------------------------------ CLI
 
 ABL_FLAGS = {
+    "mode": ("--abl-mode", "unlearn", "unlearn"),
     "gamma": ("--abl-gamma", "0.3", 0.3),
     "lga": ("--abl-lga", "per-example", "per-example"),
     "isolation_epochs": ("--abl-isolation-epochs", "3", 3),
+    "isolation_stop": ("--abl-isolation-stop", "auto", "auto"),
+    "isolation_concentration": ("--abl-isolation-concentration", "0.8", 0.8),
     "isolation_ratio": ("--abl-isolation-ratio", "0.05", 0.05),
     "isolation_score": ("--abl-isolation-score", "loss", "loss"),
     "isolation_reference": ("--abl-isolation-reference", "0.75", 0.75),
     "isolation_labels": ("--abl-isolation-labels", "target", "target"),
+    "expansion_posterior": ("--abl-expansion-posterior", "0.1", 0.1),
+    "expansion_separation": ("--abl-expansion-separation", "3", 3.0),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),
     "unlearning_bound": ("--abl-unlearning-bound", "0", 0.0),
     "unlearning_ascent": ("--abl-unlearning-ascent", "complement", "complement"),
@@ -176,7 +190,9 @@ def test_every_abl_knob_has_a_cli_option_with_the_config_default():
     assert set(ABL_FLAGS) == set(ABLConfig.ABL_KNOBS)
     for knob in ABLConfig.ABL_KNOBS:
         p = opts[f"abl_{knob}"]
-        default = None if knob == "isolation_epochs" else getattr(ABLConfig(), knob)
+        # the knobs whose default depends on --abl-mode show none on the command line (ABLConfig resolves them)
+        per_mode = ("isolation_epochs", "isolation_stop", "isolation_labels", "unlearning_epochs")
+        default = None if knob in per_mode else getattr(ABLConfig(), knob)
         assert p.default == default, knob
 
 
@@ -207,7 +223,30 @@ def test_cli_passes_every_knob_through(captured, tmp_path):
     abl_cfg = ABLConfig.from_train(cfg.train, cfg.defense_params)
     for knob, (_, _, value) in ABL_FLAGS.items():
         assert getattr(abl_cfg, knob) == value, knob
-    assert abl_cfg.clean_epochs == 9 and abl_cfg.seed == 3
+    assert abl_cfg.clean_epochs == 9 and abl_cfg.seed == 3  # unlearn mode: T - T_te
+
+
+def test_abl_mode_presets_and_explicit_knobs_win(captured, tmp_path):
+    """--abl-mode paper sets every default the paper's; an explicit option still wins over the preset."""
+    from abl_guard.cli import main
+
+    base = ["train", "--dataset", "digits", "--defense", "abl", "--epochs", "10", "-o", str(tmp_path)]
+    r = CliRunner().invoke(main, base + ["--abl-mode", "paper", "--abl-unlearning-lr", "0.002"])
+    assert r.exit_code == 0, r.output
+    c = ABLConfig.from_train(captured["cfg"].train, captured["cfg"].defense_params)
+    assert (c.mode, c.isolation_score, c.isolation_labels, c.isolation_stop, c.unlearning_bound, c.holdout,
+            c.isolation_ratio, c.unlearning_epochs, c.clean_epochs) == ("paper", "loss", "all", "fixed", 0.0, 0.0,
+                                                                        0.01, 5, 8)
+    assert c.unlearning_lr == 0.002
+    r = CliRunner().invoke(main, base)
+    c = ABLConfig.from_train(captured["cfg"].train, captured["cfg"].defense_params)
+    assert (c.mode, c.isolation_labels, c.isolation_stop, c.unlearning_epochs, c.clean_epochs) == (
+        "retrain", "target", "auto", 0, 10)
+    direct, via_cli = ABLConfig.for_mode("unlearn"), ABLConfig.from_train(captured["cfg"].train, {"mode": "unlearn"})
+    for knob in set(ABLConfig.ABL_KNOBS) - {"isolation_epochs"}:  # the one set from --epochs
+        assert getattr(direct, knob) == getattr(via_cli, knob), knob
+    with pytest.raises(ValueError, match="mode"):
+        ABLConfig.for_mode("fast")
 
 
 def test_cli_defense_param_route_and_conflicts(captured, tmp_path):
@@ -221,3 +260,19 @@ def test_cli_defense_param_route_and_conflicts(captured, tmp_path):
     assert r.exit_code == 2 and "gamma" in r.output
     r = CliRunner().invoke(main, base + ["--abl-gamma", "0.3"])  # --defense none
     assert r.exit_code == 2 and "--defense abl" in r.output
+
+
+def test_isolation_stop_auto_ends_the_isolation_once_concentrated(small_poisoned):
+    """isolation_stop=auto asks after every isolation epoch whether the isolated fraction is concentrated in one
+    label; with a threshold every set meets it stops after the first epoch; isolation_stop=fixed runs them all."""
+    d = small_poisoned
+    early = run_abl(d.model(width=8), d.images, d.labels,
+                    unlearn_cfg(isolation_epochs=3, clean_epochs=1, unlearning_epochs=0, isolation_stop="auto",
+                                isolation_concentration=0.01, **FAST), quiet=True)
+    assert [h["stage"] for h in early.history] == ["isolation", "clean"]
+    assert early.report["isolation"]["epoch"] == 1 and early.report["isolation"]["stopped_early"]
+    full = run_abl(d.model(width=8), d.images, d.labels,
+                   unlearn_cfg(isolation_epochs=3, clean_epochs=1, unlearning_epochs=0, isolation_stop="fixed",
+                               isolation_concentration=0.01, **FAST), quiet=True)
+    assert [h["stage"] for h in full.history] == ["isolation"] * 3 + ["clean"]
+    assert full.report["isolation"]["epoch"] == 3 and not full.report["isolation"]["stopped_early"]

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from abl_guard.abl.abl import ABLConfig, cycle_batches, run_abl, unlearning_epoch
 from abl_guard.abl.train import ArrayBatches, TrainConfig, per_example_loss, set_cpu_threads, train_plain
 
+
+def unlearn_cfg(**knobs: object) -> ABLConfig:
+    """A config of the unlearn flow (isolation, clean stage on the same model, guarded unlearning)."""
+    return ABLConfig.for_mode("unlearn", **knobs)  # type: ignore[arg-type]
+
 CPU = torch.device("cpu")
 #: 6 training epochs (2 isolation + 4 clean); 5% isolation because 10% of 1,437 images are poisoned
 E2E = dict(isolation_epochs=2, clean_epochs=4, isolation_ratio=0.05, lr=0.05, batch_size=64, unlearning_epochs=4,
@@ -38,7 +43,7 @@ def test_abl_clearly_lowers_asr_vs_no_defence(poisoned_digits, two_threads):
     # 8x8 digits: the 3x3 trigger covers 14% of the image; the paper's raw-loss ranking isolates better than the
     # class-relative one on this tiny set (exploratory, see abl/abl.py), and a 72-image isolated set needs a higher
     # lr than the default to move in 4 epochs. The guard runs with its default margin on its 29 held-out images.
-    cfg = ABLConfig(**E2E, isolation_score="loss", unlearning_lr=5e-3)
+    cfg = unlearn_cfg(**E2E, isolation_score="loss", unlearning_lr=5e-3)
     res = run_abl(d.model(), d.images, d.labels, cfg, evaluate=d.evaluate, poison_indices=d.poison, quiet=True)
     rep = res.report
     assert rep["isolation"]["precision"] >= 0.9
@@ -115,7 +120,7 @@ def test_joint_unlearning_step_is_clean_descent_minus_isolated_ascent(small_pois
 @pytest.mark.slow
 def test_guard_keeps_the_best_epoch_that_passed_it(small_poisoned):
     d = small_poisoned
-    cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, unlearning_epochs=4, unlearning_lr=0.5, isolation_ratio=0.05,
+    cfg = unlearn_cfg(isolation_epochs=1, clean_epochs=2, unlearning_epochs=4, unlearning_lr=0.5, isolation_ratio=0.05,
                     lr=0.05, batch_size=64, device="cpu", eval_every=0, holdout=0.1, max_ca_drop=0.0,
                     unlearning="ascent", unlearning_bound=0.0)
     res = run_abl(d.model(width=16), d.images, d.labels, cfg, evaluate=d.evaluate, quiet=True)
@@ -145,7 +150,7 @@ def test_guard_keeps_the_best_epoch_that_passed_it(small_poisoned):
 @pytest.fixture(scope="module")
 def resume_reference(small_poisoned, tmp_path_factory):
     d = small_poisoned
-    cfg = ABLConfig(isolation_epochs=3, clean_epochs=2, unlearning_epochs=2, isolation_ratio=0.05, lr=0.05,
+    cfg = unlearn_cfg(isolation_epochs=3, clean_epochs=2, unlearning_epochs=2, isolation_ratio=0.05, lr=0.05,
                     batch_size=64, device="cpu", eval_every=1, unlearning_lr=2e-3, max_ca_drop=1.0)
     model = d.model()
     res = run_abl(model, d.images, d.labels, cfg, out_dir=tmp_path_factory.mktemp("ref"), evaluate=d.evaluate,
@@ -189,7 +194,7 @@ def test_resume_continues_an_interrupted_run_exactly(small_poisoned, resume_refe
 @pytest.mark.slow
 def test_resume_refuses_a_changed_configuration(small_poisoned, tmp_path):
     d = small_poisoned
-    cfg = ABLConfig(isolation_epochs=1, clean_epochs=0, unlearning_epochs=0, isolation_ratio=0.05, device="cpu",
+    cfg = unlearn_cfg(isolation_epochs=1, clean_epochs=0, unlearning_epochs=0, isolation_ratio=0.05, device="cpu",
                     eval_every=0, lr=0.05)
     run_abl(d.model(), d.images, d.labels, cfg, out_dir=tmp_path, quiet=True)
     cfg.gamma = 0.3
@@ -199,7 +204,7 @@ def test_resume_refuses_a_changed_configuration(small_poisoned, tmp_path):
 
 def test_bf16_and_channels_last_run_on_cpu(small_poisoned):
     d = small_poisoned
-    cfg = ABLConfig(isolation_epochs=1, clean_epochs=3, unlearning_epochs=1, isolation_ratio=0.05, lr=0.05,
+    cfg = unlearn_cfg(isolation_epochs=1, clean_epochs=3, unlearning_epochs=1, isolation_ratio=0.05, lr=0.05,
                     batch_size=32, device="cpu", eval_every=0, precision="bf16", memory_format="channels-last")
     model = d.model(width=16)
     res = run_abl(model, d.images, d.labels, cfg, evaluate=d.evaluate, quiet=True)
@@ -227,3 +232,27 @@ def test_loss_fn_sees_float32_logits_under_bf16_autocast(small_poisoned):
     batches = ArrayBatches(d.images[:128], d.labels[:128], CPU, 64)
     train_one_epoch(model, batches, opt, loss_fn, quiet=True, autocast_dtype=torch.bfloat16, channels_last=True)
     assert seen == [torch.float32, torch.float32]
+
+
+@pytest.mark.slow
+def test_retrain_mode_removes_the_backdoor_and_says_so(poisoned_digits, two_threads):
+    """The default mode: isolation stops once the backdoor is learned, the seed grows to the rest of the poison, a
+    fresh model trained on what remains no longer has the backdoor, and the verdict says so from its own evidence."""
+    d = poisoned_digits
+    # tiny digits: 10% poison is about half of label 0, and the conservative posterior adds clean 0s to the removed
+    # share, so the plausibility cap is raised from 0.6 (on Fashion-MNIST 10% BadNets removed 45% of the label)
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=6, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_max_share=0.8)
+    res = run_abl(d.model(), d.images, d.labels, cfg, evaluate=d.evaluate, poison_indices=d.poison, quiet=True)
+    rep = res.report
+    stages = [h["stage"] for h in res.history]
+    assert stages.count("clean") == 6 and 1 <= stages.count("isolation") <= 2 and "unlearning" not in stages
+    assert rep["isolation"]["precision"] >= 0.9
+    exp = rep["expansion"]
+    assert exp["expanded"], exp.get("reason")
+    assert exp["recall"] >= 0.95 and exp["precision"] >= 0.5  # removing clean 0s is cheap
+    assert np.isin(res.isolated, res.removed).all() and not np.isin(res.removed, res.holdout).any()
+    final = rep["stages"]["unlearning"]  # after the (empty) unlearning stage: the retrained model
+    assert final["attack_success_rate"] < 0.2 and final["clean_accuracy"] > 0.9
+    assert rep["verdict"]["status"] == "removed" and rep["verdict"]["target"] == 0
+    assert rep["unlearning"]["isolated_accuracy_after"] <= 0.2

@@ -64,6 +64,16 @@ def test_two_ranks_train_the_model_one_process_trains(runs):
     assert one["result"]["loss"][-1] < one["result"]["loss"][0]  # it trained
 
 
+def test_retrain_mode_removes_the_same_examples_on_two_ranks(runs):
+    """Retrain mode under torchrun: the seed (the majority label of the isolated 5%) and its expansion are rank 0's
+    on every rank and the same as one process's."""
+    one, two = outputs(runs, "retrain")
+    assert 0 < len(one["result"]["isolated"]) <= 30
+    assert two["result"]["isolated"] == one["result"]["isolated"]
+    assert set(one["result"]["isolated"]) <= set(one["result"]["removed"])
+    assert two["result"]["removed"] == one["result"]["removed"]
+
+
 def test_abl_isolates_and_unlearns_the_same_on_two_ranks(runs):
     """The isolation ranks the whole training set (losses gathered from both ranks), rank 0's isolated set and
     guard decisions hold everywhere, and the model after unlearning is one process's within tolerance."""

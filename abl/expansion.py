@@ -1,0 +1,180 @@
+"""Seed expansion: from ABL's small, high-precision isolated set to the rest of the poison (not in the paper).
+
+ABL's isolation (Li et al., NeurIPS 2021) finds the fastest-learned examples; on converged models the lowest-scoring
+fraction of the target label is nearly pure poison but holds only part of it (``docs/abl.md#retrain-mode``). Every
+poisoned example carries the same trigger, and in the penultimate features of the model that has just learned it the
+trigger is one direction shared by all of them. So the seed is a labelled sample of the poison, and the other
+examples of the target label are an unlabelled mix of poison and clean: positive-unlabelled learning (Elkan & Noto,
+KDD 2008). :func:`expand_seed` fits a cross-fitted logistic regression seed vs the rest of the target label (every
+example scored by a model that never saw it), splits the rest's scores with a two-component Gaussian mixture, refits
+once with the seed-like component as positives, and marks as poison every example whose posterior of the seed-like
+component reaches ``min_posterior``. A small ``min_posterior`` removes some clean examples of the target class to
+miss less poison: a missed poisoned example can reinstall the backdoor when the model is retrained, a removed clean
+one costs little.
+
+When the two components are not separated (Ashman's D below ``min_separation``) there is no evidence of a second
+population, and when the seed-like one would be most of the label (over ``max_share``; 10% all-to-one poisoning of a
+balanced 10-class set makes about 47% of the target label poison) it is more likely a sub-type of a clean class: in
+both cases only the seed is removed and the report says why. Pure numpy / scikit-learn on feature arrays (the
+features themselves come from :func:`penultimate_features`, the only torch function here).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Expansion:
+    """The outcome of :func:`expand_seed`; indices are dataset positions."""
+
+    removed: np.ndarray  # the seed plus every expanded example, sorted
+    target: int  # the seed's majority label (the suspected target class)
+    candidates: np.ndarray  # the examples of the target label that were scored (not the seed), sorted
+    scores: np.ndarray  # out-of-fold log-odds of being seed-like, aligned with ``candidates``
+    posterior: np.ndarray  # posterior of the seed-like mixture component, aligned with ``candidates``
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def ashman_d(m1: float, s1: float, m2: float, s2: float) -> float:
+    """Ashman's D, the separation of two Gaussian components (> 2: clearly bimodal)."""
+    return float(np.sqrt(2.0) * abs(m1 - m2) / np.sqrt(s1 ** 2 + s2 ** 2 + 1e-12))
+
+
+def _out_of_fold_scores(x: np.ndarray, y: np.ndarray, folds: int, seed: int, c: float) -> np.ndarray:
+    """Decision scores of a logistic regression ``y`` vs not-``y``, each row scored by a fit that did not see it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = int(min(folds, y.sum(), (~y).sum()))
+    if folds < 2:
+        raise ValueError("seed expansion needs at least 2 seed and 2 other examples of the target label")
+    out = np.zeros(len(y), np.float64)
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+        clf.fit(x[train], y[train])
+        out[test] = clf.decision_function(x[test])
+    return out
+
+
+def _two_components(scores: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Posterior of the higher-mean component of a 1-D two-component Gaussian mixture, and the mixture's summary."""
+    from sklearn.mixture import GaussianMixture
+
+    gm = GaussianMixture(2, random_state=seed).fit(scores[:, None])
+    means = gm.means_.ravel()
+    sds = np.sqrt(gm.covariances_.ravel())
+    hi = int(np.argmax(means))
+    lo = 1 - hi
+    post = gm.predict_proba(scores[:, None])[:, hi]
+    return post, {"mean_seedlike": float(means[hi]), "mean_other": float(means[lo]), "sd_seedlike": float(sds[hi]),
+                  "sd_other": float(sds[lo]), "weight_seedlike": float(gm.weights_[hi]),
+                  "separation": ashman_d(means[hi], sds[hi], means[lo], sds[lo])}
+
+
+def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, pool: np.ndarray, *,
+                min_posterior: float = 0.05, min_separation: float = 2.0, max_share: float = 0.6,
+                rounds: int = 2, folds: int = 5,
+                c: float = 0.01, random_state: int = 0) -> Expansion:
+    """Grow the isolated ``seed_idx`` to every example of its label that looks like it (see the module docstring).
+
+    ``features``: one row per dataset example (at least every example of ``pool``); ``labels``: the dataset's labels;
+    ``pool``: the dataset indices that may be removed (the training pool, not the held-out split). ``rounds > 1``
+    refits the classifier with the previous round's seed-like component as positives (self-training), which sharpens
+    the split when the seed is small.
+    """
+    labels = np.asarray(labels)
+    seed_idx = np.asarray(seed_idx, np.int64)
+    if len(seed_idx) == 0:
+        raise ValueError("seed expansion needs a non-empty seed")
+    if not 0.0 < min_posterior < 1.0:
+        raise ValueError(f"min_posterior must be in (0, 1), got {min_posterior}")
+    target = int(np.bincount(labels[seed_idx]).argmax())
+    in_target = np.asarray(pool, np.int64)[labels[pool] == target]
+    seed_t = np.intersect1d(seed_idx, in_target)
+    cand = np.setdiff1d(in_target, seed_t)
+    report: dict[str, Any] = {"target": target, "n_seed": int(len(seed_t)), "n_target_label": int(len(in_target)),
+                              "min_posterior": min_posterior, "min_separation": min_separation}
+    if len(seed_t) < 2 or len(cand) < 2:
+        report.update(expanded=False, reason="too few examples to compare", n_expanded=0)
+        return Expansion(np.sort(seed_idx), target, cand, np.zeros(len(cand)), np.zeros(len(cand)), report)
+    x = np.asarray(features, np.float64)[in_target]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = np.isin(in_target, seed_t)
+    scores_all = _out_of_fold_scores(x, y, folds, random_state, c)  # round 1: the seed vs the rest
+    post, mix = _two_components(scores_all[~y], random_state)
+    for _ in range(rounds - 1):  # then: the seed and the rest's seed-like component vs the other component
+        positive = y.copy()
+        positive[~y] = post >= 0.5
+        if positive.sum() - y.sum() < 2 or (~positive).sum() < 2:
+            break
+        scores_all = _out_of_fold_scores(x, positive, folds, random_state, c)
+        post, mix = _two_components(scores_all[~y], random_state)
+    scores = scores_all[~y]
+    report["mixture"] = mix
+    report["seed_score_median"] = float(np.median(scores_all[y]))
+    if mix["separation"] < min_separation:
+        report.update(expanded=False, n_expanded=0,
+                      reason=f"no second population in the target label (separation {mix['separation']:.2f} < "
+                             f"{min_separation:g})")
+        log.info("seed expansion: %s", report["reason"])
+        return Expansion(np.sort(seed_idx), target, cand, scores, post, report)
+    expanded = cand[post >= min_posterior]
+    share = len(expanded) / len(cand)
+    report["expanded_share"] = float(share)
+    if share > max_share:
+        report.update(expanded=False, n_expanded=0,
+                      reason=f"the seed-like population would be {share:.0%} of label {target} (more than "
+                             f"{max_share:.0%}): more likely a sub-type of a clean class than poison")
+        log.info("seed expansion: %s", report["reason"])
+        return Expansion(np.sort(seed_idx), target, cand, scores, post, report)
+    removed = np.union1d(seed_idx, expanded)
+    report.update(expanded=True, n_expanded=int(len(expanded)), n_removed=int(len(removed)),
+                  estimated_poison=float(len(seed_t) + post.sum()))
+    log.info("seed expansion: %d seed + %d expanded of %d in label %d (separation %.2f)", len(seed_t),
+             len(expanded), len(in_target), target, mix["separation"])
+    return Expansion(removed, target, cand, scores, post, report)
+
+
+def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,
+                         batch_size: int = 512) -> np.ndarray:
+    """The features entering the model's final linear layer (its ``penultimate`` tap, or the input of its last
+    ``nn.Linear`` when it declares no taps) for ``images[indices]``, in eval mode, one float32 row per index."""
+    import torch
+
+    from .models import model_taps
+    from .train import to_float
+
+    try:
+        spec = model_taps(model).get("penultimate", "fc:in")
+    except ValueError:  # a model without declared taps: the input of its last linear layer
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        if not linear:
+            raise ValueError(f"{type(model).__name__} declares no taps and has no linear layer") from None
+        spec = f"{linear[-1]}:in"
+    name, _, side = spec.partition(":")
+    module = dict(model.named_modules())[name]
+    grabbed: list[torch.Tensor] = []
+
+    def keep(_m: Any, args: Any, output: Any = None) -> None:
+        t = args[0] if side == "in" else output
+        grabbed.append(torch.flatten(t, 1).float().cpu())
+
+    handle = (module.register_forward_pre_hook(keep) if side == "in"
+              else module.register_forward_hook(lambda m, a, o: keep(m, a, o)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(indices), batch_size):
+                model(to_float(images[indices[s: s + batch_size]], device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(grabbed).numpy() if grabbed else np.zeros((0, 0), np.float32)

@@ -1,0 +1,83 @@
+"""Seed expansion (abl/expansion.py): from a small isolated seed to the rest of the poison, and nothing without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from abl_guard.abl.expansion import ashman_d, expand_seed, penultimate_features
+from abl_guard.abl.models import SmallCNN
+
+
+def _label_with_poison(n_clean: int = 600, n_poison: int = 300, shift: float = 6.0, dim: int = 16,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features of a dataset with labels 0..2; label 0 holds ``n_poison`` examples shifted along one direction."""
+    rng = np.random.default_rng(seed)
+    n_other = 400
+    feats = rng.normal(size=(n_clean + n_poison + n_other, dim))
+    feats[n_clean: n_clean + n_poison, 0] += shift  # the trigger: one shared direction
+    labels = np.r_[np.zeros(n_clean + n_poison, np.int64), rng.integers(1, 3, n_other)]
+    poison = np.arange(n_clean, n_clean + n_poison)
+    return feats, labels, poison
+
+
+def test_expansion_recovers_the_poison_from_a_small_seed():
+    feats, labels, poison = _label_with_poison()
+    seed = poison[:30]
+    pool = np.arange(len(labels))
+    exp = expand_seed(feats, labels, seed, pool)
+    assert exp.target == 0 and exp.report["expanded"]
+    found = np.isin(poison, exp.removed).mean()
+    clean_removed = len(np.setdiff1d(exp.removed, poison))
+    assert found >= 0.98  # a 6-sigma shift in 16 dimensions
+    assert clean_removed <= 60  # a conservative posterior removes some clean examples, not many
+    assert np.isin(seed, exp.removed).all()
+    assert exp.report["mixture"]["separation"] > 2
+    assert np.all(labels[exp.removed] == 0)  # nothing outside the target label is touched
+
+
+def test_no_second_population_removes_only_the_seed():
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(900, 16))
+    labels = np.r_[np.zeros(600, np.int64), np.ones(300, np.int64)]
+    seed = np.arange(30)  # an arbitrary part of a homogeneous label
+    exp = expand_seed(feats, labels, seed, np.arange(900))
+    assert not exp.report["expanded"] and "separation" in exp.report["reason"]
+    np.testing.assert_array_equal(exp.removed, seed)
+
+
+def test_held_out_examples_are_never_removed():
+    feats, labels, poison = _label_with_poison()
+    pool = np.setdiff1d(np.arange(len(labels)), poison[-50:])  # the last 50 poisons are held out
+    exp = expand_seed(feats, labels, poison[:30], pool)
+    assert not np.isin(poison[-50:], exp.removed).any()
+
+
+def test_bad_arguments_are_errors():
+    feats, labels, poison = _label_with_poison()
+    with pytest.raises(ValueError, match="non-empty"):
+        expand_seed(feats, labels, np.zeros(0, np.int64), np.arange(len(labels)))
+    with pytest.raises(ValueError, match="min_posterior"):
+        expand_seed(feats, labels, poison[:30], np.arange(len(labels)), min_posterior=1.0)
+    few = expand_seed(feats, labels, poison[:1], np.arange(len(labels)))
+    assert not few.report["expanded"] and "too few" in few.report["reason"]
+
+
+def test_ashman_d():
+    assert ashman_d(0.0, 1.0, 0.0, 1.0) == pytest.approx(0.0)
+    assert ashman_d(0.0, 1.0, 4.0, 1.0) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_penultimate_features_are_the_final_layers_input():
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10, 8, width=8)
+    images = np.random.default_rng(0).integers(0, 256, (7, 8, 8, 1), dtype=np.uint8)
+    feats = penultimate_features(model, images, np.array([1, 3, 5]), torch.device("cpu"), batch_size=2)
+    assert feats.shape == (3, 128)
+    assert model.training  # restored
+    with torch.no_grad():
+        model.eval()
+        logits = model(torch.from_numpy(images[[1, 3, 5]]).permute(0, 3, 1, 2).float() / 255)
+    np.testing.assert_allclose(feats @ model.fc.weight.detach().numpy().T + model.fc.bias.detach().numpy(),
+                               logits.numpy(), rtol=1e-4, atol=1e-5)
