@@ -17,7 +17,8 @@ Issue 16 asked that a combination never lose to its best detector. Two tools, an
   are driven by the smallest p-values and beat Fisher when the other detectors are pure noise (unit tests). On the
   real detectors of ``bench/results/detect_converged.md`` — correlated, each weakly informative — Fisher's sum of
   logs loses least to the best member, so it stays the default. No clean-data-only combination reached "never below
-  the best member minus 0.005" there; choosing strong members matters more than the combination.
+  the best member minus 0.005" there (re-weighting by the clean p-values' correlation, or taking the most surprising
+  standardised detector, lost more than Fisher); choosing strong members matters more than the combination.
 
 The guard sets its threshold on the combined value of clean inputs, so every combination is calibrated; they differ
 only in how they rank inputs.

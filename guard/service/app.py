@@ -37,7 +37,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from ..bundle import package_version
-from ..calibration import ClassAlarm, target_class_alarm
+from ..calibration import ClassAlarm, DriftAlarm, stream_alarms
 from ..runtime import Guard
 from .batching import INSPECT, PREDICT, Batcher, OverloadedError
 from .config import ServeConfig
@@ -106,20 +106,24 @@ class AccessLog:
 
 
 class _Window:
-    """The last ``size`` verdicts' (predicted class, flagged) for the target-class alarm, with running counts."""
+    """The last ``size`` verdicts' (predicted class, flagged) for the stream alarms, with running counts of the
+    flagged verdicts and of all verdicts by predicted class (the conditional class alarm needs the window's mix)."""
 
     def __init__(self, size: int, num_classes: int) -> None:
         self.items: deque[tuple[int, bool]] = deque()
         self.size = size
         self.flagged = np.zeros(num_classes, np.int64)
+        self.predicted = np.zeros(num_classes, np.int64)
 
     def add(self, labels: list[int], flagged: list[bool]) -> None:
         for lab, f in zip(labels, flagged):
             if len(self.items) == self.size:
                 old, was = self.items.popleft()
+                self.predicted[old] -= 1
                 if was:
                     self.flagged[old] -= 1
             self.items.append((lab, f))
+            self.predicted[lab] += 1
             if f:
                 self.flagged[lab] += 1
 
@@ -139,7 +143,8 @@ class Service:
         self._token = config.token.encode() if config.token else None
         self.access = AccessLog(config.access_log, config.access_log_max_bytes)
         cal = guard.manifest.get("calibration", {})
-        null = (cal.get("alarm_null") or {}).get("dirichlet")
+        self._calibration = cal if isinstance(cal, dict) else {}
+        null = (self._calibration.get("alarm_null") or {}).get("dirichlet")
         self._alarm_null = list(null) if null else None
         self.window = _Window(config.alarm_window, len(guard.class_names))
         self._model_info = self._describe()
@@ -187,26 +192,44 @@ class Service:
         r.add(Gauge("abl_guard_alarm_window_flagged", "Flagged verdicts in the sliding window, by predicted class.",
                     lambda: {(n,): float(k) for n, k in zip(self.guard.class_names, self.window.flagged.tolist())},
                     ("class_name",)))
+        r.add(Gauge("abl_guard_alarm_window_predicted", "Verdicts in the sliding window, by predicted class.",
+                    lambda: {(n,): float(k) for n, k in zip(self.guard.class_names, self.window.predicted.tolist())},
+                    ("class_name",)))
         if self._alarm_null is not None:
             r.add(Gauge("abl_guard_alarm_fired", "1 when the flagged verdicts of the window concentrate on one "
-                        "class (target-class alarm, Bonferroni-adjusted beta-binomial test).",
+                        "class beyond what the window's own prediction mix explains (target-class alarm, "
+                        "Bonferroni-adjusted beta-binomial test).",
                         lambda: float(self.alarm().fired)))
             r.add(Gauge("abl_guard_alarm_p_value", "Smallest adjusted p-value of the target-class alarm.",
                         lambda: self.alarm().p_value))
             r.add(Gauge("abl_guard_alarm_target_class", "Index of the suspected target class (-1: no alarm).",
                         self._alarm_target))
+            r.add(Gauge("abl_guard_drift_alarm_fired", "1 when the window as a whole departs from the clean "
+                        "calibration data (flag rate or prediction mix; drift, not a backdoor).",
+                        lambda: float(self._drift().fired)))
+            r.add(Gauge("abl_guard_drift_alarm_p_value", "Smallest Bonferroni-adjusted p-value of the drift alarm.",
+                        lambda: self._drift().p_value))
 
     def alarm(self) -> ClassAlarm:
-        """The target-class alarm over the sliding window (recomputed at most once per scrape)."""
+        """The stream alarms over the sliding window, as ``scan`` runs them (:func:`stream_alarms`): the target-class
+        alarm conditional on the window's predicted-class mix, with the drift alarm in ``.drift``. Recomputed only
+        when the window's counts change."""
         if self._alarm_null is None:
             raise RuntimeError("the bundle records no alarm null (calibrated by an older abl-guard); re-calibrate it")
-        flagged = self.window.flagged.tolist()
-        key = (len(self.window.items), tuple(flagged))
+        flagged, predicted = self.window.flagged.tolist(), self.window.predicted.tolist()
+        key = (tuple(predicted), tuple(flagged))
         if getattr(self, "_alarm_key", None) != key:
-            self._alarm_cache = target_class_alarm(flagged, self._alarm_null, self.guard.class_names,
-                                                   alpha=self.config.alarm_alpha)
+            alarm = stream_alarms(flagged, predicted, self._calibration, self.guard.class_names,
+                                  alpha=self.config.alarm_alpha)
+            if alarm is None:  # not reached: the null was found above
+                raise RuntimeError("the bundle records no alarm null; re-calibrate it")
+            self._alarm_cache = alarm
             self._alarm_key = key
         return self._alarm_cache
+
+    def _drift(self) -> DriftAlarm:
+        drift = self.alarm().drift
+        return drift if drift is not None else DriftAlarm(False, 1.0, self.config.alarm_alpha, [])
 
     def _alarm_target(self) -> float:
         target = self.alarm().target

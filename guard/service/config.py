@@ -28,7 +28,7 @@ class ServeConfig:
     threads: int | None = None  # onnxruntime intra-op threads (None: one per core)
     access_log: str | None = None  # file (rotated at access_log_max_bytes, 3 kept); None: stderr
     access_log_max_bytes: int = 100 * 1024 * 1024
-    alarm_window: int = 1000  # recent verdicts the target-class alarm looks at
+    alarm_window: int = 1000  # recent verdicts the stream alarms (target-class, drift) look at
     alarm_alpha: float = 1e-3
     token: str | None = None  # bearer token; None: no authentication
 

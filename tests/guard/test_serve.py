@@ -412,7 +412,8 @@ def test_metrics_exposition(main):
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
     for name in ("abl_guard_requests_total", "abl_guard_inputs_total", "abl_guard_flagged_total",
                  "abl_guard_errors_total", "abl_guard_request_duration_seconds", "abl_guard_batch_size",
-                 "abl_guard_queue_depth", "abl_guard_alarm_fired", "abl_guard_alarm_p_value"):
+                 "abl_guard_queue_depth", "abl_guard_alarm_fired", "abl_guard_alarm_p_value",
+                 "abl_guard_alarm_window_predicted", "abl_guard_drift_alarm_fired", "abl_guard_drift_alarm_p_value"):
         assert f"# TYPE {name} " in text
     m = main.metrics()
     assert m['abl_guard_request_duration_seconds_bucket{endpoint="/v1/inspect",le="+Inf"}'] == m[
@@ -420,9 +421,17 @@ def test_metrics_exposition(main):
     assert m["abl_guard_queue_depth"] == 0
 
 
+def window_counts(m: dict[str, float], names: list[str]) -> tuple[list[int], list[int]]:
+    """(flagged, predicted) by class of the service's alarm window, read from /metrics."""
+    flagged = [int(m[f'abl_guard_alarm_window_flagged{{class_name="{c}"}}']) for c in names]
+    predicted = [int(m[f'abl_guard_alarm_window_predicted{{class_name="{c}"}}']) for c in names]
+    return flagged, predicted
+
+
 def test_target_class_alarm_over_the_window(main, guard, tiny_bundle, digits_test):
-    """70 clean inputs, then 30 flagged inputs all predicted as one class: the 100-verdict window alarms on it."""
-    from abl_guard.guard.calibration import target_class_alarm
+    """70 clean inputs, then 30 flagged inputs all predicted as one class: the 100-verdict window alarms on it, with
+    the class alarm conditional on the window's prediction mix (as scan runs it) and the drift alarm beside it."""
+    from abl_guard.guard.calibration import stream_alarms
 
     clean = digits_test.images[100:170]
     for s in range(0, 70, 14):
@@ -437,13 +446,39 @@ def test_target_class_alarm_over_the_window(main, guard, tiny_bundle, digits_tes
         assert main.post("/v1/predict", npy(part), "application/x-npy")[0] == 200
     m = main.metrics()
     assert m["abl_guard_alarm_window_verdicts"] == 100
-    counts = [m[f'abl_guard_alarm_window_flagged{{class_name="{c}"}}'] for c in guard.class_names]
-    assert counts[cls] >= 30
-    null = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]["alarm_null"]["dirichlet"]
-    alarm = target_class_alarm(np.array(counts, np.int64), null, guard.class_names)
+    counts, predicted = window_counts(m, guard.class_names)
+    clean_labels, clean_flags = guard.predict(clean)
+    assert predicted == (np.bincount(clean_labels, minlength=10) + 30 * np.eye(10, dtype=int)[cls]).tolist()
+    assert counts == (np.bincount(clean_labels[clean_flags], minlength=10) + 30 * np.eye(10, dtype=int)[cls]).tolist()
+    cal = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]
+    alarm = stream_alarms(counts, predicted, cal, guard.class_names)
+    assert alarm is not None and alarm.conditional and alarm.drift is not None
     assert alarm.fired and alarm.target == cls
     assert m["abl_guard_alarm_fired"] == 1 and m["abl_guard_alarm_target_class"] == cls
     assert m["abl_guard_alarm_p_value"] == pytest.approx(alarm.p_value, rel=1e-9)
+    assert m["abl_guard_drift_alarm_fired"] == float(alarm.drift.fired)
+    assert m["abl_guard_drift_alarm_p_value"] == pytest.approx(alarm.drift.p_value, rel=1e-9, abs=1e-300)
+
+
+def test_shifted_window_raises_drift_not_class_alarm(main, guard, tiny_bundle, digits_test):
+    """A window of inverted digits: nearly everything is flagged and the predictions pile onto a few classes. That is
+    drift, not a backdoor: the drift alarm fires, the conditional class alarm does not — while the unconditional
+    test the service used before accuses a class on the very same counts."""
+    from abl_guard.guard.calibration import target_class_alarm
+
+    shifted = 255 - digits_test.images[100:200]
+    for s in range(0, 100, 16):
+        assert main.post("/v1/predict", npy(shifted[s : s + 16]), "application/x-npy")[0] == 200
+    m = main.metrics()
+    assert m["abl_guard_alarm_window_verdicts"] == 100
+    counts, predicted = window_counts(m, guard.class_names)
+    labels, flags = guard.predict(shifted)
+    assert predicted == np.bincount(labels, minlength=10).tolist()
+    assert counts == np.bincount(labels[flags], minlength=10).tolist() and sum(counts) >= 90
+    assert m["abl_guard_drift_alarm_fired"] == 1 and m["abl_guard_drift_alarm_p_value"] < 1e-3
+    assert m["abl_guard_alarm_fired"] == 0 and m["abl_guard_alarm_target_class"] == -1
+    null = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]["alarm_null"]["dirichlet"]
+    assert target_class_alarm(counts, null, guard.class_names).fired  # the old alarm's false accusation
 
 
 # ------------------------------------------------------------------------------------------------ limits in time
