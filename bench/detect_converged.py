@@ -16,9 +16,15 @@ Every detector is fitted on the fit split; single rows are ranked as in ``bench/
 detectors the way the guard does (``guard.calibration.Calibrator``: conformal p-values with or without the
 exponential tails, a combination, the threshold for 1% FPR from leave-one-out calibration p-values) and also report
 the share of each set flagged *at the guard's own threshold*. The stream alarms run on clean, shifted and backdoor
-streams. Run:
+streams.
 
-    .venv/bin/python bench/detect_converged.py [--attacks badnets,blend] [--work /tmp/abl-guard-converged]
+With ``--adaptive 0,1,10`` an adaptive attacker (issue 16 item 6) runs too: white-box PGD at the same budgets whose
+objective also lowers the attacked detectors' own scores, re-implemented in torch from their fitted state
+(:class:`TorchGuardScore`, checked against the numpy scores), one set per attacked detector set, norm and weight.
+Two clean-data-only re-weightings of Fisher's combination (:func:`fusion_rows`) and the worst AUROC per attack family
+(how ``calibrate``'s default set is chosen) are reported as well. Run:
+
+    .venv/bin/python bench/detect_converged.py [--attacks badnets,blend] [--work DIR] [--adaptive 0,1,10]
 
 Trained models are cached in ``--work`` and reused when their configuration matches. Writes
 bench/results/detect_converged.{json,md}.
@@ -74,8 +80,15 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     ("one pass: mahalanobis + layers + knn, hmp", ["mahalanobis", "mahalanobis-layers", "knn"], "hmp", True),
     ("one pass: mahalanobis + layers + knn, fisher", ["mahalanobis", "mahalanobis-layers", "knn"], "fisher", True),
     ("one pass: layers + knn, fisher", ["mahalanobis-layers", "knn"], "fisher", True),
+    ("one pass: mahalanobis + knn, fisher", ["mahalanobis", "knn"], "fisher", True),
     ("one pass: layers + knn + nic, fisher", ["mahalanobis-layers", "knn", "nic"], "fisher", True),
     ("layers alone", ["mahalanobis-layers"], "fisher", True),
+]
+#: fusion from clean data only (issue 16 item 3): member sets whose Fisher guard is re-weighted, see ``fusion_rows``
+FUSION_STUDY: list[tuple[str, list[str]]] = [
+    ("five", FIVE),
+    ("layers + knn", ["mahalanobis-layers", "knn"]),
+    ("mahalanobis + layers + knn", ["mahalanobis", "mahalanobis-layers", "knn"]),
 ]
 ADVERSARIAL: list[tuple[str, str, dict[str, Any], str]] = [
     ("fgsm eps=0.1", "fgsm", {"eps": 0.1}, "n_adv"),
@@ -127,9 +140,174 @@ def adversarial_sets(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, args:
     return sets, info
 
 
-def score_sets(onnx_path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], sets: dict[str, np.ndarray],
-               threads: int) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, Any]]:
-    """Raw scores ``{set: {row: (n,)}}`` and predictions ``{set: (n,)}`` of every detector row."""
+#: the adaptive attacker's norms: the non-adaptive PGD rows' budgets and steps
+ADAPTIVE_NORMS: list[tuple[str, dict[str, Any]]] = [
+    ("pgd-linf eps=0.1", {"eps": 0.1, "steps": 20, "norm": "linf"}),
+    ("pgd-l2 eps=1.5", {"eps": 1.5, "steps": 20, "norm": "l2"}),
+]
+#: detector rows attacked together -> the guard row that scores with exactly those detectors
+ADAPTIVE_TARGETS: dict[tuple[str, ...], str] = {
+    ("mahalanobis",): "default guard (mahalanobis)",
+    ("mahalanobis-layers",): "layers alone",
+    ("mahalanobis-layers", "knn"): "one pass: layers + knn, fisher",
+    ("mahalanobis", "knn"): "one pass: mahalanobis + knn, fisher",
+}
+#: other guard rows shown in the adaptive table (transfer: an attack on some detectors, scored by the others)
+SHOWN_UNDER_ADAPTIVE = ("one pass: mahalanobis + layers + knn, fisher",)
+KAPPA = 5.0  # logit margin the adaptive attacker aims for, so that uint8 rounding rarely undoes it
+
+
+class TorchGuardScore(torch.nn.Module):
+    """*Fitted* Mahalanobis, mahalanobis-layers and knn detectors' scores, differentiable in torch.
+
+    Built from each detector's own state — resolved taps, whitened class means and Cholesky factor of the tied
+    covariance, the layers' standardisation, the k-NN bank and ``k`` — on the torch model the ONNX file was exported
+    from, so the attacker descends exactly the functions the guard scores (checked against the detectors' numpy
+    scores). One forward pass with hooks on the union of taps; returns ``(logits, scores (N, n_detectors))``.
+    """
+
+    def __init__(self, model: torch.nn.Module, detectors: list[Any]) -> None:
+        super().__init__()
+        from abl_guard.abl.models import model_taps
+        from abl_guard.export.onnx import TapWrapper
+
+        self.parts: list[tuple[str, Any]] = []
+        taps: list[str] = []
+        for d in detectors:
+            if d.name == "knn":
+                self.parts.append(("knn", (d.tap_, torch.as_tensor(d.bank_, dtype=torch.float64), d.k)))
+                taps.append(d.tap_)
+                continue
+            layers = getattr(d, "layers_", None) or [d]
+            multi = getattr(d, "layers_", None) is not None
+            self.parts.append(("mahalanobis", (
+                [m.tap_ for m in layers],
+                [torch.as_tensor(m.chol_, dtype=torch.float64) for m in layers],
+                [torch.as_tensor(m.whitened_means_, dtype=torch.float64) for m in layers],
+                torch.as_tensor(d.z_mean_ if multi else np.zeros(1), dtype=torch.float64),
+                torch.as_tensor(d.z_std_ if multi else np.ones(1), dtype=torch.float64))))
+            taps += [m.tap_ for m in layers]
+        spec = model_taps(model)
+        self.wrapper = TapWrapper(model, {t: spec[t] for t in dict.fromkeys(taps)})
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, *acts = self.wrapper(x)
+        act = dict(zip(self.wrapper.tap_names, acts))
+        out = []
+        for kind, state in self.parts:
+            if kind == "knn":
+                tap, bank, k = state
+                f = act[tap].flatten(1).double()
+                q = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                out.append(torch.cdist(q, bank).kthvalue(k, dim=1).values)
+                continue
+            taps, chols, wms, z_mean, z_std = state
+            per_layer = []
+            for tap, chol, wm in zip(taps, chols, wms):
+                a = act[tap]
+                f = (a.mean(dim=(2, 3)) if a.ndim == 4 else a.flatten(1)).double()
+                z = torch.linalg.solve_triangular(chol, f.T, upper=False).T
+                per_layer.append(((z[:, None, :] - wm[None]) ** 2).sum(-1).min(dim=1).values)
+            out.append(((torch.stack(per_layer, dim=1) - z_mean) / z_std).mean(dim=1))
+        return logits, torch.stack(out, dim=1)
+
+    def close(self) -> None:
+        self.wrapper.remove_hooks()
+
+
+def adaptive_pgd(scorer: TorchGuardScore, x: np.ndarray, y: np.ndarray, lam: float, scale: tuple[Any, Any],
+                 eps: float, steps: int, norm: str, seed: int, batch: int = 250) -> np.ndarray:
+    """White-box PGD against model *and* guard, ascending
+    ``min(max_{j!=y} z_j - z_y, KAPPA) - lam * sum_d (s_d - mu_d) / sd_d``.
+
+    ``s_d`` are the guard detectors' scores (:class:`TorchGuardScore`), standardised by their clean fit scores
+    (``scale`` = ``(mu, sd)``, one entry per detector) so that ``lam`` is in units of the clean spread. The clipped
+    margin (Carlini & Wagner's detector-evasion loss, AISec 2017) stops pushing the class once it is ``KAPPA`` logits
+    wrong, leaving the step to the detector term. Same budget, steps, step size (2.5 eps / steps) and random start
+    as ``attacks.adversarial.pgd``.
+    Returns float [0, 1] NHWC images (quantise before use).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    alpha = 2.5 * eps / steps
+    mu, sd = scale
+    out = np.empty(x.shape, np.float32)
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+    def project(adv: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        if norm == "linf":
+            return torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(0, 1)
+        d = adv - x0
+        n = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return (x0 + d * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)).clamp(0, 1)
+
+    for s0 in range(0, len(x), batch):
+        x0 = torch.as_tensor(x[s0 : s0 + batch].astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+        yy = torch.as_tensor(y[s0 : s0 + batch].astype(np.int64))
+        noise = (eps * (torch.rand(x0.shape, generator=gen) * 2 - 1) if norm == "linf"
+                 else eps * unit(torch.randn(x0.shape, generator=gen)))
+        adv = (x0 + noise).clamp(0, 1)
+        for _ in range(steps):
+            adv = adv.detach().requires_grad_(True)
+            logits, score = scorer(adv)
+            true = logits.gather(1, yy[:, None])[:, 0]
+            other = logits.masked_fill(torch.nn.functional.one_hot(yy, logits.shape[1]).bool(), -1e9).max(1).values
+            obj = torch.clamp(other - true, max=KAPPA).sum() - lam * ((score - mu) / sd).sum()  # over inputs, dets
+            (g,) = torch.autograd.grad(obj, adv)
+            adv = project(adv.detach() + alpha * (g.sign() if norm == "linf" else unit(g)), x0)
+        out[s0 : s0 + len(x0)] = adv.detach().permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def _torch_scores(scorer: TorchGuardScore, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        xt = torch.as_tensor(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+        parts = [scorer(xt[i : i + 500])[1] for i in range(0, len(xt), 500)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, len(scorer.parts)))
+
+
+def adaptive_sets(model: torch.nn.Module, dets: dict[str, Any], fit_x: np.ndarray, x: np.ndarray, y: np.ndarray,
+                  obs_check: dict[str, np.ndarray], lambdas: list[float], seed: int
+                  ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """The adaptive attacker's sets: for each attacked detector set, norm and ``lam``, the successful uint8 examples."""
+    sets, info = {}, []
+    model.eval()
+    ok_clean = predict(model, x) == y
+    x, y = x[ok_clean], y[ok_clean]
+    for rows, guard_row in ADAPTIVE_TARGETS.items():
+        scorer = TorchGuardScore(model, [dets[r] for r in rows])
+        clean = _torch_scores(scorer, fit_x)  # the clean scale, and parity with the detectors' own scores
+        err = 0.0
+        for j, r in enumerate(rows):
+            ref = dets[r].score(obs_check)
+            err = max(err, float(np.max(np.abs(clean[: len(ref), j] - ref) / np.maximum(np.abs(ref), 1.0))))
+        if err > 1e-3:
+            raise RuntimeError(f"the torch scores of {rows} disagree with the detectors' (rel. error {err:.2g})")
+        mu, sd = torch.as_tensor(clean.mean(0)), torch.as_tensor(clean.std(0))
+        for label, params in ADAPTIVE_NORMS:
+            for lam in lambdas:
+                t0 = time.perf_counter()
+                adv = adaptive_pgd(scorer, x, y, lam, (mu, sd), params["eps"], params["steps"], params["norm"], seed)
+                q = quantize(adv, x, params["eps"]) if params["norm"] == "linf" else quantize(adv)
+                ok = predict(model, q) != y
+                name = f"adaptive {label} λ={lam:g} vs {' + '.join(rows)}"
+                sets[name] = q[ok]
+                s_adv = (_torch_scores(scorer, q[ok]) - clean.mean(0)) / clean.std(0)
+                info.append({"set": name, "attacked": list(rows), "guard_row": guard_row, "norm": label,
+                             "lambda": lam, "n": int(len(x)), "kept_after_uint8": int(ok.sum()),
+                             "parity_rel_error": err,
+                             "mean_standardised_scores": s_adv.mean(0).tolist() if len(s_adv) else None,
+                             "seconds": time.perf_counter() - t0})
+                log.info("%s: %d of %d successful after uint8 (%.0fs)", name, ok.sum(), len(x),
+                         time.perf_counter() - t0)
+        scorer.close()
+    return sets, info
+
+
+def fit_rows(onnx_path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], threads: int
+             ) -> tuple[OnnxModel, list[tuple[str, Any]], dict[str, Any], dict[str, np.ndarray]]:
+    """Every detector row fitted on the fit split; also the observations of its first 256 inputs (parity checks)."""
     model = OnnxModel(onnx_path, intra_op_threads=threads)
     dets = [(row, make_detector(kind, **params)) for row, kind, params, _ in ROWS]
     fit_x, fit_y = splits["fit"]
@@ -139,7 +317,15 @@ def score_sets(onnx_path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
         t0 = time.perf_counter()
         d.fit(obs, fit_y, model)
         timing["fit_seconds"][row] = time.perf_counter() - t0
-    del obs
+    head = observe(model, to_model_input(fit_x[:256], model.input_shape), needed_outputs([d for _, d in dets]))
+    return model, dets, timing, head
+
+
+def score_sets(fitted: tuple[OnnxModel, list[tuple[str, Any]], dict[str, Any], Any],
+               splits: dict[str, tuple[np.ndarray, np.ndarray]], sets: dict[str, np.ndarray]
+               ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, Any]]:
+    """Raw scores ``{set: {row: (n,)}}`` and predictions ``{set: (n,)}`` of every (fitted) detector row."""
+    model, dets, timing, _ = fitted
     outputs = needed_outputs([d for _, d in dets])  # the resolved taps: one forward pass per set
     scores: dict[str, dict[str, np.ndarray]] = {}
     preds: dict[str, np.ndarray] = {}
@@ -164,6 +350,30 @@ def score_sets(onnx_path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
     return scores, preds, timing
 
 
+def fusion_rows(cal: dict[str, np.ndarray], pred: np.ndarray, two: dict[str, bool], k: int
+                ) -> dict[str, tuple[list[str], Calibrator, Any]]:
+    """Clean-data-only re-weightings of Fisher's combination: ``{row: (members, calibrator, rank function)}``.
+
+    Both use only the calibration part's leave-one-out p-values ``L = -log p`` (per detector):
+
+    * *GLS weights*: ``sum_d w_d L_d`` with ``w = C^-1 1`` (clipped at 0, normalised), ``C`` the clean correlation
+      of ``L`` — the minimum-variance weighting of correlated statistics: near-duplicate detectors share a weight;
+    * *max z*: ``max_d (L_d - mean_d) / sd_d`` (clean mean and sd) — the most surprising detector decides, so a
+      strong member is never averaged away (a standardised min-p).
+    """
+    out: dict[str, tuple[list[str], Calibrator, Any]] = {}
+    for label, members in FUSION_STUDY:
+        c = Calibrator.fit({m: cal[m] for m in members}, pred, [two[m] for m in members], "fisher", FPR, k)
+        _, P, _ = c.pvalues(c.scores, pred, leave_one_out=True)
+        L = -np.log(np.maximum(P, 1e-300))
+        mu, sd = L.mean(0), np.maximum(L.std(0), 1e-12)
+        w = np.clip(np.linalg.solve(np.corrcoef(L.T) + 1e-6 * np.eye(len(members)), np.ones(len(members))), 0, None)
+        w = w / w.sum() if w.sum() > 0 else np.full(len(members), 1 / len(members))
+        out[f"{label}: fisher, clean GLS weights"] = (members, c, lambda L, w=w: L @ w)
+        out[f"{label}: max z (clean)"] = (members, c, lambda L, mu=mu, sd=sd: ((L - mu) / sd).max(axis=1))
+    return out
+
+
 def evaluate(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray], k: int,
              two: dict[str, bool]) -> dict[str, Any]:
     rows = list(two)
@@ -173,6 +383,7 @@ def evaluate(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarr
     for gname, members, combine, tails in GUARDS:
         guards[gname] = Calibrator.fit({m: cal[m] for m in members}, preds["cal"], [two[m] for m in members],
                                        combine, FPR, k, tails=tails)
+    fusion = fusion_rows(cal, preds["cal"], two, k)
 
     def ranked(s: dict[str, np.ndarray], p: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         r = {row: rank_scores(cal[row], s[row], two[row]) for row in rows}
@@ -182,6 +393,9 @@ def evaluate(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarr
             comb, _, _ = c.pvalues({m: s[m] for m in members}, p)
             r[gname] = -np.log(np.maximum(comb, 1e-300))
             flags[gname] = comb <= c.thresholds(p)
+        for fname, (members, c, rank) in fusion.items():
+            _, P, _ = c.pvalues({m: s[m] for m in members}, p)
+            r[fname] = rank(-np.log(np.maximum(P, 1e-300)))
         return r, flags
 
     neg, neg_flags = ranked(scores["eval"], preds["eval"])
@@ -199,7 +413,7 @@ def evaluate(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarr
             res["detectors"][row] = m
         res["flagged"] = {g: float(f.mean()) for g, f in pos_flags.items()}
         out[name] = res
-    return {"sets": out, "guards": guards}
+    return {"sets": out, "guards": guards, "fusion": {f: v[0] for f, v in fusion.items()}}
 
 
 def _stream(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray], c: Calibrator,
@@ -223,7 +437,8 @@ def alarms(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
     """Both stream alarms for two guards on clean, shifted and backdoor streams (the bundle's null built as
     calibrate_bundle builds it: leave-one-out calibration flags plus validation flags)."""
     out: dict[str, Any] = {}
-    for gname in ("default guard (mahalanobis)", "five: fisher", "one pass: layers + knn, fisher"):
+    for gname in ("default guard (mahalanobis)", "five: fisher", "one pass: layers + knn, fisher",
+                  "one pass: mahalanobis + knn, fisher"):
         c = guards[gname]
         names = c.names
         loo, _, _ = c.pvalues({m: scores["cal"][m] for m in names}, preds["cal"], leave_one_out=True)
@@ -259,6 +474,10 @@ def main() -> None:
     ap.add_argument("--n-adv", type=int, default=1000)
     ap.add_argument("--n-cw", type=int, default=32)
     ap.add_argument("--n-ood", type=int, default=1000)
+    ap.add_argument("--adaptive", default="",
+                    help="comma-separated weights lambda of the adaptive attacker's guard-score term (e.g. 1,10); "
+                         "empty: no adaptive attack")
+    ap.add_argument("--n-adaptive", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detect_converged"))
@@ -268,7 +487,7 @@ def main() -> None:
     train, train_limit = dict(TRAIN), None
     if args.smoke:
         train, train_limit = {"epochs": 1, "lr": 0.05, "lr_milestones": ()}, 3000
-        args.n_trig, args.n_adv, args.n_cw, args.n_ood = 60, 40, 4, 50
+        args.n_trig, args.n_adv, args.n_cw, args.n_ood, args.n_adaptive = 60, 40, 4, 50, 40
         args.work, args.out = "/tmp/abl-guard-converged-smoke", "/tmp/abl-guard-converged-smoke/detect_converged"
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -301,7 +520,14 @@ def main() -> None:
             sets.update(adv)
             sets.update(ood_sets(src_x, args.n_ood, args.seed))
         onnx_path = export(model, spec, run_dir / "model.onnx")
-        scores, preds, timing = score_sets(onnx_path, splits, sets, args.threads)
+        fitted = fit_rows(onnx_path, splits, args.threads)
+        adaptive_info: list[dict[str, Any]] = []
+        if attack_name == "badnets" and args.adaptive:
+            lambdas = [float(v) for v in args.adaptive.split(",") if v.strip()]
+            adaptive, adaptive_info = adaptive_sets(model, dict(fitted[1]), splits["fit"][0], src_x[: args.n_adaptive],
+                                                    src_y[: args.n_adaptive], fitted[3], lambdas, args.seed)
+            sets.update(adaptive)
+        scores, preds, timing = score_sets(fitted, splits, sets)
         two = {row: make_detector(kind, **params).two_sided for row, kind, params, _ in ROWS}
         ev = evaluate(scores, preds, k, two)
         al = alarms(scores, preds, ev["guards"], k, trig_name)
@@ -310,7 +536,9 @@ def main() -> None:
                                                         "reused_cache": rec.get("reused_cache", False)},
                      "asr_on_source_split": asr,
                      "clean_accuracy_eval_split": float(np.mean(preds["eval"] == splits["eval"][1])),
-                     "adversarial": adv_info, "results": ev["sets"], "alarms": al, "timing": timing,
+                     "adversarial": adv_info, "adaptive": adaptive_info, "results": ev["sets"],
+                     "fusion_study": ev["fusion"], "alarms": al,
+                     "timing": timing,
                      "seconds": time.perf_counter() - t0})
     record = {"command": "python bench/detect_converged.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(),
               "threads": args.threads, "torch": torch.__version__,
@@ -352,11 +580,13 @@ def render(r: dict[str, Any]) -> str:
                 f"{a['set']}: {a['kept_after_uint8']} of {a['n']} successful after uint8 "
                 f"({a['success_before_uint8']} before)" for a in run["adversarial"]), ""]
         res = run["results"]
-        sets = [s for s, v in res.items() if s != "clean eval (negatives)" and v.get("n")]
+        sets = [s for s, v in res.items()
+                if s != "clean eval (negatives)" and v.get("n") and not s.startswith("adaptive")]
+        fusion = run.get("fusion_study", {})
         lines.append("| detector / guard | " + " | ".join(f"{s} (n={res[s]['n']})" for s in sets)
                      + " | clean flagged % |")
         lines.append("|---" * (len(sets) + 2) + "|")
-        for row in rows:
+        for row in rows + list(fusion):
             cells = []
             for s in sets:
                 m = res[s]["detectors"].get(row)
@@ -372,13 +602,13 @@ def render(r: dict[str, Any]) -> str:
         lines.append("")
         # does the guard keep up with its best member?
         lines += ["Guard vs its best member (AUROC; the target is guard >= best - 0.005):", ""]
-        for g in r["guards"]:
-            if len(g["members"]) < 2:
+        for row, members in [(g["row"], g["members"]) for g in r["guards"]] + list(fusion.items()):
+            if len(members) < 2:
                 continue
-            worst = min(((res[s]["detectors"][g["row"]]["auroc"]
-                          - max(res[s]["detectors"][m]["auroc"] for m in g["members"]), s) for s in sets),
+            worst = min(((res[s]["detectors"][row]["auroc"]
+                          - max(res[s]["detectors"][m]["auroc"] for m in members), s) for s in sets),
                         default=(float("nan"), ""))
-            lines.append(f"- {g['row']}: worst shortfall {worst[0]:+.3f} ({worst[1]})")
+            lines.append(f"- {row}: worst shortfall {worst[0]:+.3f} ({worst[1]})")
         lines += ["", "Stream alarms (1% FPR guard; class alarm conditional on the stream's prediction mix; the old "
                       "unconditional test alongside):", "",
                   "| guard | stream | n | flagged % | class alarm (target, p) | drift (p) | old class alarm |",
@@ -390,11 +620,67 @@ def render(r: dict[str, Any]) -> str:
                              f"{'FIRED' if a['drift'] else 'no'} ({a['drift_p']:.2g}) | "
                              f"{'fired ' + str(a['old_target']) if a['old_unconditional_alarm'] else 'no'} |")
         lines.append("")
+        if run.get("adaptive"):
+            lines += adaptive_table(r, run)
         tm = run["timing"]
         fwd = tm.get("forward_seconds", 0.0)
         lines += ["Score cost on the evaluation split (× one forward pass): " + ", ".join(
             f"{row} {s / max(fwd, 1e-9):.1f}" for row, s in tm["score_seconds"].items()), ""]
+    lines += family_table(r)
     return "\n".join(lines)
+
+
+FAMILIES = {"backdoor": ("triggered",), "FGSM / PGD": ("fgsm", "pgd"), "CW-L2": ("cw",), "far OOD": ("ood:",)}
+
+
+def family_table(r: dict[str, Any]) -> list[str]:
+    """Worst AUROC per attack family over every run (what ``calibrate``'s default is chosen by), and cost."""
+    rows = ([d["row"] for d in r["detectors"]] + [g["row"] for g in r["guards"]]
+            + [f for f in r["runs"][0].get("fusion_study", {})])
+    members = {**{d["row"]: [d["row"]] for d in r["detectors"]}, **{g["row"]: g["members"] for g in r["guards"]},
+               **r["runs"][0].get("fusion_study", {})}
+    cost = r["runs"][0]["timing"]["score_seconds"]
+    fwd = max(r["runs"][0]["timing"].get("forward_seconds", 0.0), 1e-9)
+    lines = ["## Worst case by attack family (all runs)", "",
+             "Lowest AUROC within each family over both models (CW-L2 separately: n = 11 and 23); cost = the "
+             "members' scoring time on the evaluation split in units of one forward pass (they share that pass).", "",
+             "| detector / guard | " + " | ".join(FAMILIES) + " | worst (without CW) | worst | cost × fwd |",
+             "|---" * (len(FAMILIES) + 4) + "|"]
+    for row in rows:
+        fam = {}
+        for f, prefixes in FAMILIES.items():
+            vals = [run["results"][s]["detectors"][row]["auroc"] for run in r["runs"] for s in run["results"]
+                    if s.startswith(prefixes) and run["results"][s].get("n") and row in run["results"][s]["detectors"]]
+            fam[f] = min(vals) if vals else float("nan")
+        no_cw = min(v for f, v in fam.items() if f != "CW-L2")
+        c = sum(cost.get(m, 0.0) for m in members.get(row, [row])) / fwd
+        lines.append(f"| {row} | " + " | ".join(f"{v:.3f}" for v in fam.values())
+                     + f" | {no_cw:.3f} | {min(fam.values()):.3f} | {c:.1f} |")
+    return lines + [""]
+
+
+def adaptive_table(r: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The adaptive attacker next to the non-adaptive PGD rows, for the guards it attacks (and the other rows)."""
+    res = run["results"]
+    guards = list(dict.fromkeys([*ADAPTIVE_TARGETS.values(), *(g["row"] for g in r["guards"]
+                                                               if g["row"] in SHOWN_UNDER_ADAPTIVE)]))
+    lines = ["Adaptive attacker (white-box PGD that also minimises the attacked detector's own score, computed in "
+             f"torch from the fitted detector's state; clipped logit margin κ = {KAPPA:g}; λ in units of the clean "
+             "score's standard deviation; uint8, kept only when still misclassified). Cells: AUROC / TPR % at 1% FPR "
+             "/ % flagged at the guard's own threshold; **bold** = the guard whose detector was attacked.", "",
+             "| set | n kept | " + " | ".join(guards) + " |", "|---" * (len(guards) + 2) + "|"]
+    attacked = {a["set"]: a["guard_row"] for a in run["adaptive"]}
+    kept = {a["set"]: f"{a['kept_after_uint8']} of {a['n']}" for a in run["adaptive"]}
+    for s in [n for n, _ in ADAPTIVE_NORMS] + [a["set"] for a in run["adaptive"]]:
+        if s not in res or not res[s].get("n"):
+            continue
+        cells = []
+        for g in guards:
+            m, f = res[s]["detectors"][g], res[s]["flagged"].get(g, float("nan"))
+            c = f"{m['auroc']:.3f} / {100 * m['tpr@1']:.0f} / {100 * f:.0f}"
+            cells.append(f"**{c}**" if attacked.get(s) == g else c)
+        lines.append(f"| {s} | {kept.get(s, res[s]['n'])} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from scipy.linalg import solve_triangular
 
 from ._util import subsample
 from .base import Detector, ModelFn, Observations, flatten_features, register
-from .taps import resolve_tap, resolve_taps, taps_state, with_taps
+from .taps import PENULTIMATE, resolve_tap, resolve_taps, taps_state, with_taps
 
 
 @register
@@ -21,7 +21,8 @@ class Mahalanobis(Detector):
     so higher = more suspicious.
 
     Scoring whitens with the Cholesky factor (``Sigma = L L^T``; ``d^2 = ||L^-1 f - L^-1 mu_c||^2``) instead of
-    forming ``Sigma^-1`` or an einsum over classes. Deviations from the paper: no input pre-processing (the
+    forming ``Sigma^-1`` or an einsum over classes; ``L^-1`` (as well conditioned as ``L``) is formed once, so a batch
+    costs one matrix product. Deviations from the paper: no input pre-processing (the
     FGSM-style step needs gradients, which a serving runtime does not have) and no per-layer logistic regression
     (the guard combines detectors by p-values). ``ridge`` adds ``ridge * mean(diag(Sigma))`` to the diagonal so
     rank-deficient features (e.g. ReLU units that are always 0) stay invertible; set 0 for the exact estimator.
@@ -41,6 +42,7 @@ class Mahalanobis(Detector):
         self.means_: np.ndarray | None = None
         self.chol_: np.ndarray | None = None
         self.whitened_means_: np.ndarray | None = None
+        self.whiten_: np.ndarray | None = None  # L^-1
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -79,11 +81,13 @@ class Mahalanobis(Detector):
     def _whiten_means(self) -> None:
         assert self.means_ is not None and self.chol_ is not None
         present = ~np.isnan(self.means_[:, 0])
-        self.whitened_means_ = solve_triangular(self.chol_, self.means_[present].T, lower=True).T
+        self.whiten_ = solve_triangular(self.chol_, np.eye(len(self.chol_)), lower=True)
+        self.whitened_means_ = self.means_[present] @ self.whiten_.T
 
     def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
-        self._check_fitted("chol_", "whitened_means_", "tap_")
+        self._check_fitted("chol_", "whiten_", "whitened_means_", "tap_")
         assert self.tap_ is not None and self.chol_ is not None and self.whitened_means_ is not None
+        assert self.whiten_ is not None
         feats = flatten_features(self._get(with_taps(batch, [self.tap_], model, "Mahalanobis"), self.tap_))
         if feats.shape[1] != self.chol_.shape[0]:
             raise ValueError(f"{self.tap_!r} has {feats.shape[1]} features, fitted on {self.chol_.shape[0]}")
@@ -91,7 +95,7 @@ class Mahalanobis(Detector):
         wm = self.whitened_means_
         wm_sq = (wm**2).sum(axis=1)
         for s in self._chunks(len(feats)):
-            z = solve_triangular(self.chol_, feats[s].astype(np.float64).T, lower=True).T
+            z = feats[s].astype(np.float64) @ self.whiten_.T
             d2 = (z**2).sum(axis=1)[:, None] - 2.0 * z @ wm.T + wm_sq[None, :]
             out[s] = np.maximum(d2.min(axis=1), 0.0)
         return out
@@ -195,12 +199,13 @@ class KNNDistance(Detector):
     ``max_bank`` (seeded) to bound memory and scoring time — Sun et al. show the score is robust to sampling the bank.
     Brute force: for unit vectors ``||a - b||^2 = 2 - 2 a.b``, so each chunk is one matrix product and a partial sort;
     the k-th neighbour's distance is then recomputed exactly in float64, so scores do not depend on the batch shape.
+    ``tap=None`` reads ``penultimate``, or the model's last tap when it has none (resolved at fit, :mod:`.taps`).
     """
 
     name = "knn"
     tail_kinds = {"high": "off-manifold"}
 
-    def __init__(self, tap: str = "penultimate", k: int = 50, max_bank: int | None = 10000, seed: int = 0,
+    def __init__(self, tap: str | None = None, k: int = 50, max_bank: int | None = 10000, seed: int = 0,
                  chunk_size: int = 1024) -> None:
         super().__init__(chunk_size)
         if k < 1:
@@ -209,11 +214,12 @@ class KNNDistance(Detector):
         self.k = int(k)
         self.max_bank = None if max_bank is None else int(max_bank)
         self.seed = int(seed)
+        self.tap_: str | None = None  # the resolved tap
         self.bank_: np.ndarray | None = None
 
     @property
     def requires(self) -> tuple[str, ...]:
-        return (self.tap,)
+        return (self.tap_,) if self.tap_ is not None else ("logits",)
 
     @staticmethod
     def normalise(feats: np.ndarray) -> np.ndarray:
@@ -222,8 +228,9 @@ class KNNDistance(Detector):
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> KNNDistance:
-        resolve_tap(self.tap, reference, model, "KNNDistance")  # a one-line error when the model lacks the tap
-        feats = flatten_features(self._get(reference, self.tap))
+        self.tap_ = resolve_tap(self.tap, reference, model, "KNNDistance")  # one-line error when the tap is missing
+        reference = with_taps(reference, [self.tap_], model, "KNNDistance")
+        feats = flatten_features(self._get(reference, self.tap_))
         if len(feats) < self.k:
             raise ValueError(f"k={self.k} needs at least {self.k} reference inputs, got {len(feats)}")
         idx = subsample(len(feats), self.max_bank, self.seed)
@@ -233,11 +240,11 @@ class KNNDistance(Detector):
         return self
 
     def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
-        self._check_fitted("bank_")
-        assert self.bank_ is not None
-        feats = flatten_features(self._get(batch, self.tap))
+        self._check_fitted("bank_", "tap_")
+        assert self.bank_ is not None and self.tap_ is not None
+        feats = flatten_features(self._get(with_taps(batch, [self.tap_], model, "KNNDistance"), self.tap_))
         if feats.shape[1] != self.bank_.shape[1]:
-            raise ValueError(f"{self.tap!r} has {feats.shape[1]} features, fitted on {self.bank_.shape[1]}")
+            raise ValueError(f"{self.tap_!r} has {feats.shape[1]} features, fitted on {self.bank_.shape[1]}")
         out = np.empty(len(feats))
         for s in self._chunks(len(feats)):
             q = self.normalise(feats[s])
@@ -250,12 +257,14 @@ class KNNDistance(Detector):
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        self._check_fitted("bank_")
-        assert self.bank_ is not None
-        return {"bank": self.bank_}
+        self._check_fitted("bank_", "tap_")
+        assert self.bank_ is not None and self.tap_ is not None
+        return {"bank": self.bank_, "tap": taps_state([self.tap_])}
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
         bank = np.asarray(state["bank"], np.float32)
         if bank.ndim != 2 or len(bank) < self.k:
             raise ValueError(f"knn state bank has shape {bank.shape}; need (>= k={self.k}, D)")
+        # bundles written before the tap was resolved at fit name it only in the parameters (then always set)
+        self.tap_ = str(state["tap"][0]) if "tap" in state else (self.tap or PENULTIMATE)
         self.bank_ = bank

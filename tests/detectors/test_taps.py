@@ -95,3 +95,22 @@ def test_unfitted_detectors_score_through_the_model_when_taps_are_missing():
     det = make_detector("mahalanobis").fit(obs, y, model)
     direct = det.score({"penultimate": model(x)["penultimate"]})
     np.testing.assert_allclose(det.score(obs, model), direct, rtol=1e-9)
+
+
+def test_knn_resolves_its_tap_and_reads_old_bundles():
+    """knn's default tap is resolved at fit like the others: ``penultimate`` when the model has it, else its last tap;
+    a state written before (no ``tap`` array, the tap only in the parameters) still loads."""
+    from abl_guard.detectors import KNNDistance
+
+    obs, _ = _obs(["conv", "feat"])  # a foreign model: no penultimate
+    det = KNNDistance(k=5).fit(obs)
+    assert det.tap is None and det.tap_ == "feat" and det.requires == ("feat",)
+    assert KNNDistance().requires == ("logits",)
+    again = KNNDistance.from_state(det.get_params(), det.state_dict())
+    assert again.tap_ == "feat"
+    np.testing.assert_allclose(again.score(obs), det.score(obs), rtol=1e-12)
+    assert KNNDistance(k=5).fit(_obs(["conv", "penultimate"])[0]).tap_ == "penultimate"
+    old = KNNDistance.from_state({"tap": "penultimate", "k": 5}, {"bank": det.bank_})
+    assert old.tap_ == "penultimate"
+    with pytest.raises(ValueError, match="no tap 'penultimate'"):
+        KNNDistance(tap="penultimate", k=5).fit(obs)
