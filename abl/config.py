@@ -81,7 +81,7 @@ class ABLConfig:
                                   "isolated set's majority label, the suspected target of an all-to-one backdoor "
                                   "(target; the others go back to the clean set). [default: target in retrain mode, "
                                   "else all]", choices=ISOLATION_LABELS, cli_default=None)
-    expansion_posterior: float = _knob(0.05, "retrain mode: remove every example of the target label whose posterior "
+    expansion_posterior: float = _knob(0.01, "retrain mode: remove every example of the target label whose posterior "
                                        "of looking like the isolated seed reaches this (abl/expansion.py).")
     expansion_max_share: float = _knob(0.6, "retrain mode: refuse an expansion that would remove more than this "
                                        "share of the target label (a clean sub-type, not poison).")

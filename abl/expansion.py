@@ -79,7 +79,7 @@ def _two_components(scores: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str
 
 
 def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, pool: np.ndarray, *,
-                min_posterior: float = 0.05, min_separation: float = 2.0, max_share: float = 0.6,
+                min_posterior: float = 0.01, min_separation: float = 2.0, max_share: float = 0.6,
                 rounds: int = 2, folds: int = 5,
                 c: float = 0.01, random_state: int = 0) -> Expansion:
     """Grow the isolated ``seed_idx`` to every example of its label that looks like it (see the module docstring).

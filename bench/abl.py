@@ -69,7 +69,7 @@ from abl_guard.attacks import REGISTRY  # noqa: E402
 CPU = torch.device("cpu")
 #: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
-            "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels")
+            "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -104,6 +104,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             "isolation_ratio": args.isolation_ratio, "unlearning_bound": args.unlearning_bound,
             # only when not the old behaviour, so that results recorded before the options existed keep their keys
             **({"isolation_labels": args.isolation_labels} if args.isolation_labels != "all" else {}),
+            **({"abl_mode": args.abl_mode} if args.abl_mode != "unlearn" else {}),
+
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
 
@@ -173,7 +175,7 @@ class Bench:
             attack=attack, attack_params={"rate": a.rate, "target": 0, **(params or {})},
             train=TrainConfig(epochs=a.epochs, lr=a.lr, lr_milestones=tuple(milestones_of(a)), seed=seed,
                               device="cpu", precision="fp32", memory_format="contiguous"),
-            train_limit=a.train_limit, test_limit=a.test_limit)
+            train_limit=a.train_limit or None, test_limit=a.test_limit)
 
     def fresh_model(self, data: PreparedData, seed: int) -> torch.nn.Module:
         set_seed(seed)
@@ -229,10 +231,27 @@ class Bench:
         train_plain(model, data.train.images, data.train.labels, cfg.train, None, quiet=True)
         secs = time.perf_counter() - t0
         return {**self.key(attack, seed, "none"), **make_evaluator(data, CPU)(model), "seconds": secs,
-                "n_poisoned": int(len(data.poison_indices))}
+                "n_poisoned": int(len(data.poison_indices)), **self.end_to_end(model, data, attack, seed, "none")}
+
+    def end_to_end(self, model: torch.nn.Module, data: PreparedData, attack: str, seed: int,
+                   kind: str) -> dict[str, Any]:
+        """``--end-to-end``: the guard (``--guard-detectors``, 1% FPR) calibrated on the first half of the clean test
+        images for this model, and the residual attack success on the triggered versions of the other half — the
+        fraction on which the backdoor fires (target predicted) and the guard does not flag — next to the ASR."""
+        if not self.args.end_to_end or data.triggered is None:
+            return {}
+        return {"end_to_end": guard_residual(model, data, self.args.guard_detectors,
+                                             Path(self.args.work) / f"e2e_{attack}_{seed}_{kind}")}
 
     def abl_config(self, cfg: ExperimentConfig, **over: Any) -> ABLConfig:
         a = self.args
+        if a.abl_mode != "unlearn":  # the mode's own defaults (the library's), only T_te and p set here when given
+            params = {"mode": a.abl_mode, "eval_every": 0, "isolation_epochs": a.isolation_epochs,
+                      "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
+            abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
+            for k, v in over.items():
+                setattr(abl_cfg, k, v)
+            return abl_cfg
         params = {"isolation_epochs": a.isolation_epochs, "unlearning_epochs": a.unlearning_epochs,
                   "unlearning_lr": a.unlearning_lr, "lga": a.lga, "holdout": a.holdout,
                   "max_ca_drop": a.max_ca_drop, "isolation_score": a.isolation_score, "unlearning": a.unlearning,
@@ -252,7 +271,9 @@ class Bench:
         iso, un = rep["isolation"], rep["unlearning"]
         final = rep["stages"]["unlearning"]
         return {
-            **self.key(attack, seed, "abl"),
+            **self.key(attack, seed, "abl"), **self.end_to_end(model, data, attack, seed, "abl"),
+            "expansion": rep.get("expansion"), "verdict": rep.get("verdict"), "n_removed": int(len(res.removed)),
+            "history_stages": [h["stage"] for h in res.history],
             "clean_accuracy": final["clean_accuracy"], "attack_success_rate": final["attack_success_rate"],
             "seconds": rep["seconds"].get("total", float("nan")), "seconds_by_stage": rep["seconds"],
             "stages": {k: {m: v[m] for m in ("clean_accuracy", "attack_success_rate")} for k, v in
@@ -311,6 +332,38 @@ class Bench:
                 "variants": out}
 
 
+def guard_residual(model: torch.nn.Module, data: PreparedData, detectors: str, work: Path,
+                   fpr: float = 0.01) -> dict[str, Any]:
+    """Export ``model``, calibrate a guard at ``fpr`` on the first half of the clean test images, and measure the
+    triggered test images built from the other half: ASR, flagged share and residual (backdoor fires, guard silent)."""
+    from abl_guard.abl.models import model_taps
+    from abl_guard.detectors import make_detector
+    from abl_guard.export.onnx import export_onnx
+    from abl_guard.guard.build import calibrate_bundle
+    from abl_guard.guard.runtime import Guard
+
+    t0 = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    n_cal = len(data.test.labels) // 2
+    spec = data.train.spec
+    onnx_path = work / "model.onnx"
+    export_onnx(model.eval(), onnx_path, input_shape=spec.input_shape, taps=model_taps(model),
+                class_names=spec.class_names, mean=spec.mean, std=spec.std)
+    names = [n for n in detectors.split(",") if n]
+    calibrate_bundle(onnx_path, data.test.images[:n_cal], data.test.labels[:n_cal],
+                     [make_detector(n) for n in names], work / "bundle", fpr=fpr, overwrite=True)
+    guard = Guard.load(work / "bundle")
+    trig = data.triggered
+    held = trig.indices >= n_cal
+    pred, flag = guard.predict(trig.images[held])
+    fires = pred == trig.labels[held]
+    _, clean_flag = guard.predict(data.test.images[n_cal:])
+    return {"detectors": names, "fpr_target": fpr, "n_calibration": n_cal, "n_triggered": int(held.sum()),
+            "asr": float(fires.mean()), "flagged_triggered": float(flag.mean()),
+            "residual": float((fires & ~flag).mean()), "clean_flagged": float(clean_flag.mean()),
+            "seconds": time.perf_counter() - t0}
+
+
 def by_ranking(res: Any, data: PreparedData, abl_cfg: ABLConfig) -> dict[str, dict[str, Any]]:
     """The isolation statistics of every ranking in :data:`RANKINGS` on the same per-example losses of one run."""
     out = {}
@@ -354,14 +407,20 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         f"Setting: Fashion-MNIST, {a.train_limit or 60000} random training images (poisoned at rate {a.rate}, "
         f"target 0, each attack's defaults), the full test set{'' if not a.test_limit else f' ({a.test_limit})'}; "
         f"small-cnn, SGD lr {a.lr}{lr_steps(a)} (Nesterov momentum 0.9, weight decay 5e-4, batch 128). No defence "
-        f"and the clean model: {a.epochs} epochs. ABL: T = {a.epochs} epochs = isolation T_te = "
+        f"and the clean model: {a.epochs} epochs. " + (
+            f"ABL --abl-mode {a.abl_mode} with the library's defaults for that mode (retrain: isolation of at most "
+            f"T_te = {a.isolation_epochs or max(1, round(0.2 * a.epochs))} epochs, stopped once the isolated set is "
+            "concentrated and its seed expands to a separate population; p = 1% ranked by the class-relative score, "
+            "majority label kept; seed expansion; a fresh model trained the full T on the rest; no unlearning). "
+            "The unlearning columns below do not apply to it." if a.abl_mode != "unlearn" else "") + (
+        f"ABL: T = {a.epochs} epochs = isolation T_te = "
         f"{a.isolation_epochs or max(1, round(0.2 * a.epochs))} ({a.lga} LGA, gamma 0.5) + clean stage, isolation "
         f"ratio p = {a.isolation_ratio:.0%} ranked by the {a.isolation_score} score"
         f"{', only its majority label unlearned' if a.isolation_labels == 'target' else ''}, "
         f"then {a.unlearning_epochs} {a.unlearning} unlearning epochs at lr {a.unlearning_lr} (ascent bound "
         f"{a.unlearning_bound or 'none'}); guard: {a.holdout:.0%} held-out training split, max CA drop "
         f"{a.max_ca_drop}, keeps the best passing epoch. A scaled-down paper schedule "
-        "(paper: 100 epochs = 20 + 80, then unlearning; WRN-16-1 on CIFAR-10).",
+        "(paper: 100 epochs = 20 + 80, then unlearning; WRN-16-1 on CIFAR-10)." if a.abl_mode == "unlearn" else ""),
         "",
         f"CA of a model trained on clean data only: **{mean_std([r['clean_accuracy'] for r in clean])}%** "
         f"(n = {len(clean)}).",
@@ -411,6 +470,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
                          f"{r['unlearning'].get('selected_epoch')}; guard {guard_txt}"
                          f"{f'; rejected epochs {rejected}' if rejected else ''}; {len(r['warnings'])} warning(s)"
                          + (f": {'; '.join(w.split(':')[0] for w in r['warnings'])}" if r["warnings"] else ""))
+    lines += retrain_lines(rows, attacks, seeds) + end_to_end_lines(rows, attacks, seeds)
     iso_rows = [r for r in rows if r["kind"].startswith("isolation-")]  # every seed measured with these settings
     attacks = attacks + sorted({r["attack"] for r in iso_rows} - set(attacks))
     if iso_rows:
@@ -464,11 +524,61 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
     write_markdown_keeping_notes(f"{path}.md", "\n".join(lines))
 
 
+def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[int]) -> list[str]:
+    """Retrain mode: what the isolation stopped at, what the expansion removed, and the run's own verdict."""
+    abl = [r for r in rows if r["kind"] == "abl" and r.get("expansion") is not None and r["seed"] in seeds]
+    if not abl:
+        return []
+    out = ["", "## Retrain mode: isolation, seed expansion, verdict", "",
+           "T_te = isolation epochs run (auto stop); seed = isolated examples of the majority label (precision %); "
+           "removed = seed + expansion; poison recall % of everything removed, poison missed, clean removed; "
+           "time = ABL total / its clean stage (one full schedule, the same as plain training), in the same run.", "",
+           "| attack | seed | T_te | seed (precision %) | removed | poison recall % | missed | clean removed "
+           "| separation | verdict | CA % | ASR % | time |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for attack in attacks:
+        for r in sorted((r for r in abl if r["attack"] == attack), key=lambda r: r["seed"]):
+            e, iso, t = r["expansion"], r["isolation"], r["seconds_by_stage"]
+            sep = e.get("mixture", {}).get("separation", float("nan"))
+            out.append(f"| {attack} | {r['seed']} | {r['history_stages'].count('isolation')} "
+                       f"| {iso['n_isolated']} ({100 * iso['precision']:.1f}) | {r['n_removed']} "
+                       f"| {100 * e.get('recall', float('nan')):.2f} | {e.get('missed_poison', '—')} "
+                       f"| {e.get('removed_clean', '—')} | {sep:.1f} | {r['verdict']['status']} "
+                       f"| {100 * r['clean_accuracy']:.2f} | {100 * r['attack_success_rate']:.2f} "
+                       f"| {t['total'] / t['clean']:.2f} |")
+    return out
+
+
+def end_to_end_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[int]) -> list[str]:
+    """The residual attack success through the whole system: no defence, guard only, ABL only, ABL + guard."""
+    have = [r for r in rows if "end_to_end" in r and r["seed"] in seeds]
+    if not have:
+        return []
+    det = ",".join(have[0]["end_to_end"]["detectors"])
+    out = ["", "## End to end: residual attack success %", "",
+           f"Triggered test images (the second half of the test set, source class not the target) on which the "
+           f"backdoor fires (the model predicts the target) and the guard (`{det}`, calibrated at 1% FPR on the "
+           "first half's clean images, for the same model) does not flag. Mean ± std over seeds; clean flagged % = "
+           "the guard's false-positive rate on the second half's clean images.", "",
+           "| attack | seeds | no defence (ASR) | guard only | ABL only (ASR) | ABL + guard | clean flagged % "
+           "(none / ABL) |", "|---|---|---|---|---|---|---|"]
+    for attack in attacks:
+        none = [r["end_to_end"] for r in have if r["attack"] == attack and r["kind"] == "none"]
+        abl = [r["end_to_end"] for r in have if r["attack"] == attack and r["kind"] == "abl"]
+        if not none and not abl:
+            continue
+        out.append(f"| {attack} | {len(none)} / {len(abl)} | {mean_std([e['asr'] for e in none])} "
+                   f"| {mean_std([e['residual'] for e in none])} | {mean_std([e['asr'] for e in abl])} "
+                   f"| {mean_std([e['residual'] for e in abl])} | {mean_std([e['clean_flagged'] for e in none])} / "
+                   f"{mean_std([e['clean_flagged'] for e in abl])} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", default=None, help="comma-separated (default: every registered backdoor attack)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--train-limit", type=int, default=20000)
+    ap.add_argument("--train-limit", type=int, default=20000, help="0 = all 60,000 training images")
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=10, help="T: no-defence epochs = ABL isolation + clean stage")
     ap.add_argument("--isolation-epochs", type=int, default=None, help="T_te (default 20%% of --epochs)")
@@ -505,6 +615,13 @@ def main() -> None:
                     help="run nothing: rewrite the markdown from the runs already in the JSON (seeds not run are left "
                          "out of the means; the table says how many seeds each row has)")
     ap.add_argument("--quick", action="store_true", help="smoke run: BadNets, 1 seed, 3,000 images, 3 epochs")
+    ap.add_argument("--abl-mode", default="retrain", choices=["retrain", "unlearn", "paper"],
+                    help="ABL's mode (the library default retrain; 'unlearn' keeps the other options' meaning here)")
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="also calibrate a guard on each model and report the residual attack success through it")
+    ap.add_argument("--guard-detectors", default=None,
+                    help="the guard of --end-to-end (default: calibrate's default detectors)")
+    ap.add_argument("--skip-clean", action="store_true", help="do not train the clean-data reference model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="ignore cached runs in the JSON")
     ap.add_argument("--out", default=None, help="results path without suffix (default bench/results/abl)")
@@ -515,8 +632,13 @@ def main() -> None:
         args.seeds, args.train_limit, args.test_limit, args.epochs = "0", 3000, 2000, 3
         args.out = args.out or str(ROOT / "bench" / "results" / "abl_quick")
     args.out = args.out or str(ROOT / "bench" / "results" / "abl")
+    if args.end_to_end and not args.guard_detectors:
+        from abl_guard.cli import calibrate
+
+        args.guard_detectors = next(p.default for p in calibrate.params if p.name == "detector_names")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("abl_guard.abl", "abl_guard.attacks"):
+    for noisy in ("abl_guard.abl", "abl_guard.attacks", "abl_guard.export", "abl_guard.guard", "onnxscript",
+                  "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
 
@@ -533,7 +655,7 @@ def main() -> None:
         if args.baselines:
             bench.load_baselines()
         if (bench.cached("none", seed, "clean") is None and not (args.lga_compare or args.unlearning_sweep)
-                and not args.baselines):
+                and not args.baselines and not args.skip_clean):
             bench.get_clean(seed)
         for attack in attacks:
             if args.baselines:

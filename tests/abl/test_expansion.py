@@ -31,7 +31,7 @@ def test_expansion_recovers_the_poison_from_a_small_seed():
     found = np.isin(poison, exp.removed).mean()
     clean_removed = len(np.setdiff1d(exp.removed, poison))
     assert found >= 0.98  # a 6-sigma shift in 16 dimensions
-    assert clean_removed <= 60  # a conservative posterior removes some clean examples, not many
+    assert clean_removed <= 90  # the conservative posterior (0.01) removes some clean examples (15% at most here)
     assert np.isin(seed, exp.removed).all()
     assert exp.report["mixture"]["separation"] > 2
     assert np.all(labels[exp.removed] == 0)  # nothing outside the target label is touched
