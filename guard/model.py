@@ -119,7 +119,9 @@ class OnnxModel:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - n, axis=0)])
             for name, arr in zip(names, self.session.run(names, {self.input_name: self.contract.to_native(chunk)})):
                 parts[name].append(arr[:n])
-        return {n: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for n, v in parts.items()}
+        # one chunk: its arrays as they are (a concatenate would copy every tap again)
+        return {n: (v[0] if len(v) == 1 else np.concatenate(v) if v else np.zeros((0,), np.float32))
+                for n, v in parts.items()}
 
     __call__ = run
 

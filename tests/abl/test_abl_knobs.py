@@ -171,6 +171,7 @@ ABL_FLAGS = {
     "isolation_labels": ("--abl-isolation-labels", "target", "target"),
     "expansion_posterior": ("--abl-expansion-posterior", "0.1", 0.1),
     "expansion_separation": ("--abl-expansion-separation", "3", 3.0),
+    "expansion_max_share": ("--abl-expansion-max-share", "0.7", 0.7),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),
     "unlearning_bound": ("--abl-unlearning-bound", "0", 0.0),
     "unlearning_ascent": ("--abl-unlearning-ascent", "complement", "complement"),
