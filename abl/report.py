@@ -145,7 +145,9 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         evidence.append(f"the final model predicts label {target} for {probe:.0%} of the isolated seed")
     if share < cfg.isolation_concentration:
         status = "not-found"
-        evidence.append("no label held the isolated examples: no fast-learned all-to-one backdoor was seen")
+        evidence.append("no label held the isolated examples: no fast-learned all-to-one backdoor was seen (this is "
+                        "not proof of a clean model: a backdoor learned no faster than the clean data, or too little "
+                        "poison for the isolation to single out, stays unseen)")
     elif probe is not None and probe <= PROBE_CLEAN:
         status = "removed"
     else:
