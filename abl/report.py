@@ -113,16 +113,39 @@ def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray |
 
 #: the seed-probe rate at or below which a retrained model is judged free of the isolated backdoor
 PROBE_CLEAN = 0.2
+#: the held-out probe (:func:`held_out_probe`) at or above which the backdoor is judged to be still firing
+HELD_OUT_FIRING = 0.5
+
+
+def held_out_probe(guard: dict[str, Any], min_excess: int = 10) -> float | None:
+    """How much of the held-out split's excess of the suspected target label the final model predicts as that label.
+
+    The held-out split is a random part of the (possibly poisoned) training data, so it holds its share of the poison,
+    all labelled with the target: the target label's share ``s`` of it exceeds a clean class's share ``prior`` by about
+    the poison's share. A clean model predicts the target for about ``prior`` of the held-out examples, a model whose
+    backdoor still fires for about ``s``: the probe ``(target_rate - prior) / (s - prior)`` is near 0 for the first and
+    near 1 for the second. None when the excess is under ``min_excess`` examples (too little poison held out to tell).
+    """
+    n, n_non = guard.get("n_holdout", 0), guard.get("n_nontarget", 0)
+    prior, final = guard.get("target_prior"), guard.get("final") or guard.get("baseline")
+    if not n or prior is None or final is None or not np.isfinite(prior):
+        return None
+    excess = (1.0 - n_non / n) - prior
+    if excess * n < min_excess:
+        return None
+    return float((final["target_rate"] - prior) / excess)
 
 
 def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     """Whether the backdoor is gone, with the evidence, from quantities available without ground truth.
 
-    ``status``: ``not-found`` (the isolation never concentrated in one label: no fast-learned all-to-one backdoor was
-    seen), ``removed`` (a concentrated seed, and the final model maps at most :data:`PROBE_CLEAN` of the seed to its
-    label — a clean model predicts a triggered image's own content), or ``likely-present`` (the final model still maps
-    the seed to its label; with a clean-label attack, whose poison really is of the target class, this probe cannot
-    tell, and the evidence says so). CA / ASR are added by the caller when the attack is known.
+    Two probes of the final model: the seed probe (how much of the isolated seed it still maps to the seed's label —
+    a clean model predicts a triggered image's own content) and :func:`held_out_probe` (whether the held-out copies of
+    the poison still fire). ``status``: ``likely-present`` when the held-out probe reaches :data:`HELD_OUT_FIRING`;
+    otherwise ``not-found`` when the isolation never concentrated in one label (no fast-learned all-to-one backdoor was
+    seen), ``removed`` when the seed probe is at most :data:`PROBE_CLEAN`, else ``likely-present`` (with a clean-label
+    attack, whose poison really is of the target class, the seed probe cannot tell, and the evidence says so).
+    Measured against the attack's ASR in ``docs/abl.md#retrain-mode-measured``.
     """
     iso = report.get("isolation", {})
     un = report.get("unlearning", {})
@@ -143,7 +166,14 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     probe = un.get("isolated_accuracy_after")
     if probe is not None:
         evidence.append(f"the final model predicts label {target} for {probe:.0%} of the isolated seed")
-    if share < cfg.isolation_concentration:
+    held = held_out_probe(un.get("guard", {}))
+    if held is not None:
+        evidence.append(f"held-out probe {held:.2f}: the final model predicts label {target} for "
+                        f"{held:.0%} of the held-out split's excess of that label (0: a clean model, 1: the poison "
+                        "still fires)")
+    if held is not None and held >= HELD_OUT_FIRING:
+        status = "likely-present"
+    elif share < cfg.isolation_concentration:
         status = "not-found"
         evidence.append("no label held the isolated examples: no fast-learned all-to-one backdoor was seen (this is "
                         "not proof of a clean model: a backdoor learned no faster than the clean data, or too little "

@@ -63,6 +63,7 @@ from abl_guard.abl.abl import (  # noqa: E402
 )
 from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
+from abl_guard.abl.report import held_out_probe  # noqa: E402
 from abl_guard.abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
 from abl_guard.attacks import REGISTRY  # noqa: E402
 
@@ -524,6 +525,17 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
     write_markdown_keeping_notes(f"{path}.md", "\n".join(lines))
 
 
+def row_verdict(r: dict[str, Any]) -> dict[str, Any]:
+    """The verdict the current ``report.verdict`` gives on a stored run's report fields (so that a table rendered
+    later uses the current rule; the verdict recorded at run time stays in the JSON under ``verdict``)."""
+    from abl_guard.abl.report import verdict
+
+    iso = {**r["isolation"], "isolated_majority_label": r["expansion"].get("target"),
+           "epoch": r["history_stages"].count("isolation")}
+    return verdict({"isolation": iso, "expansion": r["expansion"], "unlearning": r["unlearning"]},
+                   ABLConfig.for_mode("retrain"))
+
+
 def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[int]) -> list[str]:
     """Retrain mode: what the isolation stopped at, what the expansion removed, and the run's own verdict."""
     abl = [r for r in rows if r["kind"] == "abl" and r.get("expansion") is not None and r["seed"] in seeds]
@@ -532,7 +544,9 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
     out = ["", "## Retrain mode: isolation, seed expansion, verdict", "",
            "T_te = isolation epochs run (auto stop); seed = isolated examples of the majority label (precision %); "
            "removed = seed + expansion; poison recall % of everything removed, poison missed, clean removed; "
-           "time = ABL total / its clean stage (one full schedule, the same as plain training), in the same run.", "",
+           "time = ABL total / its clean stage (one full schedule, the same as plain training), in the same run; "
+           "verdict: `report.verdict` of the current code on the run's stored report (the held-out probe in "
+           "brackets).", "",
            "| attack | seed | T_te | seed (precision %) | removed | poison recall % | missed | clean removed "
            "| separation | verdict | CA % | ASR % | time |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -540,10 +554,12 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
         for r in sorted((r for r in abl if r["attack"] == attack), key=lambda r: r["seed"]):
             e, iso, t = r["expansion"], r["isolation"], r["seconds_by_stage"]
             sep = e.get("mixture", {}).get("separation", float("nan"))
+            held = held_out_probe(r["unlearning"]["guard"])
+            status = f"{row_verdict(r)['status']} ({'—' if held is None else f'{held:.2f}'})"
             out.append(f"| {attack} | {r['seed']} | {r['history_stages'].count('isolation')} "
                        f"| {iso['n_isolated']} ({100 * iso['precision']:.1f}) | {r['n_removed']} "
                        f"| {100 * e.get('recall', float('nan')):.2f} | {e.get('missed_poison', '—')} "
-                       f"| {e.get('removed_clean', '—')} | {sep:.1f} | {r['verdict']['status']} "
+                       f"| {e.get('removed_clean', '—')} | {sep:.1f} | {status} "
                        f"| {100 * r['clean_accuracy']:.2f} | {100 * r['attack_success_rate']:.2f} "
                        f"| {t['total'] / t['clean']:.2f} |")
     return out

@@ -55,3 +55,33 @@ def test_verdict_says_when_the_seed_was_not_expanded():
 
     v = verdict(_report(0.95, 0.9, expanded=False), ABLConfig())
     assert any("not expanded: no second population" in e for e in v["evidence"])
+
+
+def test_held_out_probe_reads_whether_the_held_out_poison_still_fires():
+    from abl_guard.abl.report import held_out_probe
+
+    # 1,200 held out, 21% labelled target (10% poison on top of a 9% class share)
+    guard = {"n_holdout": 1200, "n_nontarget": 948, "target_prior": 0.09}
+    assert held_out_probe({**guard, "final": {"target_rate": 0.09}}) == pytest.approx(0.0, abs=1e-9)
+    assert held_out_probe({**guard, "final": {"target_rate": 0.21}}) == pytest.approx(1.0, abs=1e-9)
+    assert held_out_probe({**guard, "final": {"target_rate": 0.15}}) == pytest.approx(0.5, abs=1e-9)
+    # no excess of the target label (a wrong suspected target, or no poison held out): cannot tell
+    assert held_out_probe({"n_holdout": 1200, "n_nontarget": 1092, "target_prior": 0.09,
+                           "final": {"target_rate": 0.3}}) is None
+    assert held_out_probe({}) is None
+
+
+def test_verdict_trusts_the_held_out_probe_over_the_seed_probe():
+    from abl_guard.abl.config import ABLConfig
+    from abl_guard.abl.report import verdict
+
+    rep = _report(0.95, 0.05)  # the seed probe alone would say removed
+    rep["unlearning"]["guard"] = {"n_holdout": 1200, "n_nontarget": 948, "target_prior": 0.09,
+                                  "final": {"target_rate": 0.2}}
+    v = verdict(rep, ABLConfig())
+    assert v["status"] == "likely-present" and any("held-out probe 0.92" in e for e in v["evidence"])
+    rep["unlearning"]["guard"]["final"] = {"target_rate": 0.095}
+    assert verdict(rep, ABLConfig())["status"] == "removed"
+    low = _report(0.5, 1.0)  # not concentrated, yet the held-out poison fires
+    low["unlearning"]["guard"] = {**rep["unlearning"]["guard"], "final": {"target_rate": 0.2}}
+    assert verdict(low, ABLConfig())["status"] == "likely-present"
