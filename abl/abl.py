@@ -54,7 +54,7 @@ from .config import (
     UNLEARNING_MODES,
     ABLConfig,
 )
-from .expansion import Expansion, expand_seed, penultimate_features
+from .expansion import Expansion, expand_seed, penultimate_features, target_examples
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
 from .report import (
@@ -233,8 +233,7 @@ class _Stages:
         if not cfg.retrain:
             return iso, None
         t0 = time.perf_counter()
-        target = int(np.bincount(self.labels[iso.isolated]).argmax())
-        in_target = pool[self.labels[pool] == target]
+        _, in_target = target_examples(self.labels, iso.isolated, pool)
         feats = penultimate_features(run.model, self.images, in_target, run.device)
         full = np.zeros((len(self.labels), feats.shape[1]), np.float32)
         full[in_target] = feats

@@ -78,6 +78,14 @@ def _two_components(scores: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str
                   "separation": ashman_d(means[hi], sds[hi], means[lo], sds[lo])}
 
 
+def target_examples(labels: np.ndarray, seed_idx: np.ndarray, pool: np.ndarray) -> tuple[int, np.ndarray]:
+    """The seed's majority label (the suspected target) and the ``pool`` examples that carry it."""
+    labels = np.asarray(labels)
+    target = int(np.bincount(labels[np.asarray(seed_idx, np.int64)]).argmax())
+    pool = np.asarray(pool, np.int64)
+    return target, pool[labels[pool] == target]
+
+
 def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, pool: np.ndarray, *,
                 min_posterior: float = 0.01, min_separation: float = 2.0, max_share: float = 0.6,
                 rounds: int = 2, folds: int = 5,
@@ -95,8 +103,7 @@ def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, 
         raise ValueError("seed expansion needs a non-empty seed")
     if not 0.0 < min_posterior < 1.0:
         raise ValueError(f"min_posterior must be in (0, 1), got {min_posterior}")
-    target = int(np.bincount(labels[seed_idx]).argmax())
-    in_target = np.asarray(pool, np.int64)[labels[pool] == target]
+    target, in_target = target_examples(labels, seed_idx, pool)
     seed_t = np.intersect1d(seed_idx, in_target)
     cand = np.setdiff1d(in_target, seed_t)
     report: dict[str, Any] = {"target": target, "n_seed": int(len(seed_t)), "n_target_label": int(len(in_target)),
