@@ -337,19 +337,16 @@ def guard_residual(model: torch.nn.Module, data: PreparedData, detectors: str, w
                    fpr: float = 0.01) -> dict[str, Any]:
     """Export ``model``, calibrate a guard at ``fpr`` on the first half of the clean test images, and measure the
     triggered test images built from the other half: ASR, flagged share and residual (backdoor fires, guard silent)."""
-    from abl_guard.abl.models import model_taps
+    from detect import export
+
     from abl_guard.detectors import make_detector
-    from abl_guard.export.onnx import export_onnx
     from abl_guard.guard.build import calibrate_bundle
     from abl_guard.guard.runtime import Guard
 
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     n_cal = len(data.test.labels) // 2
-    spec = data.train.spec
-    onnx_path = work / "model.onnx"
-    export_onnx(model.eval(), onnx_path, input_shape=spec.input_shape, taps=model_taps(model),
-                class_names=spec.class_names, mean=spec.mean, std=spec.std)
+    onnx_path = export(model, data.train.spec, work / "model.onnx")
     names = [n for n in detectors.split(",") if n]
     calibrate_bundle(onnx_path, data.test.images[:n_cal], data.test.labels[:n_cal],
                      [make_detector(n) for n in names], work / "bundle", fpr=fpr, overwrite=True)
