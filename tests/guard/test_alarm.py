@@ -16,14 +16,20 @@ def simulate(n, rng):
     return {"a": z[:, 0], "b": z[:, 1]}, pred
 
 
-def calibrated(rng, mondrian=False, n=3000):
-    """Calibration part (n) and validation part (n / 2), as calibrate_bundle splits them."""
+def fit_parts(rng, combine, mondrian, n):
+    """Calibration part (n) and validation part (n / 2), as calibrate_bundle splits them: the calibrator, the
+    calibration part's predictions, the clean flagged predictions of both parts and the validation part's flags."""
     s, p = simulate(n, rng)
-    cal = Calibrator.fit(s, p, [False, False], "fisher", 0.01, K, mondrian)
+    cal = Calibrator.fit(s, p, [False, False], combine, 0.01, K, mondrian)
     loo, _, _ = cal.pvalues(s, p, leave_one_out=True)
     vs, vp = simulate(n // 2, rng)
     vc, _, _ = cal.pvalues(vs, vp)
-    clean_flags = np.r_[p[loo <= cal.thresholds(p)], vp[vc <= cal.thresholds(vp)]]
+    vflags = vc <= cal.thresholds(vp)
+    return cal, p, np.r_[p[loo <= cal.thresholds(p)], vp[vflags]], vflags
+
+
+def calibrated(rng, mondrian=False, n=3000):
+    cal, p, clean_flags, _ = fit_parts(rng, "fisher", mondrian, n)
     return cal, alarm_null(clean_flags, p, K)
 
 
@@ -143,13 +149,7 @@ def test_alarm_on_a_real_backdoored_model(backdoor_bundle, tiny_backdoored, tmp_
 
 def manifest_section(rng, mondrian=False, n=3000):
     """What calibrate_bundle stores: the alarm null, the calibration part's predicted counts, validation flags."""
-    s, p = simulate(n, rng)
-    cal = Calibrator.fit(s, p, [False, False], "cauchy", 0.01, K, mondrian)
-    loo, _, _ = cal.pvalues(s, p, leave_one_out=True)
-    vs, vp = simulate(n // 2, rng)
-    vc, _, _ = cal.pvalues(vs, vp)
-    vflags = vc <= cal.thresholds(vp)
-    clean_flags = np.r_[p[loo <= cal.thresholds(p)], vp[vflags]]
+    cal, p, clean_flags, vflags = fit_parts(rng, "cauchy", mondrian, n)
     null, method = alarm_null(clean_flags, p, K)
     section = {"alarm_null": {"method": method, "dirichlet": [float(a) for a in null]},
                "predicted_class_counts": np.bincount(p, minlength=K).tolist(),
