@@ -21,6 +21,7 @@ ASCENT_FORMS = ("negated-ce", "complement")
 BN_MODES = ("train", "frozen")
 MODES = ("retrain", "unlearn", "paper")
 ISOLATION_STOPS = ("auto", "fixed")
+EXPANSION_METHODS = ("spectral", "classifier")
 
 #: what each ``mode`` changes from the dataclass defaults (which are ``retrain``'s); explicit knobs win over it
 PRESETS: dict[str, dict[str, Any]] = {
@@ -43,7 +44,7 @@ def _knob(default: Any, help: str, **extra: Any) -> Any:
 
 
 #: the string knobs and their allowed values (validated first, in this order)
-_CHOICES = {"mode": MODES, "isolation_stop": ISOLATION_STOPS,
+_CHOICES = {"mode": MODES, "isolation_stop": ISOLATION_STOPS, "expansion_method": EXPANSION_METHODS,
             "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES, "isolation_labels": ISOLATION_LABELS,
             "unlearning": UNLEARNING_MODES, "unlearning_ascent": ASCENT_FORMS, "unlearning_bn": BN_MODES}
 
@@ -81,6 +82,10 @@ class ABLConfig:
                                   "isolated set's majority label, the suspected target of an all-to-one backdoor "
                                   "(target; the others go back to the clean set). [default: target in retrain mode, "
                                   "else all]", choices=ISOLATION_LABELS, cli_default=None)
+    expansion_method: str = _knob("spectral", "retrain mode: how the seed is expanded — spectral: the top singular "
+                                  "direction of the target label's pooled conv features, oriented by the seed "
+                                  "(Tran et al. 2018); classifier: a cross-fitted seed-vs-rest logistic regression "
+                                  "on the penultimate features (abl/expansion.py).", choices=EXPANSION_METHODS)
     expansion_posterior: float = _knob(0.01, "retrain mode: remove every example of the target label whose posterior "
                                        "of looking like the isolated seed reaches this (abl/expansion.py).")
     expansion_max_share: float = _knob(0.6, "retrain mode: refuse an expansion that would remove more than this "
@@ -125,7 +130,8 @@ class ABLConfig:
     #: the knobs a caller may set through ``--defense-param`` / ``--abl-*`` (the rest come from the training options)
     ABL_KNOBS = ("mode", "gamma", "lga", "isolation_epochs", "isolation_stop", "isolation_concentration",
                  "isolation_ratio", "isolation_score", "isolation_reference",
-                 "isolation_labels", "expansion_posterior", "expansion_separation", "expansion_max_share",
+                 "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
+                 "expansion_max_share",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 

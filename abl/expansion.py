@@ -2,21 +2,31 @@
 
 ABL's isolation (Li et al., NeurIPS 2021) finds the fastest-learned examples; on converged models the lowest-scoring
 fraction of the target label is nearly pure poison but holds only part of it (``docs/abl.md#retrain-mode``). Every
-poisoned example carries the same trigger, and in the penultimate features of the model that has just learned it the
-trigger is one direction shared by all of them. So the seed is a labelled sample of the poison, and the other
-examples of the target label are an unlabelled mix of poison and clean: positive-unlabelled learning (Elkan & Noto,
-KDD 2008). :func:`expand_seed` fits a cross-fitted logistic regression seed vs the rest of the target label (every
-example scored by a model that never saw it), splits the rest's scores with a two-component Gaussian mixture, refits
-once with the seed-like component as positives, and marks as poison every example whose posterior of the seed-like
-component reaches ``min_posterior``. A small ``min_posterior`` removes some clean examples of the target class to
-miss less poison: a missed poisoned example can reinstall the backdoor when the model is retrained, a removed clean
-one costs little.
+poisoned example carries the same trigger, so in the features of the model that has just learned it the poison is one
+population of the target label and the clean examples another. :func:`expand_seed` scores every example of the
+target label, splits the scores with a two-component Gaussian mixture, and marks as poison every example whose
+posterior of the seed-like component reaches ``min_posterior``. A small ``min_posterior`` removes some clean examples
+of the target class to miss less poison: a missed poisoned example can reinstall the backdoor when the model is
+retrained (46 of 5,900 kept a 19% attack success), a removed clean one costs little.
+
+Two scores (``method``):
+
+* ``spectral`` (default): the spectral signature of Tran, Li & Madry (NeurIPS 2018) — the projection of the target
+  label's centred features on their top singular direction — on the pooled output of the last convolutional block
+  (:func:`pooled_features`), signed so that the seed scores high. Unsupervised apart from that sign, so the split does
+  not inherit the seed's bias towards the easiest poison. Tran et al. use the squared projection on a converged model
+  and remove 1.5 times the expected poison; here the signed projection on the isolation-stage model, split by the
+  mixture — measured in ``bench/results/abl_retrain_*spectral*``.
+* ``classifier``: positive-unlabelled learning (Elkan & Noto, KDD 2008) — a cross-fitted logistic regression seed vs
+  the rest of the label on the penultimate features (:func:`penultimate_features`), refitted ``rounds - 1`` times
+  with the previous round's seed-like component as positives. Misses more poison on Blend and Trojan (the seed is
+  the easiest poison, and the classifier learns what makes it easy: ``docs/abl.md#seed-expansion``).
 
 When the two components are not separated (Ashman's D below ``min_separation``) there is no evidence of a second
 population, and when the seed-like one would be most of the label (over ``max_share``; 10% all-to-one poisoning of a
 balanced 10-class set makes about 47% of the target label poison) it is more likely a sub-type of a clean class: in
-both cases only the seed is removed and the report says why. Pure numpy / scikit-learn on feature arrays (the
-features themselves come from :func:`penultimate_features`, the only torch function here).
+both cases only the seed is removed and the report says why. Pure numpy / scikit-learn on feature arrays; the
+feature extractors are the only torch functions here.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ class Expansion:
     removed: np.ndarray  # the seed plus every expanded example, sorted
     target: int  # the seed's majority label (the suspected target class)
     candidates: np.ndarray  # the examples of the target label that were scored (not the seed), sorted
-    scores: np.ndarray  # out-of-fold log-odds of being seed-like, aligned with ``candidates``
+    scores: np.ndarray  # seed-like scores (spectral projection or out-of-fold log-odds), aligned with ``candidates``
     posterior: np.ndarray  # posterior of the seed-like mixture component, aligned with ``candidates``
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -86,17 +96,46 @@ def target_examples(labels: np.ndarray, seed_idx: np.ndarray, pool: np.ndarray) 
     return target, pool[labels[pool] == target]
 
 
+def spectral_scores(x: np.ndarray, seed_mask: np.ndarray) -> np.ndarray:
+    """Tran et al.'s spectral signature, signed: each row of ``x`` (one label's features), centred, projected on the
+    top right singular vector of the centred matrix; the sign makes the seed's (``seed_mask``) median the higher."""
+    xc = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    s = xc @ vt[0]
+    return -s if np.median(s[seed_mask]) < np.median(s[~seed_mask]) else s
+
+
+def _classifier_scores(x: np.ndarray, y: np.ndarray, rounds: int, folds: int, random_state: int, c: float
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The ``classifier`` method: out-of-fold seed-vs-rest scores of standardised ``x``, self-trained ``rounds - 1``
+    times; returns ``(scores of every row, posterior of the non-seed rows, mixture summary)``."""
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    scores_all = _out_of_fold_scores(x, y, folds, random_state, c)  # round 1: the seed vs the rest
+    post, mix = _two_components(scores_all[~y], random_state)
+    for _ in range(rounds - 1):  # then: the seed and the rest's seed-like component vs the other component
+        positive = y.copy()
+        positive[~y] = post >= 0.5
+        if positive.sum() - y.sum() < 2 or (~positive).sum() < 2:
+            break
+        scores_all = _out_of_fold_scores(x, positive, folds, random_state, c)
+        post, mix = _two_components(scores_all[~y], random_state)
+    return scores_all, post, mix
+
+
 def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, pool: np.ndarray, *,
-                min_posterior: float = 0.01, min_separation: float = 2.0, max_share: float = 0.6,
-                rounds: int = 2, folds: int = 5,
+                method: str = "spectral", min_posterior: float = 0.01, min_separation: float = 2.0,
+                max_share: float = 0.6, rounds: int = 2, folds: int = 5,
                 c: float = 0.01, random_state: int = 0) -> Expansion:
     """Grow the isolated ``seed_idx`` to every example of its label that looks like it (see the module docstring).
 
-    ``features``: one row per dataset example (at least every example of ``pool``); ``labels``: the dataset's labels;
-    ``pool``: the dataset indices that may be removed (the training pool, not the held-out split). ``rounds > 1``
-    refits the classifier with the previous round's seed-like component as positives (self-training), which sharpens
-    the split when the seed is small.
+    ``features``: one row per dataset example (at least every example of ``pool``): :func:`pooled_features` for
+    ``method="spectral"``, :func:`penultimate_features` for ``"classifier"``; ``labels``: the dataset's labels;
+    ``pool``: the dataset indices that may be removed (the training pool, not the held-out split). ``rounds``, ``folds``
+    and ``c`` are the classifier's: ``rounds > 1`` refits it with the previous round's seed-like component as
+    positives (self-training), which sharpens the split when the seed is small.
     """
+    if method not in ("spectral", "classifier"):
+        raise ValueError(f"unknown expansion method {method!r}; choose spectral or classifier")
     labels = np.asarray(labels)
     seed_idx = np.asarray(seed_idx, np.int64)
     if len(seed_idx) == 0:
@@ -107,22 +146,17 @@ def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, 
     seed_t = np.intersect1d(seed_idx, in_target)
     cand = np.setdiff1d(in_target, seed_t)
     report: dict[str, Any] = {"target": target, "n_seed": int(len(seed_t)), "n_target_label": int(len(in_target)),
-                              "min_posterior": min_posterior, "min_separation": min_separation}
+                              "method": method, "min_posterior": min_posterior, "min_separation": min_separation}
     if len(seed_t) < 2 or len(cand) < 2:
         report.update(expanded=False, reason="too few examples to compare", n_expanded=0)
         return Expansion(np.sort(seed_idx), target, cand, np.zeros(len(cand)), np.zeros(len(cand)), report)
     x = np.asarray(features, np.float64)[in_target]
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     y = np.isin(in_target, seed_t)
-    scores_all = _out_of_fold_scores(x, y, folds, random_state, c)  # round 1: the seed vs the rest
-    post, mix = _two_components(scores_all[~y], random_state)
-    for _ in range(rounds - 1):  # then: the seed and the rest's seed-like component vs the other component
-        positive = y.copy()
-        positive[~y] = post >= 0.5
-        if positive.sum() - y.sum() < 2 or (~positive).sum() < 2:
-            break
-        scores_all = _out_of_fold_scores(x, positive, folds, random_state, c)
+    if method == "spectral":
+        scores_all = spectral_scores(x, y)
         post, mix = _two_components(scores_all[~y], random_state)
+    else:
+        scores_all, post, mix = _classifier_scores(x, y, rounds, folds, random_state, c)
     scores = scores_all[~y]
     report["mixture"] = mix
     report["seed_score_median"] = float(np.median(scores_all[y]))
@@ -153,18 +187,43 @@ def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, de
                          batch_size: int = 512) -> np.ndarray:
     """The features entering the model's final linear layer (its ``penultimate`` tap, or the input of its last
     ``nn.Linear`` when it declares no taps) for ``images[indices]``, in eval mode, one float32 row per index."""
+    return _module_features(model, _tap_or_linear(model, "penultimate", last=True), images, indices, device,
+                            batch_size)
+
+
+def pooled_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,
+                    batch_size: int = 512) -> np.ndarray:
+    """The pooled output of the model's last convolutional block (its ``pool`` tap, or the input of its *first*
+    ``nn.Linear`` — the same for the project's models and torchvision's) for ``images[indices]``, in eval mode."""
+    return _module_features(model, _tap_or_linear(model, "pool", last=False), images, indices, device, batch_size)
+
+
+def _tap_or_linear(model: Any, tap: str, last: bool) -> str:
+    """The module spec (``name`` or ``name:in``) of the model's declared ``tap``, else of its first / last linear
+    layer's input."""
     import torch
 
     from .models import model_taps
-    from .train import to_float
 
     try:
-        spec = model_taps(model).get("penultimate", "fc:in")
-    except ValueError:  # a model without declared taps: the input of its last linear layer
-        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        if not linear:
-            raise ValueError(f"{type(model).__name__} declares no taps and has no linear layer") from None
-        spec = f"{linear[-1]}:in"
+        taps = model_taps(model)
+    except ValueError:  # a model without declared taps
+        taps = {}
+    if tap in taps:
+        return taps[tap]
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linear:
+        raise ValueError(f"{type(model).__name__} declares no {tap!r} tap and has no linear layer")
+    return f"{linear[-1] if last else linear[0]}:in"
+
+
+def _module_features(model: Any, spec: str, images: np.ndarray, indices: np.ndarray, device: Any,
+                     batch_size: int) -> np.ndarray:
+    """One flattened float32 row per index of the input (``name:in``) or output (``name``) of module ``name``."""
+    import torch
+
+    from .train import to_float
+
     name, _, side = spec.partition(":")
     module = dict(model.named_modules())[name]
     grabbed: list[torch.Tensor] = []

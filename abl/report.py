@@ -142,9 +142,10 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     Two probes of the final model: the seed probe (how much of the isolated seed it still maps to the seed's label —
     a clean model predicts a triggered image's own content) and :func:`held_out_probe` (whether the held-out copies of
     the poison still fire). ``status``: ``likely-present`` when the held-out probe reaches :data:`HELD_OUT_FIRING`;
-    otherwise ``not-found`` when the isolation never concentrated in one label (no fast-learned all-to-one backdoor was
-    seen), ``removed`` when the seed probe is at most :data:`PROBE_CLEAN`, else ``likely-present`` (with a clean-label
-    attack, whose poison really is of the target class, the seed probe cannot tell, and the evidence says so).
+    otherwise ``not-found`` when the isolation never concentrated in one label and no seed expanded to a separate
+    population of its label (no fast-learned all-to-one backdoor was seen), ``removed`` when the seed probe is at
+    most :data:`PROBE_CLEAN`, else ``likely-present`` (with a clean-label attack, whose poison really is of the target
+    class, the seed probe cannot tell, and the evidence says so).
     Measured against the attack's ASR in ``docs/abl.md#retrain-mode-measured``.
     """
     iso = report.get("isolation", {})
@@ -173,7 +174,7 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
                         "still fires)")
     if held is not None and held >= HELD_OUT_FIRING:
         status = "likely-present"
-    elif share < cfg.isolation_concentration:
+    elif share < cfg.isolation_concentration and not exp.get("expanded"):
         status = "not-found"
         evidence.append("no label held the isolated examples: no fast-learned all-to-one backdoor was seen (this is "
                         "not proof of a clean model: a backdoor learned no faster than the clean data, or too little "

@@ -35,16 +35,19 @@ def _report(share: float, probe: float | None, expanded: bool = True) -> dict:
     return {"isolation": iso, "expansion": exp, "unlearning": un}
 
 
-@pytest.mark.parametrize("share, probe, status", [(0.95, 0.05, "removed"), (0.95, 0.9, "likely-present"),
-                                                  (0.4, 0.05, "not-found"), (0.95, None, "likely-present")])
-def test_verdict_from_the_runs_own_evidence(share, probe, status):
+@pytest.mark.parametrize("share, probe, expanded, status", [
+    (0.95, 0.05, True, "removed"), (0.95, 0.9, True, "likely-present"), (0.95, None, True, "likely-present"),
+    # a diffuse lowest fraction whose seed still split its label into two populations: a backdoor was seen
+    (0.4, 0.05, True, "removed"),
+    (0.4, 0.05, False, "not-found")])
+def test_verdict_from_the_runs_own_evidence(share, probe, expanded, status):
     from abl_guard.abl.config import ABLConfig
     from abl_guard.abl.report import summary_lines, verdict
 
-    rep = _report(share, probe)
+    rep = _report(share, probe, expanded)
     v = verdict(rep, ABLConfig())
     assert v["status"] == status and v["target"] == 3
-    assert any("grew to 400" in e for e in v["evidence"])
+    assert any(("grew to 400" if expanded else "not expanded") in e for e in v["evidence"])
     rep["verdict"] = v
     assert any(f"backdoor {status}" in line for line in summary_lines(rep))
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from abl_guard.abl.expansion import ashman_d, expand_seed, penultimate_features
+from abl_guard.abl.expansion import ashman_d, expand_seed, penultimate_features, pooled_features, spectral_scores
 from abl_guard.abl.models import SmallCNN
+
+METHODS = ("spectral", "classifier")
 
 
 def _label_with_poison(n_clean: int = 600, n_poison: int = 300, shift: float = 6.0, dim: int = 16,
@@ -22,12 +24,13 @@ def _label_with_poison(n_clean: int = 600, n_poison: int = 300, shift: float = 6
     return feats, labels, poison
 
 
-def test_expansion_recovers_the_poison_from_a_small_seed():
+@pytest.mark.parametrize("method", METHODS)
+def test_expansion_recovers_the_poison_from_a_small_seed(method: str):
     feats, labels, poison = _label_with_poison()
     seed = poison[:30]
     pool = np.arange(len(labels))
-    exp = expand_seed(feats, labels, seed, pool)
-    assert exp.target == 0 and exp.report["expanded"]
+    exp = expand_seed(feats, labels, seed, pool, method=method)
+    assert exp.target == 0 and exp.report["expanded"] and exp.report["method"] == method
     found = np.isin(poison, exp.removed).mean()
     clean_removed = len(np.setdiff1d(exp.removed, poison))
     assert found >= 0.98  # a 6-sigma shift in 16 dimensions
@@ -37,20 +40,22 @@ def test_expansion_recovers_the_poison_from_a_small_seed():
     assert np.all(labels[exp.removed] == 0)  # nothing outside the target label is touched
 
 
-def test_no_second_population_removes_only_the_seed():
+@pytest.mark.parametrize("method", METHODS)
+def test_no_second_population_removes_only_the_seed(method: str):
     rng = np.random.default_rng(3)
     feats = rng.normal(size=(900, 16))
     labels = np.r_[np.zeros(600, np.int64), np.ones(300, np.int64)]
     seed = np.arange(30)  # an arbitrary part of a homogeneous label
-    exp = expand_seed(feats, labels, seed, np.arange(900))
+    exp = expand_seed(feats, labels, seed, np.arange(900), method=method)
     assert not exp.report["expanded"] and "separation" in exp.report["reason"]
     np.testing.assert_array_equal(exp.removed, seed)
 
 
-def test_held_out_examples_are_never_removed():
+@pytest.mark.parametrize("method", METHODS)
+def test_held_out_examples_are_never_removed(method: str):
     feats, labels, poison = _label_with_poison()
     pool = np.setdiff1d(np.arange(len(labels)), poison[-50:])  # the last 50 poisons are held out
-    exp = expand_seed(feats, labels, poison[:30], pool)
+    exp = expand_seed(feats, labels, poison[:30], pool, method=method)
     assert not np.isin(poison[-50:], exp.removed).any()
 
 
@@ -62,11 +67,43 @@ def test_bad_arguments_are_errors():
         expand_seed(feats, labels, poison[:30], np.arange(len(labels)), min_posterior=1.0)
     few = expand_seed(feats, labels, poison[:1], np.arange(len(labels)))
     assert not few.report["expanded"] and "too few" in few.report["reason"]
+    with pytest.raises(ValueError, match="expansion method"):
+        expand_seed(feats, labels, poison[:30], np.arange(len(labels)), method="kmeans")
+
+
+def test_spectral_expansion_is_not_limited_to_what_makes_the_seed_easy():
+    """The seed is the fastest-learned poison: here the poisons that also carry a strong second feature. A classifier
+    seed-vs-rest learns that second feature too; the spectral direction is the label's own (the trigger, shared by all
+    poisons), so the poisons without the second feature are found as well."""
+    rng = np.random.default_rng(5)
+    n_clean, n_poison, dim = 600, 400, 16
+    feats = rng.normal(size=(n_clean + n_poison + 300, dim))
+    feats[n_clean: n_clean + n_poison, 0] += 6.0  # the trigger
+    easy = np.arange(n_clean, n_clean + 40)
+    feats[easy, 1] += 8.0  # what made the seed easy: only the seed has it
+    labels = np.r_[np.zeros(n_clean + n_poison, np.int64), np.ones(300, np.int64)]
+    poison = np.arange(n_clean, n_clean + n_poison)
+    exp = expand_seed(feats, labels, easy, np.arange(len(labels)), method="spectral")
+    assert exp.report["expanded"] and np.isin(poison, exp.removed).mean() >= 0.99
+    s = spectral_scores(feats[labels == 0], np.isin(np.flatnonzero(labels == 0), easy))
+    assert np.median(s[poison]) > np.median(s[:n_clean])  # signed by the seed: poison scores high
 
 
 def test_ashman_d():
     assert ashman_d(0.0, 1.0, 0.0, 1.0) == pytest.approx(0.0)
     assert ashman_d(0.0, 1.0, 4.0, 1.0) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_pooled_features_are_the_pooled_last_conv_block():
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10, 8, width=8)
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    feats = pooled_features(model, images, np.array([0, 2, 4]), torch.device("cpu"), batch_size=2)
+    model.eval()
+    with torch.no_grad():
+        x = model.normalize(torch.from_numpy(images[[0, 2, 4]]).permute(0, 3, 1, 2).float() / 255)
+        want = model.block3(model.block2(model.block1(x))).mean((2, 3))
+    np.testing.assert_allclose(feats, want.numpy(), rtol=1e-5, atol=1e-6)  # float32 pooling order
 
 
 def test_penultimate_features_are_the_final_layers_input():
