@@ -88,8 +88,9 @@ class ABLConfig:
                                   "on the penultimate features (abl/expansion.py).", choices=EXPANSION_METHODS)
     expansion_posterior: float = _knob(0.01, "retrain mode: remove every example of the target label whose posterior "
                                        "of looking like the isolated seed reaches this (abl/expansion.py).")
-    expansion_max_share: float = _knob(0.6, "retrain mode: refuse an expansion that would remove more than this "
-                                       "share of the target label (a clean sub-type, not poison).")
+    expansion_max_share: float = _knob(0.6, "retrain mode: refuse an expansion whose seed-like population is more "
+                                       "than this share of the target label (a clean sub-type, not poison), and "
+                                       "remove at most this share (the highest scores).")
     expansion_separation: float = _knob(2.0, "retrain mode: expand the seed only when the target label's scores "
                                         "split into two populations at least this far apart (Ashman's D).")
     clean_epochs: int = 80

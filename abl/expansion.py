@@ -23,10 +23,11 @@ Two scores (``method``):
   the easiest poison, and the classifier learns what makes it easy: ``docs/abl.md#seed-expansion``).
 
 When the two components are not separated (Ashman's D below ``min_separation``) there is no evidence of a second
-population, and when the seed-like one would be most of the label (over ``max_share``; 10% all-to-one poisoning of a
-balanced 10-class set makes about 47% of the target label poison) it is more likely a sub-type of a clean class: in
-both cases only the seed is removed and the report says why. Pure numpy / scikit-learn on feature arrays; the
-feature extractors are the only torch functions here.
+population, and when the seed-like one is most of the label (its mixture weight over ``max_share``; 10% all-to-one
+poisoning of a balanced 10-class set makes about 47% of the target label poison) it is more likely a sub-type of a
+clean class: in both cases only the seed is removed and the report says why. Otherwise at most ``max_share`` of the
+label is removed — the highest scores, when the conservative posterior would take more (``report["capped"]``).
+Pure numpy / scikit-learn on feature arrays; the feature extractors are the only torch functions here.
 """
 
 from __future__ import annotations
@@ -166,15 +167,21 @@ def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, 
                              f"{min_separation:g})")
         log.info("seed expansion: %s", report["reason"])
         return Expansion(np.sort(seed_idx), target, cand, scores, post, report)
-    expanded = cand[post >= min_posterior]
-    share = len(expanded) / len(cand)
-    report["expanded_share"] = float(share)
-    if share > max_share:
+    weight = mix["weight_seedlike"]
+    if weight > max_share:
         report.update(expanded=False, n_expanded=0,
-                      reason=f"the seed-like population would be {share:.0%} of label {target} (more than "
+                      reason=f"the seed-like population is {weight:.0%} of label {target} (more than "
                              f"{max_share:.0%}): more likely a sub-type of a clean class than poison")
         log.info("seed expansion: %s", report["reason"])
         return Expansion(np.sort(seed_idx), target, cand, scores, post, report)
+    keep = post >= min_posterior
+    cap = int(np.floor(max_share * len(cand)))
+    report["capped"] = bool(keep.sum() > cap)
+    if report["capped"]:  # the conservative posterior would take most of the label: the highest scores only
+        keep = np.zeros(len(cand), bool)
+        keep[np.argsort(-scores, kind="stable")[:cap]] = True
+    expanded = cand[keep]
+    report["expanded_share"] = float(len(expanded) / len(cand))
     removed = np.union1d(seed_idx, expanded)
     report.update(expanded=True, n_expanded=int(len(expanded)), n_removed=int(len(removed)),
                   estimated_poison=float(len(seed_t) + post.sum()))

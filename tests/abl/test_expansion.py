@@ -71,6 +71,22 @@ def test_bad_arguments_are_errors():
         expand_seed(feats, labels, poison[:30], np.arange(len(labels)), method="kmeans")
 
 
+def test_expansion_removes_at_most_max_share_of_the_label():
+    """Overlapping populations: the conservative posterior would take most of the label; the cap keeps the highest
+    scores, which still hold the poison."""
+    feats, labels, poison = _label_with_poison(n_clean=500, n_poison=400, shift=4.0, seed=2)
+    cand = np.setdiff1d(np.flatnonzero(labels == 0), poison[:30])
+    wide = expand_seed(feats, labels, poison[:30], np.arange(len(labels)), min_posterior=1e-6, max_share=0.95)
+    assert wide.report["expanded"] and wide.report["expanded_share"] > 0.5  # the premise: the posterior takes more
+    exp = expand_seed(feats, labels, poison[:30], np.arange(len(labels)), min_posterior=1e-6, max_share=0.5)
+    assert exp.report["expanded"] and exp.report["capped"]
+    assert exp.report["n_expanded"] == int(np.floor(0.5 * len(cand)))
+    assert np.isin(poison, exp.removed).mean() >= 0.97
+    # a seed-like population that is most of the label is refused outright
+    most = expand_seed(feats, labels, poison[:30], np.arange(len(labels)), min_posterior=1e-6, max_share=0.3)
+    assert not most.report["expanded"] and "sub-type" in most.report["reason"]
+
+
 def test_spectral_expansion_is_not_limited_to_what_makes_the_seed_easy():
     """The seed is the fastest-learned poison: here the poisons that also carry a strong second feature. A classifier
     seed-vs-rest learns that second feature too; the spectral direction is the label's own (the trigger, shared by all
