@@ -253,8 +253,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                        f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
     exp = report.get("expansion", {})
     if exp:
-        msg = (f" expansion: removed {exp.get('n_removed', 0)} examples of label {exp.get('target')} "
-               f"(seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)})")
+        msg = (f" expansion ({exp.get('method', 'classifier')}): removed {exp.get('n_removed', 0)} examples of label "
+               f"{exp.get('target')} (seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)}"
+               f"{', capped at the max share' if exp.get('capped') else ''})")
         if "recall" in exp:
             msg += (f"; poison recall {100 * exp['recall']:.2f}% ({exp['missed_poison']} missed), "
                     f"{exp['removed_clean']} clean removed")

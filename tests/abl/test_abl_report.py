@@ -29,8 +29,9 @@ def test_rank_auroc_is_nan_with_a_single_class():
 def _report(share: float, probe: float | None, expanded: bool = True) -> dict:
     iso = {"isolated_majority_fraction": share, "isolated_majority_label": 3, "epoch": 2, "n_candidates": 100,
            "n_isolated": 95, "n_pool": 9000, "loss_gap_log10": 2.0}
-    exp = {"expanded": expanded, "n_seed": 40, "n_removed": 400, "target": 3, "n_target_label": 900,
-           "estimated_poison": 380.0, "mixture": {"separation": 5.0}, "reason": "no second population"}
+    exp = {"expanded": expanded, "method": "spectral", "n_seed": 40, "n_removed": 400, "target": 3,
+           "n_target_label": 900, "estimated_poison": 380.0, "mixture": {"separation": 5.0},
+           "reason": "no second population"}
     un = {} if probe is None else {"isolated_accuracy_after": probe}
     return {"isolation": iso, "expansion": exp, "unlearning": un}
 
@@ -50,6 +51,7 @@ def test_verdict_from_the_runs_own_evidence(share, probe, expanded, status):
     assert any(("grew to 400" if expanded else "not expanded") in e for e in v["evidence"])
     rep["verdict"] = v
     assert any(f"backdoor {status}" in line for line in summary_lines(rep))
+    assert any("expansion (spectral): removed 400" in line for line in summary_lines(rep))
 
 
 def test_verdict_says_when_the_seed_was_not_expanded():
