@@ -219,6 +219,20 @@ class Bench:
         self.clean_models[seed] = model.eval()
         return self.clean_models[seed]
 
+    def clean_floor(self, seed: int, attacks: list[str]) -> None:
+        """``--clean-only``: the clean-data model's ASR under each attack's test trigger, added to its row (how often
+        a model that never saw the poison predicts the target for triggered images of other classes)."""
+        model = self.get_clean(seed)
+        row = self.cached("none", seed, "clean")
+        assert model is not None and row is not None
+        floor = dict(row.get("attack_success_rate", {}))
+        for attack in attacks:
+            if attack not in floor:
+                data, _ = self.poisoned_data(attack, seed)
+                floor[attack] = make_evaluator(data, CPU)(model).get("attack_success_rate", float("nan"))
+                log.info("seed %d clean model under %s: ASR %.4f", seed, attack, floor[attack])
+        self.add({**row, "attack_success_rate": floor})
+
     def poisoned_data(self, attack: str, seed: int) -> tuple[PreparedData, ExperimentConfig]:
         params: dict[str, Any] = {}
         if attack == "label-consistent":
@@ -642,6 +656,9 @@ def main() -> None:
     ap.add_argument("--guard-detectors", default=None,
                     help="the guard of --end-to-end (default: calibrate's default detectors)")
     ap.add_argument("--skip-clean", action="store_true", help="do not train the clean-data reference model")
+    ap.add_argument("--clean-only", action="store_true",
+                    help="only the clean-data model of each seed, with its ASR under every --attacks trigger (the "
+                         "floor an ABL model's ASR is compared with)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="ignore cached runs in the JSON")
     ap.add_argument("--out", default=None, help="results path without suffix (default bench/results/abl)")
@@ -671,6 +688,11 @@ def main() -> None:
     bench = Bench(args)
     for other in filter(None, (args.merge or "").split(",")):
         log.info("merged %d run(s) from %s", bench.merge(other), other)
+    if args.clean_only and not args.render:
+        for seed in seeds:
+            bench.clean_floor(seed, attacks)
+        bench.save()
+        return
     for seed in [] if args.render else seeds:  # seed-major, so that the first seed of every attack lands first
         if args.baselines:
             bench.load_baselines()

@@ -1,6 +1,7 @@
 """One table of every retrain-mode ABL run in several ``bench/abl.py`` results files (no training: reads the JSONs).
 
-Each ABL run is listed with the no-defence run of the same attack, seed and file: CA / ASR without defence and with
+Each ABL run is listed with the no-defence run of the same attack, seed and file (and, from any file given, the ASR
+of a clean-data model under the same trigger, ``bench/abl.py --clean-only``): CA / ASR without defence and with
 ABL, what the isolation and the seed expansion did, the verdict of the current rule on the stored report, the residual
 attack success through the guard, and ABL's time over its own clean stage. Runs recorded before ``--expansion-method``
 existed used the classifier expansion.
@@ -42,11 +43,21 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def floors_of(paths: list[Path]) -> dict[tuple[str, int], float]:
+    """``(attack, seed) -> ASR`` of the clean-data models (``bench/abl.py --clean-only``) in any of the files."""
+    out = {}
+    for path in paths:
+        for r in json.loads(path.read_text())["runs"]:
+            if r["kind"] == "clean" and isinstance(r.get("attack_success_rate"), dict):
+                out.update({(a, r["seed"]): v for a, v in r["attack_success_rate"].items()})
+    return out
+
+
 def pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
-def line(x: dict[str, Any]) -> str:
+def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
     r, n = x["abl"], x["none"] or {}
     e, iso, t = r["expansion"], r["isolation"], r["seconds_by_stage"]
     held = held_out_probe(r["unlearning"]["guard"])
@@ -57,24 +68,26 @@ def line(x: dict[str, Any]) -> str:
             f"| {r['history_stages'].count('isolation')} | {iso['n_isolated']} ({100 * iso['precision']:.0f}%) "
             f"| {e.get('missed_poison', '—')} / {e.get('removed_clean', '—')} "
             f"| {pct(n.get('clean_accuracy'))} → {pct(r['clean_accuracy'])} "
-            f"| {pct(n.get('attack_success_rate'))} → {pct(r['attack_success_rate'])} | {verdict} "
+            f"| {pct(n.get('attack_success_rate'))} → {pct(r['attack_success_rate'])} "
+            f"| {pct(floors.get((x['attack'], x['seed'])))} | {verdict} "
             f"| {pct(e2e_none.get('residual'))} → {pct(e2e_abl.get('residual'))} | {t['total'] / t['clean']:.2f} "
             f"| `{x['file']}` |")
 
 
-def render(rows: list[dict[str, Any]], command: str) -> str:
+def render(rows: list[dict[str, Any]], floors: dict[tuple[str, int], float], command: str) -> str:
     rows = sorted(rows, key=lambda x: (x["attack"], -x["rate"], x["method"] != "spectral", x["seed"]))
     out = ["# ABL retrain mode: every run", "", f"`{command}` (reads the results files; trains nothing).", "",
            "Small CNN on all 60,000 Fashion-MNIST images, 8 epochs, SGD lr 0.05 ÷10 at epochs 5 and 7 (CPU, 1 "
            "thread). T_te: isolation epochs run; seed: isolated examples of the majority label (precision); missed / "
            "clean: poisons left in the training pool / clean examples removed; verdict: the current rule on the "
-           "stored report (held-out probe); residual: triggered test inputs on which the backdoor fires and the "
-           "guard (1% FPR, same model) stays silent — no defence + guard → ABL + guard; time: ABL total / its own "
-           "clean stage (one full schedule).", "",
+           "stored report (held-out probe); clean-model ASR: the same trigger on a model trained on clean data only "
+           "(`--clean-only`, the floor; — where not measured); residual: triggered test inputs on which the "
+           "backdoor fires and the guard (1% FPR, same model) stays silent — no defence + guard → ABL + guard; "
+           "time: ABL total / its own clean stage (one full schedule).", "",
            "| attack | poison | seed | expansion | T_te | isolated seed | missed / clean | CA % none → ABL "
-           "| ASR % none → ABL | verdict | residual % guard → ABL + guard | time | file |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    out += [line(x) for x in rows]
+           "| ASR % none → ABL | clean-model ASR % | verdict | residual % guard → ABL + guard | time | file |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += [line(x, floors) for x in rows]
     return "\n".join(out) + "\n"
 
 
@@ -83,8 +96,9 @@ def main() -> None:
     ap.add_argument("files", nargs="+", help="bench/abl.py results JSONs")
     ap.add_argument("--out", default=None, help="write OUT.md (notes below the notes mark are kept); else stdout")
     args = ap.parse_args()
-    rows = [x for f in args.files for x in rows_of(Path(f))]
-    text = render(rows, "python bench/abl_table.py " + " ".join(sys.argv[1:]))
+    paths = [Path(f) for f in args.files]
+    rows = [x for p in paths for x in rows_of(p)]
+    text = render(rows, floors_of(paths), "python bench/abl_table.py " + " ".join(sys.argv[1:]))
     if args.out:
         write_markdown_keeping_notes(f"{args.out}.md", text)
     else:

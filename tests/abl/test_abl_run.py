@@ -250,6 +250,7 @@ def test_retrain_mode_removes_the_backdoor_and_says_so(poisoned_digits, two_thre
     assert rep["isolation"]["precision"] >= 0.9
     exp = rep["expansion"]
     assert exp["expanded"], exp.get("reason")
+    assert exp["method"] == "spectral"  # the default
     assert exp["recall"] >= 0.95 and exp["precision"] >= 0.5  # removing clean 0s is cheap
     assert np.isin(res.isolated, res.removed).all() and not np.isin(res.removed, res.holdout).any()
     final = rep["stages"]["unlearning"]  # after the (empty) unlearning stage: the retrained model
