@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write OUT.md (notes below the notes mark are kept); else stdout")
     args = ap.parse_args()
     paths = [Path(f) for f in args.files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"abl_table: no such results file: {', '.join(missing)}")
     rows = [x for p in paths for x in rows_of(p)]
     text = render(rows, floors_of(paths), "python bench/abl_table.py " + " ".join(sys.argv[1:]))
     if args.out:
