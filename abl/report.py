@@ -124,14 +124,16 @@ def held_out_probe(guard: dict[str, Any], min_excess: int = 10) -> float | None:
     all labelled with the target: the target label's share ``s`` of it exceeds a clean class's share ``prior`` by about
     the poison's share. A clean model predicts the target for about ``prior`` of the held-out examples, a model whose
     backdoor still fires for about ``s``: the probe ``(target_rate - prior) / (s - prior)`` is near 0 for the first and
-    near 1 for the second. None when the excess is under ``min_excess`` examples (too little poison held out to tell).
+    near 1 for the second. None when the excess is under ``min_excess`` examples or under three binomial standard
+    deviations of a clean class's count (``3 sqrt(n prior (1 - prior))``: on clean data a 1,200-example split drew 18
+    more of one class than its share, and the probe read 0.94 — ``bench/results/abl_retrain_clean_data.md``).
     """
     n, n_non = guard.get("n_holdout", 0), guard.get("n_nontarget", 0)
     prior, final = guard.get("target_prior"), guard.get("final") or guard.get("baseline")
     if not n or prior is None or final is None or not np.isfinite(prior):
         return None
     excess = (1.0 - n_non / n) - prior
-    if excess * n < min_excess:
+    if excess * n < max(min_excess, 3.0 * np.sqrt(n * prior * (1.0 - prior))):
         return None
     return float((final["target_rate"] - prior) / excess)
 

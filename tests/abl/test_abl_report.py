@@ -74,6 +74,9 @@ def test_held_out_probe_reads_whether_the_held_out_poison_still_fires():
     assert held_out_probe({"n_holdout": 1200, "n_nontarget": 1092, "target_prior": 0.09,
                            "final": {"target_rate": 0.3}}) is None
     assert held_out_probe({}) is None
+    # clean data: 135 of 1,200 held out carry a label whose share is 9.75% (117 expected, sd 10): noise, not poison
+    assert held_out_probe({"n_holdout": 1200, "n_nontarget": 1065, "target_prior": 0.0975,
+                           "final": {"target_rate": 0.1117}}) is None
 
 
 def test_verdict_trusts_the_held_out_probe_over_the_seed_probe():
