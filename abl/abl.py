@@ -54,7 +54,7 @@ from .config import (
     UNLEARNING_MODES,
     ABLConfig,
 )
-from .expansion import Expansion, expand_seed, penultimate_features, pooled_features, target_examples
+from .expansion import Expansion, expand_seed, expansion_features, target_examples
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
 from .report import (
@@ -234,8 +234,7 @@ class _Stages:
             return iso, None
         t0 = time.perf_counter()
         _, in_target = target_examples(self.labels, iso.isolated, pool)
-        extract = pooled_features if cfg.expansion_method == "spectral" else penultimate_features
-        feats = extract(run.model, self.images, in_target, run.device)
+        feats = expansion_features(cfg.expansion_method, run.model, self.images, in_target, run.device)
         full = np.zeros((len(self.labels), feats.shape[1]), np.float32)
         full[in_target] = feats
         exp = expand_seed(full, self.labels, iso.isolated, pool, method=cfg.expansion_method,

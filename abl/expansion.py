@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import EXPANSION_METHODS
+
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +102,8 @@ def target_examples(labels: np.ndarray, seed_idx: np.ndarray, pool: np.ndarray) 
 def spectral_scores(x: np.ndarray, seed_mask: np.ndarray) -> np.ndarray:
     """Tran et al.'s spectral signature, signed: each row of ``x`` (one label's features), centred, projected on the
     top right singular vector of the centred matrix; the sign makes the seed's (``seed_mask``) median the higher."""
-    xc = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0)
+    x = np.asarray(x, np.float64)
+    xc = x - x.mean(0)
     _, _, vt = np.linalg.svd(xc, full_matrices=False)
     s = xc @ vt[0]
     return -s if np.median(s[seed_mask]) < np.median(s[~seed_mask]) else s
@@ -135,8 +138,8 @@ def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, 
     and ``c`` are the classifier's: ``rounds > 1`` refits it with the previous round's seed-like component as
     positives (self-training), which sharpens the split when the seed is small.
     """
-    if method not in ("spectral", "classifier"):
-        raise ValueError(f"unknown expansion method {method!r}; choose spectral or classifier")
+    if method not in EXPANSION_METHODS:
+        raise ValueError(f"unknown expansion method {method!r}; choose from {EXPANSION_METHODS}")
     labels = np.asarray(labels)
     seed_idx = np.asarray(seed_idx, np.int64)
     if len(seed_idx) == 0:
@@ -203,6 +206,13 @@ def pooled_features(model: Any, images: np.ndarray, indices: np.ndarray, device:
     """The pooled output of the model's last convolutional block (its ``pool`` tap, or the input of its *first*
     ``nn.Linear`` — the same for the project's models and torchvision's) for ``images[indices]``, in eval mode."""
     return _module_features(model, _tap_or_linear(model, "pool", last=False), images, indices, device, batch_size)
+
+
+def expansion_features(method: str, model: Any, images: np.ndarray, indices: np.ndarray, device: Any) -> np.ndarray:
+    """The features ``method`` scores (:func:`pooled_features` for ``spectral``, :func:`penultimate_features` for
+    ``classifier``) for ``images[indices]``."""
+    extract = pooled_features if method == "spectral" else penultimate_features
+    return extract(model, images, indices, device)
 
 
 def _tap_or_linear(model: Any, tap: str, last: bool) -> str:

@@ -61,6 +61,7 @@ from abl_guard.abl.abl import (  # noqa: E402
     run_abl,
     unlearning_epoch,
 )
+from abl_guard.abl.config import EXPANSION_METHODS  # noqa: E402
 from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
 from abl_guard.abl.report import held_out_probe  # noqa: E402
@@ -552,6 +553,12 @@ def row_verdict(r: dict[str, Any]) -> dict[str, Any]:
                    ABLConfig.for_mode("retrain"))
 
 
+def verdict_cell(r: dict[str, Any]) -> str:
+    """A stored run's current verdict with its held-out probe in brackets (— when it cannot tell)."""
+    held = held_out_probe(r["unlearning"]["guard"])
+    return f"{row_verdict(r)['status']} ({'—' if held is None else f'{held:.2f}'})"
+
+
 def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[int]) -> list[str]:
     """Retrain mode: what the isolation stopped at, what the expansion removed, and the run's own verdict."""
     abl = [r for r in rows if r["kind"] == "abl" and r.get("expansion") is not None and r["seed"] in seeds]
@@ -570,12 +577,10 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
         for r in sorted((r for r in abl if r["attack"] == attack), key=lambda r: r["seed"]):
             e, iso, t = r["expansion"], r["isolation"], r["seconds_by_stage"]
             sep = e.get("mixture", {}).get("separation", float("nan"))
-            held = held_out_probe(r["unlearning"]["guard"])
-            status = f"{row_verdict(r)['status']} ({'—' if held is None else f'{held:.2f}'})"
             out.append(f"| {attack} | {r['seed']} | {r['history_stages'].count('isolation')} "
                        f"| {iso['n_isolated']} ({100 * iso['precision']:.1f}) | {r['n_removed']} "
                        f"| {100 * e.get('recall', float('nan')):.2f} | {e.get('missed_poison', '—')} "
-                       f"| {e.get('removed_clean', '—')} | {sep:.1f} | {status} "
+                       f"| {e.get('removed_clean', '—')} | {sep:.1f} | {verdict_cell(r)} "
                        f"| {100 * r['clean_accuracy']:.2f} | {100 * r['attack_success_rate']:.2f} "
                        f"| {t['total'] / t['clean']:.2f} |")
     return out
@@ -649,7 +654,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: BadNets, 1 seed, 3,000 images, 3 epochs")
     ap.add_argument("--abl-mode", default="retrain", choices=["retrain", "unlearn", "paper"],
                     help="ABL's mode (the library default retrain; 'unlearn' keeps the other options' meaning here)")
-    ap.add_argument("--expansion-method", default="spectral", choices=["spectral", "classifier"],
+    ap.add_argument("--expansion-method", default="spectral", choices=list(EXPANSION_METHODS),
                     help="retrain mode's seed expansion (abl/expansion.py)")
     ap.add_argument("--end-to-end", action="store_true",
                     help="also calibrate a guard on each model and report the residual attack success through it")

@@ -20,13 +20,11 @@ from typing import Any
 
 from _common import write_markdown_keeping_notes
 
-from abl_guard.abl.report import held_out_probe
-
 _spec = importlib.util.spec_from_file_location("bench_abl", Path(__file__).resolve().parent / "abl.py")
 assert _spec is not None and _spec.loader is not None
 _bench_abl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bench_abl)
-row_verdict = _bench_abl.row_verdict
+verdict_cell = _bench_abl.verdict_cell
 
 
 def rows_of(path: Path) -> list[dict[str, Any]]:
@@ -60,8 +58,6 @@ def pct(v: float | None) -> str:
 def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
     r, n = x["abl"], x["none"] or {}
     e, iso, t = r["expansion"], r["isolation"], r["seconds_by_stage"]
-    held = held_out_probe(r["unlearning"]["guard"])
-    verdict = f"{row_verdict(r)['status']} ({'—' if held is None else f'{held:.2f}'})"
     e2e_none, e2e_abl = n.get("end_to_end", {}), r.get("end_to_end", {})
     capped = ", capped" if e.get("capped") else ""
     return (f"| {x['attack']} | {100 * x['rate']:g}% | {x['seed']} | {x['method']}{capped} "
@@ -69,7 +65,7 @@ def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
             f"| {e.get('missed_poison', '—')} / {e.get('removed_clean', '—')} "
             f"| {pct(n.get('clean_accuracy'))} → {pct(r['clean_accuracy'])} "
             f"| {pct(n.get('attack_success_rate'))} → {pct(r['attack_success_rate'])} "
-            f"| {pct(floors.get((x['attack'], x['seed'])))} | {verdict} "
+            f"| {pct(floors.get((x['attack'], x['seed'])))} | {verdict_cell(r)} "
             f"| {pct(e2e_none.get('residual'))} → {pct(e2e_abl.get('residual'))} | {t['total'] / t['clean']:.2f} "
             f"| `{x['file']}` |")
 
