@@ -54,7 +54,7 @@ from .config import (
     UNLEARNING_MODES,
     ABLConfig,
 )
-from .expansion import Expansion, expand_seed, expansion_features, target_examples
+from .expansion import Expansion, expand_seed, expansion_features, pooled_features, scan_labels, target_examples
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
 from .report import (
@@ -207,6 +207,8 @@ class _Stages:
         del batches
         self._end("isolation")
         iso, exp = found[0] if found else self._isolate(pool)
+        if exp is not None and not exp.report.get("expanded") and cfg.expansion_scan_share > 0:
+            exp = self._scan(pool, exp)
         run.losses, run.isolated = iso.losses, iso.isolated
         run.report["isolation"] = isolation_report(iso.losses, iso.isolated, self.labels, pool, poison_indices, cfg,
                                                    iso.scores, iso.candidates)
@@ -214,6 +216,8 @@ class _Stages:
         write_isolation_artifacts(self.out, self.images, self.labels, iso.losses, iso.scores, iso.isolated, pool,
                                   poison_indices, run.report)
         if exp is not None:
+            if len(exp.core):  # label scan: its suspected poison, not the seed, is what the final model is probed on
+                run.isolated = distributed.broadcast_array(exp.core)
             run.removed = distributed.broadcast_array(exp.removed)  # rank 0's, so every rank trains on the same set
             run.report["expansion"] = expansion_report(exp, run.removed, poison_indices, pool)
             if self.out is not None and distributed.is_main():
@@ -243,6 +247,24 @@ class _Stages:
                           random_state=cfg.seed)
         run.add_time("expansion", time.perf_counter() - t0)
         return iso, exp
+
+    def _scan(self, pool: np.ndarray, seed_exp: Expansion) -> Expansion:
+        """The seed did not expand: scan every label for a small separate population (:func:`scan_labels`); the
+        seed's expansion stays the outcome (and the scan goes in its report) when none qualifies."""
+        run, cfg = self.run, self.run.cfg
+        t0 = time.perf_counter()
+        feats = pooled_features(run.model, self.images, pool, run.device)
+        full = np.zeros((len(self.labels), feats.shape[1]), np.float32)
+        full[pool] = feats
+        scan = scan_labels(full, self.labels, pool, max_weight=cfg.expansion_scan_share,
+                           min_separation=cfg.expansion_separation, min_posterior=cfg.expansion_posterior,
+                           max_share=cfg.expansion_max_share, random_state=cfg.seed)
+        run.add_time("expansion", time.perf_counter() - t0)
+        scan.report["seed"] = {k: v for k, v in seed_exp.report.items() if k != "labels"}
+        if scan.report["expanded"]:
+            return scan
+        seed_exp.report["scan"] = scan.report
+        return seed_exp
 
     def clean(self, pool: np.ndarray, opt: torch.optim.Optimizer) -> None:
         """Stage 2: ordinary training on ``D \\ D_b`` (the schedule continues from the isolation epochs)."""

@@ -93,6 +93,9 @@ class ABLConfig:
                                        "remove at most this share (the highest scores).")
     expansion_separation: float = _knob(2.0, "retrain mode: expand the seed only when the target label's scores "
                                         "split into two populations at least this far apart (Ashman's D).")
+    expansion_scan_share: float = _knob(0.2, "retrain mode: when the isolated seed does not expand, look in every "
+                                        "label for a separate population of at most this share of it and remove "
+                                        "the clearest (abl/expansion.py scan_labels); 0 = off.")
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()
@@ -132,7 +135,7 @@ class ABLConfig:
     ABL_KNOBS = ("mode", "gamma", "lga", "isolation_epochs", "isolation_stop", "isolation_concentration",
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
-                 "expansion_max_share",
+                 "expansion_max_share", "expansion_scan_share",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -159,6 +162,7 @@ class ABLConfig:
             (not 0.0 < self.isolation_concentration <= 1.0, "isolation_concentration must be in (0, 1]"),
             (not 0.0 < self.expansion_posterior < 1.0, "expansion_posterior must be in (0, 1)"),
             (not 0.0 < self.expansion_max_share <= 1.0, "expansion_max_share must be in (0, 1]"),
+            (not 0.0 <= self.expansion_scan_share < 0.5, "expansion_scan_share must be in [0, 0.5) (0 = off)"),
             (self.lr <= 0 or self.unlearning_lr <= 0, "learning rates must be > 0"),
             (self.batch_size < 1 or self.eval_every < 0, "batch_size must be >= 1 and eval_every >= 0"),
         ]

@@ -53,6 +53,8 @@ class Expansion:
     scores: np.ndarray  # seed-like scores (spectral projection or out-of-fold log-odds), aligned with ``candidates``
     posterior: np.ndarray  # posterior of the seed-like mixture component, aligned with ``candidates``
     report: dict[str, Any] = field(default_factory=dict)
+    #: the examples most likely poison (posterior >= 0.5; :func:`scan_labels` only): what the final model is probed on
+    core: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def ashman_d(m1: float, s1: float, m2: float, s2: float) -> float:
@@ -191,6 +193,77 @@ def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, 
     log.info("seed expansion: %d seed + %d expanded of %d in label %d (separation %.2f)", len(seed_t),
              len(expanded), len(in_target), target, mix["separation"])
     return Expansion(removed, target, cand, scores, post, report)
+
+
+def _oriented_split(x: np.ndarray, random_state: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """One label's spectral projection (centred ``x`` on its top right singular vector), signed so that the smaller
+    mixture component is the higher one; returns ``(scores, posterior of that component, mixture summary)``."""
+    xc = x - x.mean(0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    s = xc @ vt[0]
+    post, mix = _two_components(s, random_state)
+    if mix["weight_seedlike"] > 0.5:
+        s = -s
+        post, mix = _two_components(s, random_state)
+    return s, post, mix
+
+
+def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, max_weight: float = 0.2,
+                min_separation: float = 2.0, min_posterior: float = 0.01, max_share: float = 0.6,
+                random_state: int = 0) -> Expansion:
+    """Look in every label of ``pool`` for a small population set apart from the rest; remove the clearest one.
+
+    The fallback when the isolated seed did not expand (at 1% poison the loss-based isolation singles out an easy
+    clean class, not the poison): per label, the spectral projection of its features (Tran et al.'s use, every
+    label), split by a two-component mixture and oriented so that the smaller component scores high. A label
+    qualifies when that component is at most ``max_weight`` of it and the two are at least ``min_separation`` apart
+    (Ashman's D); among qualifying labels the best separated is the suspected target, and its examples whose
+    posterior of the small component reaches ``min_posterior`` are removed (at most ``max_share`` of the label, the
+    highest scores). ``max_weight`` is the deviation that separates poison from clean sub-types: on isolation-stage
+    models the 1% poison was 9-14% of its label, the smaller component of every clean label's split 30% or more
+    (``docs/abl.md#label-scan``). ``report["labels"]`` holds every label's split.
+    """
+    labels = np.asarray(labels)
+    pool = np.asarray(pool, np.int64)
+    feats = np.asarray(features, np.float64)
+    rows: list[dict[str, Any]] = []
+    best: tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None = None
+    for y in np.unique(labels[pool]):
+        idx = pool[labels[pool] == y]
+        if len(idx) < 10:
+            continue
+        s, post, mix = _oriented_split(feats[idx], random_state)
+        row: dict[str, Any] = {"label": int(y), "n": int(len(idx)), "minority": float(round(mix["weight_seedlike"], 4)),
+               "separation": float(round(mix["separation"], 3))}
+        rows.append(row)
+        if (mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation
+                and (best is None or mix["separation"] > best[4]["separation"])):
+            best = (row, idx, s, post, mix)
+    report: dict[str, Any] = {"method": "spectral-scan", "max_weight": max_weight, "min_separation": min_separation,
+                              "min_posterior": min_posterior, "labels": rows, "n_seed": 0}
+    if best is None:
+        report.update(expanded=False, n_expanded=0, target=None,
+                      reason=f"no label holds a separate population of at most {max_weight:.0%} of it")
+        log.info("label scan: %s", report["reason"])
+        empty = np.zeros(0, np.int64)
+        return Expansion(empty, -1, empty, np.zeros(0), np.zeros(0), report, empty)
+    row, idx, s, post, mix = best
+    keep = post >= min_posterior
+    cap = int(np.floor(max_share * len(idx)))
+    report["capped"] = bool(keep.sum() > cap)
+    if report["capped"]:
+        keep = np.zeros(len(idx), bool)
+        keep[np.argsort(-s, kind="stable")[:cap]] = True
+    removed = np.sort(idx[keep])
+    core = np.sort(idx[post >= 0.5])
+    report.update(expanded=True, target=row["label"], n_target_label=int(len(idx)), mixture=mix,
+                  n_core=int(len(core)), n_expanded=int(len(removed)), n_removed=int(len(removed)),
+                  expanded_share=float(len(removed) / len(idx)), estimated_poison=float(post.sum()),
+                  qualifying=[r["label"] for r in rows if r["minority"] <= max_weight
+                              and r["separation"] >= min_separation])
+    log.info("label scan: removed %d of %d in label %d (minority %.0f%%, separation %.2f)", len(removed), len(idx),
+             row["label"], 100 * mix["weight_seedlike"], mix["separation"])
+    return Expansion(removed, row["label"], idx, s, post, report, core)
 
 
 def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,

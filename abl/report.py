@@ -147,7 +147,8 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     otherwise ``not-found`` when the isolation never concentrated in one label and no seed expanded to a separate
     population of its label (no fast-learned all-to-one backdoor was seen), ``removed`` when the seed probe is at
     most :data:`PROBE_CLEAN`, else ``likely-present`` (with a clean-label attack, whose poison really is of the target
-    class, the seed probe cannot tell, and the evidence says so).
+    class, the seed probe cannot tell, and the evidence says so). When the label scan (not the seed) found the
+    suspected poison, the target is the scanned label and the seed probe reads the scanned population's core.
     Measured against the attack's ASR in ``docs/abl.md#retrain-mode-measured``.
     """
     iso = report.get("isolation", {})
@@ -158,7 +159,14 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     target = iso.get("isolated_majority_label")
     evidence.append(f"isolation after {iso.get('epoch', '?')} epoch(s): {share:.0%} of the lowest-scoring "
                     f"{iso.get('n_candidates', '?')} examples carry label {target}")
-    if exp:
+    scanned = exp.get("method") == "spectral-scan" and bool(exp.get("expanded"))
+    if scanned:  # the seed did not expand; the label scan found the suspected target (abl/expansion.py scan_labels)
+        target = exp["target"]
+        mix = exp["mixture"]
+        evidence.append(f"the isolated seed did not expand ({exp.get('seed', {}).get('reason', 'no second population')}"
+                        f"); a scan of every label found a separate population of {mix['weight_seedlike']:.0%} of "
+                        f"label {target} (separation {mix['separation']:.1f}): {exp['n_removed']} examples removed")
+    elif exp:
         if exp.get("expanded"):
             evidence.append(f"the seed of {exp['n_seed']} grew to {exp['n_removed']} removed examples of label "
                             f"{exp['target']} ({exp['n_target_label']} in the label; estimated poison "
@@ -168,7 +176,8 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
             evidence.append(f"the seed was not expanded: {exp.get('reason', '')}")
     probe = un.get("isolated_accuracy_after")
     if probe is not None:
-        evidence.append(f"the final model predicts label {target} for {probe:.0%} of the isolated seed")
+        probed = "the scanned population's core" if scanned else "the isolated seed"
+        evidence.append(f"the final model predicts label {target} for {probe:.0%} of {probed}")
     held = held_out_probe(un.get("guard", {}))
     if held is not None:
         evidence.append(f"held-out probe {held:.2f}: the final model predicts label {target} for "
@@ -255,9 +264,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                        f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
     exp = report.get("expansion", {})
     if exp:
+        how = (f"label scan: a population of {exp['mixture']['weight_seedlike']:.0%} of the label"
+               if exp.get("method") == "spectral-scan" and exp.get("expanded") else
+               f"seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)}")
         msg = (f" expansion ({exp.get('method', 'classifier')}): removed {exp.get('n_removed', 0)} examples of label "
-               f"{exp.get('target')} (seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)}"
-               f"{', capped at the max share' if exp.get('capped') else ''})")
+               f"{exp.get('target')} ({how}{', capped at the max share' if exp.get('capped') else ''})")
         if "recall" in exp:
             msg += (f"; poison recall {100 * exp['recall']:.2f}% ({exp['missed_poison']} missed), "
                     f"{exp['removed_clean']} clean removed")

@@ -37,8 +37,14 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
         none = next((n for n in runs if n["kind"] == "none" and n["attack"] == r["attack"] and n["seed"] == r["seed"]),
                     None)
         out.append({"file": path.stem, "attack": r["attack"], "rate": r["settings"]["rate"], "seed": r["seed"],
-                    "method": r["settings"].get("expansion_method", "classifier"), "none": none, "abl": r})
+                    "method": method_of(r), "none": none, "abl": r})
     return out
+
+
+def method_of(r: dict[str, Any]) -> str:
+    """The expansion that decided what was removed: the settings' method, or the label scan when it took over."""
+    method = r["settings"].get("expansion_method", "classifier")
+    return f"{method} → label scan" if r["expansion"].get("method") == "spectral-scan" else method
 
 
 def floors_of(paths: list[Path]) -> dict[tuple[str, int], float]:
@@ -71,7 +77,7 @@ def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
 
 
 def render(rows: list[dict[str, Any]], floors: dict[tuple[str, int], float], command: str) -> str:
-    rows = sorted(rows, key=lambda x: (x["attack"], -x["rate"], x["method"] != "spectral", x["seed"]))
+    rows = sorted(rows, key=lambda x: (x["attack"], -x["rate"], not x["method"].startswith("spectral"), x["seed"]))
     out = ["# ABL retrain mode: every run", "", f"`{command}` (reads the results files; trains nothing).", "",
            "Small CNN on all 60,000 Fashion-MNIST images, 8 epochs, SGD lr 0.05 ÷10 at epochs 5 and 7 (CPU, 1 "
            "thread). T_te: isolation epochs run; seed: isolated examples of the majority label (precision); missed / "

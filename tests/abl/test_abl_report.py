@@ -93,3 +93,21 @@ def test_verdict_trusts_the_held_out_probe_over_the_seed_probe():
     low = _report(0.5, 1.0)  # not concentrated, yet the held-out poison fires
     low["unlearning"]["guard"] = {**rep["unlearning"]["guard"], "final": {"target_rate": 0.2}}
     assert verdict(low, ABLConfig())["status"] == "likely-present"
+
+
+@pytest.mark.parametrize("probe, status", [(0.05, "removed"), (0.9, "likely-present")])
+def test_verdict_of_a_label_scan_names_the_scanned_label(probe, status):
+    from abl_guard.abl.config import ABLConfig
+    from abl_guard.abl.report import summary_lines, verdict
+
+    rep = _report(1.0, probe, expanded=False)  # the seed: 100% label 3, not expanded
+    seed = rep["expansion"]
+    rep["expansion"] = {"method": "spectral-scan", "expanded": True, "target": 0, "n_removed": 700, "n_seed": 0,
+                        "n_expanded": 700, "mixture": {"weight_seedlike": 0.1, "separation": 3.3},
+                        "seed": seed}
+    v = verdict(rep, ABLConfig())
+    assert v["status"] == status and v["target"] == 0
+    assert any("scan of every label found a separate population of 10% of label 0" in e for e in v["evidence"])
+    assert any("scanned population's core" in e for e in v["evidence"])
+    rep["verdict"] = v
+    assert any("label scan: a population of 10% of the label" in line for line in summary_lines(rep))

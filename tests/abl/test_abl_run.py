@@ -257,3 +257,44 @@ def test_retrain_mode_removes_the_backdoor_and_says_so(poisoned_digits, two_thre
     assert final["attack_success_rate"] < 0.2 and final["clean_accuracy"] > 0.9
     assert rep["verdict"]["status"] == "removed" and rep["verdict"]["target"] == 0
     assert rep["unlearning"]["isolated_accuracy_after"] <= 0.2
+
+
+def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_poisoned, monkeypatch):
+    """The fallback's wiring: an unexpandable seed leads to the label scan; with nothing found the seed alone is
+    removed (and the scan is in the report); a scan that finds the poison replaces the seed as removed and probed."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.expansion import Expansion
+
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0)  # no split is ever that clear: the seed never expands
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    exp = res.report["expansion"]
+    assert not exp["expanded"] and exp["method"] == "spectral"
+    assert not exp["scan"]["expanded"] and len(exp["scan"]["labels"]) == 10
+    np.testing.assert_array_equal(res.removed, np.sort(res.isolated))
+
+    seen = {}
+
+    def found_poison(features, labels, pool, **kw):  # a scan that finds exactly the poison of label 0
+        seen.update(kw, features=features, pool=pool)
+        p = np.intersect1d(d.poison, pool)
+        return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
+                         {"method": "spectral-scan", "expanded": True, "target": 0, "n_removed": len(p), "n_seed": 0,
+                          "n_expanded": len(p), "mixture": {"weight_seedlike": 0.1, "separation": 3.0}}, p)
+
+    monkeypatch.setattr(abl_mod, "scan_labels", found_poison)
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    rep = res.report
+    p = np.intersect1d(d.poison, np.setdiff1d(np.arange(len(d.labels)), res.holdout))
+    assert seen["max_weight"] == cfg.expansion_scan_share and seen["min_separation"] == 50.0
+    assert seen["features"].shape[0] == len(d.labels) and np.abs(seen["features"][seen["pool"]]).sum() > 0
+    assert rep["expansion"]["method"] == "spectral-scan" and rep["expansion"]["seed"]["expanded"] is False
+    assert rep["expansion"]["recall"] == 1.0 and rep["expansion"]["removed_clean"] == 0
+    np.testing.assert_array_equal(res.removed, p)
+    np.testing.assert_array_equal(res.isolated, p)  # the probes read the scanned population, not the seed
+    assert rep["unlearning"]["guard"]["suspected_target"] == 0 and rep["verdict"]["target"] == 0
+
+    cfg.expansion_scan_share = 0.0  # off: the seed's outcome, no scan
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert "scan" not in res.report["expansion"] and res.report["expansion"]["method"] == "spectral"

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from abl_guard.abl.expansion import ashman_d, expand_seed, penultimate_features, pooled_features, spectral_scores
+from abl_guard.abl.expansion import (
+    ashman_d,
+    expand_seed,
+    penultimate_features,
+    pooled_features,
+    scan_labels,
+    spectral_scores,
+)
 from abl_guard.abl.models import SmallCNN
 
 METHODS = ("spectral", "classifier")
@@ -134,3 +141,58 @@ def test_penultimate_features_are_the_final_layers_input():
         logits = model(torch.from_numpy(images[[1, 3, 5]]).permute(0, 3, 1, 2).float() / 255)
     np.testing.assert_allclose(feats @ model.fc.weight.detach().numpy().T + model.fc.bias.detach().numpy(),
                                logits.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _labels_with_subtypes(share_poison: float, subtype_share: float = 0.4, n_per_label: int = 500, k: int = 5,
+                          dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``k`` labels; every label has a clean sub-type (``subtype_share`` of it, 4 sd apart along its own direction),
+    and label 2 additionally ``share_poison`` of poison 8 sd away along a shared trigger direction."""
+    rng = np.random.default_rng(seed)
+    feats, labels = [], []
+    for y in range(k):
+        x = rng.normal(size=(n_per_label, dim))
+        x[: int(subtype_share * n_per_label), 1 + y] += 4.0
+        feats.append(x)
+        labels.append(np.full(n_per_label, y))
+    n_poison = int(round(share_poison * n_per_label / (1 - share_poison)))
+    poison_x = rng.normal(size=(n_poison, dim))
+    poison_x[:, 0] += 8.0
+    feats.append(poison_x)
+    labels.append(np.full(n_poison, 2))
+    return np.vstack(feats), np.concatenate(labels), np.arange(k * n_per_label, k * n_per_label + n_poison)
+
+
+def test_label_scan_finds_a_small_separate_population_and_ignores_clean_subtypes():
+    feats, labels, poison = _labels_with_subtypes(0.1)
+    pool = np.arange(len(labels))
+    exp = scan_labels(feats, labels, pool)
+    r = exp.report
+    assert r["expanded"] and r["method"] == "spectral-scan" and exp.target == 2 and r["qualifying"] == [2]
+    assert np.isin(poison, exp.removed).all()
+    assert np.all(labels[exp.removed] == 2)
+    assert np.isin(exp.core, poison).mean() >= 0.95 and len(exp.core) >= 0.95 * len(poison)
+    assert len(np.setdiff1d(exp.removed, poison)) <= 0.1 * 500  # an 8-sd population: few clean ones pass 0.01
+    # every other label split into its clean sub-type, which is too large (40% of its label) to be poison
+    others = [row for row in r["labels"] if row["label"] != 2]
+    assert len(others) == 4 and all(row["minority"] > 0.3 for row in others)
+
+
+def test_label_scan_finds_nothing_in_clean_data():
+    feats, labels, _ = _labels_with_subtypes(0.0)
+    feats, labels = feats[: 5 * 500], labels[: 5 * 500]
+    exp = scan_labels(feats, labels, np.arange(len(labels)))
+    assert not exp.report["expanded"] and exp.target == -1
+    assert len(exp.removed) == 0 and len(exp.core) == 0 and "no label" in exp.report["reason"]
+
+
+def test_label_scan_respects_its_knobs_and_the_pool():
+    feats, labels, poison = _labels_with_subtypes(0.1)
+    # a threshold below the poison's share (10% of the label): nothing qualifies
+    assert not scan_labels(feats, labels, np.arange(len(labels)), max_weight=0.05).report["expanded"]
+    # held-out examples are never removed
+    pool = np.setdiff1d(np.arange(len(labels)), poison[:10])
+    exp = scan_labels(feats, labels, pool)
+    assert exp.report["expanded"] and not np.isin(poison[:10], exp.removed).any()
+    # at most max_share of the label, the highest scores
+    capped = scan_labels(feats, labels, pool, max_share=0.05)
+    assert capped.report["capped"] and len(capped.removed) == int(0.05 * np.sum(labels[pool] == 2))
