@@ -257,8 +257,7 @@ class _Stages:
         full = np.zeros((len(self.labels), feats.shape[1]), np.float32)
         full[pool] = feats
         scan = scan_labels(full, self.labels, pool, max_weight=cfg.expansion_scan_share,
-                           min_separation=cfg.expansion_separation, clear_separation=cfg.expansion_scan_separation,
-                           min_posterior=cfg.expansion_posterior,
+                           min_separation=cfg.expansion_separation, min_posterior=cfg.expansion_posterior,
                            max_share=cfg.expansion_max_share, random_state=cfg.seed)
         run.add_time("expansion", time.perf_counter() - t0)
         scan.report["seed"] = {k: v for k, v in seed_exp.report.items() if k != "labels"}

@@ -96,8 +96,6 @@ class ABLConfig:
     expansion_scan_share: float = _knob(0.2, "retrain mode: when the isolated seed does not expand, look in every "
                                         "label for a separate population of at most this share of it and remove "
                                         "the clearest (abl/expansion.py scan_labels); 0 = off.")
-    expansion_scan_separation: float = _knob(5.0, "retrain mode, label scan: a label whose split is at least this far "
-                                             "apart (Ashman's D) qualifies whatever the shares; 0 = never.")
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()
@@ -138,7 +136,6 @@ class ABLConfig:
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share",
-                 "expansion_scan_separation",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -166,7 +163,6 @@ class ABLConfig:
             (not 0.0 < self.expansion_posterior < 1.0, "expansion_posterior must be in (0, 1)"),
             (not 0.0 < self.expansion_max_share <= 1.0, "expansion_max_share must be in (0, 1]"),
             (not 0.0 <= self.expansion_scan_share < 0.5, "expansion_scan_share must be in [0, 0.5) (0 = off)"),
-            (self.expansion_scan_separation < 0, "expansion_scan_separation must be >= 0 (0 = never)"),
             (self.lr <= 0 or self.unlearning_lr <= 0, "learning rates must be > 0"),
             (self.batch_size < 1 or self.eval_every < 0, "batch_size must be >= 1 and eval_every >= 0"),
         ]

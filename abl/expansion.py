@@ -208,15 +208,9 @@ def _oriented_split(x: np.ndarray, random_state: int) -> tuple[np.ndarray, np.nd
     return s, post, mix
 
 
-def _qualifies(mix: dict[str, float], max_weight: float, min_separation: float, clear_separation: float) -> bool:
-    """Whether a label's oriented split (:func:`_oriented_split`) looks like poison rather than a clean sub-type."""
-    small = mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation
-    return small or (clear_separation > 0 and mix["separation"] >= clear_separation)
-
-
 def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, max_weight: float = 0.2,
-                min_separation: float = 2.0, clear_separation: float = 5.0, min_posterior: float = 0.01,
-                max_share: float = 0.6, random_state: int = 0) -> Expansion:
+                min_separation: float = 2.0, min_posterior: float = 0.01, max_share: float = 0.6,
+                random_state: int = 0) -> Expansion:
     """Look in every label of ``pool`` for a small population set apart from the rest; remove the clearest one.
 
     The fallback when the isolated seed did not expand (at 1% poison the loss-based isolation singles out an easy
@@ -227,9 +221,7 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     posterior of the small component reaches ``min_posterior`` are removed (at most ``max_share`` of the label, the
     highest scores). ``max_weight`` is the deviation that separates poison from clean sub-types: on isolation-stage
     models the 1% poison was 9-14% of its label, the smaller component of every clean label's split 30% or more
-    (``docs/abl.md#label-scan``). A label whose two components are at least ``clear_separation`` apart qualifies
-    whatever their shares (0 = never): no clean label's split measured there exceeded 3.9, while 10% Blend poison,
-    half its label, which the seed had missed, split at 6.6. ``report["labels"]`` holds every label's split.
+    (``docs/abl.md#label-scan``). ``report["labels"]`` holds every label's split.
     """
     labels = np.asarray(labels)
     pool = np.asarray(pool, np.int64)
@@ -244,12 +236,11 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
         row: dict[str, Any] = {"label": int(y), "n": int(len(idx)), "minority": float(round(mix["weight_seedlike"], 4)),
                "separation": float(round(mix["separation"], 3))}
         rows.append(row)
-        if _qualifies(mix, max_weight, min_separation, clear_separation) and (
-                best is None or mix["separation"] > best[4]["separation"]):
+        if (mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation
+                and (best is None or mix["separation"] > best[4]["separation"])):
             best = (row, idx, s, post, mix)
     report: dict[str, Any] = {"method": "spectral-scan", "max_weight": max_weight, "min_separation": min_separation,
-                              "clear_separation": clear_separation, "min_posterior": min_posterior, "labels": rows,
-                              "n_seed": 0}
+                              "min_posterior": min_posterior, "labels": rows, "n_seed": 0}
     if best is None:
         report.update(expanded=False, n_expanded=0, target=None,
                       reason=f"no label holds a separate population of at most {max_weight:.0%} of it")
@@ -268,9 +259,8 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     report.update(expanded=True, target=row["label"], n_target_label=int(len(idx)), mixture=mix,
                   n_core=int(len(core)), n_expanded=int(len(removed)), n_removed=int(len(removed)),
                   expanded_share=float(len(removed) / len(idx)), estimated_poison=float(post.sum()),
-                  qualifying=[r["label"] for r in rows if _qualifies(
-                      {"weight_seedlike": r["minority"], "separation": r["separation"]}, max_weight, min_separation,
-                      clear_separation)])
+                  qualifying=[r["label"] for r in rows if r["minority"] <= max_weight
+                              and r["separation"] >= min_separation])
     log.info("label scan: removed %d of %d in label %d (minority %.0f%%, separation %.2f)", len(removed), len(idx),
              row["label"], 100 * mix["weight_seedlike"], mix["separation"])
     return Expansion(removed, row["label"], idx, s, post, report, core)

@@ -172,7 +172,6 @@ ABL_FLAGS = {
     "expansion_method": ("--abl-expansion-method", "classifier", "classifier"),
     "expansion_posterior": ("--abl-expansion-posterior", "0.1", 0.1),
     "expansion_scan_share": ("--abl-expansion-scan-share", "0", 0.0),
-    "expansion_scan_separation": ("--abl-expansion-scan-separation", "6", 6.0),
     "expansion_separation": ("--abl-expansion-separation", "3", 3.0),
     "expansion_max_share": ("--abl-expansion-max-share", "0.7", 0.7),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),

@@ -187,10 +187,8 @@ def test_label_scan_finds_nothing_in_clean_data():
 
 def test_label_scan_respects_its_knobs_and_the_pool():
     feats, labels, poison = _labels_with_subtypes(0.1)
-    # a threshold below the poison's share (10% of the label): nothing qualifies by share, only by separation
-    pool_all = np.arange(len(labels))
-    assert not scan_labels(feats, labels, pool_all, max_weight=0.05, clear_separation=0.0).report["expanded"]
-    assert scan_labels(feats, labels, pool_all, max_weight=0.05).report["expanded"]  # 8 sd apart
+    # a threshold below the poison's share (10% of the label): nothing qualifies
+    assert not scan_labels(feats, labels, np.arange(len(labels)), max_weight=0.05).report["expanded"]
     # held-out examples are never removed
     pool = np.setdiff1d(np.arange(len(labels)), poison[:10])
     exp = scan_labels(feats, labels, pool)
@@ -198,13 +196,3 @@ def test_label_scan_respects_its_knobs_and_the_pool():
     # at most max_share of the label, the highest scores
     capped = scan_labels(feats, labels, pool, max_share=0.05)
     assert capped.report["capped"] and len(capped.removed) == int(0.05 * np.sum(labels[pool] == 2))
-
-
-def test_label_scan_takes_a_large_population_only_when_it_is_far_apart():
-    feats, labels, poison = _labels_with_subtypes(0.5)  # half of label 2 is poison, 8 sd away (sub-types: 4 sd)
-    pool = np.arange(len(labels))
-    exp = scan_labels(feats, labels, pool)
-    assert exp.report["expanded"] and exp.target == 2 and exp.report["qualifying"] == [2]
-    assert np.isin(poison, exp.removed).mean() >= 0.99
-    assert not scan_labels(feats, labels, pool, clear_separation=0.0).report["expanded"]  # the share rule alone
-    assert not scan_labels(feats, labels, pool, clear_separation=20.0).report["expanded"]
