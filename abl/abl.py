@@ -207,7 +207,10 @@ class _Stages:
         del batches
         self._end("isolation")
         iso, exp = found[0] if found else self._isolate(pool)
-        if exp is not None and not exp.report.get("expanded") and cfg.expansion_scan_share > 0:
+        # a seed that did not expand, or whose expansion hit the max-share cap (the mark of a clean sub-type, and of
+        # some 5-10% poisons), is checked against a scan of every label: a small separate population wins
+        if exp is not None and (not exp.report.get("expanded") or exp.report.get("capped")) \
+                and cfg.expansion_scan_share > 0:
             exp = self._scan(pool, exp)
         run.losses, run.isolated = iso.losses, iso.isolated
         run.report["isolation"] = isolation_report(iso.losses, iso.isolated, self.labels, pool, poison_indices, cfg,
@@ -249,8 +252,9 @@ class _Stages:
         return iso, exp
 
     def _scan(self, pool: np.ndarray, seed_exp: Expansion) -> Expansion:
-        """The seed did not expand: scan every label for a small separate population (:func:`scan_labels`); the
-        seed's expansion stays the outcome (and the scan goes in its report) when none qualifies."""
+        """The seed did not expand, or its expansion was capped: scan every label for a small separate population
+        (:func:`scan_labels`), which replaces the seed's outcome when found; otherwise the seed's expansion stays the
+        outcome and the scan goes in its report."""
         run, cfg = self.run, self.run.cfg
         t0 = time.perf_counter()
         feats = pooled_features(run.model, self.images, pool, run.device)

@@ -93,9 +93,10 @@ class ABLConfig:
                                        "remove at most this share (the highest scores).")
     expansion_separation: float = _knob(2.0, "retrain mode: expand the seed only when the target label's scores "
                                         "split into two populations at least this far apart (Ashman's D).")
-    expansion_scan_share: float = _knob(0.2, "retrain mode: when the isolated seed does not expand, look in every "
-                                        "label for a separate population of at most this share of it and remove "
-                                        "the clearest (abl/expansion.py scan_labels); 0 = off.")
+    expansion_scan_share: float = _knob(0.2, "retrain mode: when the isolated seed does not expand (or its "
+                                        "expansion is capped), look in every label for a separate population of at "
+                                        "most this share of it and remove the clearest instead (abl/expansion.py "
+                                        "scan_labels); 0 = off.")
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()

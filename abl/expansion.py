@@ -213,14 +213,15 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
                 random_state: int = 0) -> Expansion:
     """Look in every label of ``pool`` for a small population set apart from the rest; remove the clearest one.
 
-    The fallback when the isolated seed did not expand (at 1% poison the loss-based isolation singles out an easy
-    clean class, not the poison): per label, the spectral projection of its features (Tran et al.'s use, every
-    label), split by a two-component mixture and oriented so that the smaller component scores high. A label
-    qualifies when that component is at most ``max_weight`` of it and the two are at least ``min_separation`` apart
-    (Ashman's D); among qualifying labels the best separated is the suspected target, and its examples whose
-    posterior of the small component reaches ``min_posterior`` are removed (at most ``max_share`` of the label, the
-    highest scores). ``max_weight`` is the deviation that separates poison from clean sub-types: on isolation-stage
-    models the 1% poison was 9-14% of its label, the smaller component of every clean label's split 30% or more
+    The fallback when the isolated seed did not expand or its expansion was capped (at 1% poison the loss-based
+    isolation singles out an easy clean class, not the poison): per label, the spectral projection of its features
+    (Tran et al.'s use, every label), split by a two-component mixture and oriented so that the smaller component
+    scores high. A label qualifies when that component is at most ``max_weight`` of it and the two are at least
+    ``min_separation`` apart (Ashman's D); among qualifying labels the best separated is the suspected target, and
+    its examples whose posterior of the small component reaches ``min_posterior`` are removed (at most ``max_share``
+    of the label, the highest scores). ``max_weight`` is the deviation that separates poison from clean sub-types:
+    on isolation-stage models the 1% poison was 9-14% of its label, the smaller component of every clean label's
+    split 30% or more
     (``docs/abl.md#label-scan``). ``report["labels"]`` holds every label's split.
     """
     labels = np.asarray(labels)

@@ -160,12 +160,16 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     evidence.append(f"isolation after {iso.get('epoch', '?')} epoch(s): {share:.0%} of the lowest-scoring "
                     f"{iso.get('n_candidates', '?')} examples carry label {target}")
     scanned = exp.get("method") == "spectral-scan" and bool(exp.get("expanded"))
-    if scanned:  # the seed did not expand; the label scan found the suspected target (abl/expansion.py scan_labels)
+    if scanned:  # the seed did not expand or was capped; the label scan found the suspected target (scan_labels)
         target = exp["target"]
         mix = exp["mixture"]
-        evidence.append(f"the isolated seed did not expand ({exp.get('seed', {}).get('reason', 'no second population')}"
-                        f"); a scan of every label found a separate population of {mix['weight_seedlike']:.0%} of "
-                        f"label {target} (separation {mix['separation']:.1f}): {exp['n_removed']} examples removed")
+        seed = exp.get("seed", {})
+        why = (f"the isolated seed's expansion in label {seed.get('target')} was capped at the max share (a large "
+               "population: a clean sub-type, or much poison)" if seed.get("expanded") else
+               f"the isolated seed did not expand ({seed.get('reason', 'no second population')})")
+        evidence.append(f"{why}; a scan of every label found a separate population of {mix['weight_seedlike']:.0%} "
+                        f"of label {target} (separation {mix['separation']:.1f}): {exp['n_removed']} examples removed "
+                        "instead")
     elif exp:
         if exp.get("expanded"):
             evidence.append(f"the seed of {exp['n_seed']} grew to {exp['n_removed']} removed examples of label "

@@ -295,6 +295,22 @@ def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_pois
     np.testing.assert_array_equal(res.isolated, p)  # the probes read the scanned population, not the seed
     assert rep["unlearning"]["guard"]["suspected_target"] == 0 and rep["verdict"]["target"] == 0
 
+    # a seed whose expansion was capped (a clean sub-type, as at 1% poison) is also checked by the scan, which wins
+    real_expand = abl_mod.expand_seed
+
+    def capped_expand(*args, **kw):
+        e = real_expand(*args, **{**kw, "min_separation": 0.0})
+        e.report.update(expanded=True, capped=True)
+        return e
+
+    monkeypatch.setattr(abl_mod, "expand_seed", capped_expand)
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert res.report["expansion"]["method"] == "spectral-scan"
+    assert res.report["expansion"]["seed"]["capped"] is True
+    assert any("was capped" in e for e in res.report["verdict"]["evidence"])
+    np.testing.assert_array_equal(res.removed, p)
+    monkeypatch.setattr(abl_mod, "expand_seed", real_expand)
+
     cfg.expansion_scan_share = 0.0  # off: the seed's outcome, no scan
     res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     assert "scan" not in res.report["expansion"] and res.report["expansion"]["method"] == "spectral"
