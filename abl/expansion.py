@@ -221,7 +221,7 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     its examples whose posterior of the small component reaches ``min_posterior`` are removed (at most ``max_share``
     of the label, the highest scores). ``max_weight`` is the deviation that separates poison from clean sub-types:
     on isolation-stage models the 1% poison was 7-14% of its label, the smaller component of every clean label's
-    split 26% or more
+    split 25% or more
     (``docs/abl.md#label-scan``). ``report["labels"]`` holds every label's split.
     """
     labels = np.asarray(labels)
