@@ -241,9 +241,8 @@ class _Stages:
             return iso, None
         t0 = time.perf_counter()
         _, in_target = target_examples(self.labels, iso.isolated, pool)
-        feats = expansion_features(cfg.expansion_method, run.model, self.images, in_target, run.device)
-        full = np.zeros((len(self.labels), feats.shape[1]), np.float32)
-        full[in_target] = feats
+        full = self._dataset_rows(expansion_features(cfg.expansion_method, run.model, self.images, in_target,
+                                                     run.device), in_target)
         exp = expand_seed(full, self.labels, iso.isolated, pool, method=cfg.expansion_method,
                           min_posterior=cfg.expansion_posterior,
                           min_separation=cfg.expansion_separation, max_share=cfg.expansion_max_share,
@@ -251,15 +250,19 @@ class _Stages:
         run.add_time("expansion", time.perf_counter() - t0)
         return iso, exp
 
+    def _dataset_rows(self, feats: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """``feats`` (one row per entry of ``indices``) placed at those dataset positions, zeros elsewhere."""
+        full = np.zeros((len(self.labels), feats.shape[1]), np.float32)
+        full[indices] = feats
+        return full
+
     def _scan(self, pool: np.ndarray, seed_exp: Expansion) -> Expansion:
         """The seed did not expand, or its expansion was capped: scan every label for a small separate population
         (:func:`scan_labels`), which replaces the seed's outcome when found; otherwise the seed's expansion stays the
         outcome and the scan goes in its report."""
         run, cfg = self.run, self.run.cfg
         t0 = time.perf_counter()
-        feats = pooled_features(run.model, self.images, pool, run.device)
-        full = np.zeros((len(self.labels), feats.shape[1]), np.float32)
-        full[pool] = feats
+        full = self._dataset_rows(pooled_features(run.model, self.images, pool, run.device), pool)
         scan = scan_labels(full, self.labels, pool, max_weight=cfg.expansion_scan_share,
                            min_separation=cfg.expansion_separation, min_posterior=cfg.expansion_posterior,
                            max_share=cfg.expansion_max_share, random_state=cfg.seed)

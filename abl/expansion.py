@@ -42,6 +42,9 @@ from .config import EXPANSION_METHODS
 
 log = logging.getLogger(__name__)
 
+#: ``report["method"]`` of an :class:`Expansion` found by :func:`scan_labels` rather than grown from the seed
+SCAN_METHOD = "spectral-scan"
+
 
 @dataclass
 class Expansion:
@@ -104,11 +107,28 @@ def target_examples(labels: np.ndarray, seed_idx: np.ndarray, pool: np.ndarray) 
 def spectral_scores(x: np.ndarray, seed_mask: np.ndarray) -> np.ndarray:
     """Tran et al.'s spectral signature, signed: each row of ``x`` (one label's features), centred, projected on the
     top right singular vector of the centred matrix; the sign makes the seed's (``seed_mask``) median the higher."""
-    x = np.asarray(x, np.float64)
-    xc = x - x.mean(0)
-    _, _, vt = np.linalg.svd(xc, full_matrices=False)
-    s = xc @ vt[0]
+    s = _top_projection(x)
     return -s if np.median(s[seed_mask]) < np.median(s[~seed_mask]) else s
+
+
+def _top_projection(x: np.ndarray) -> np.ndarray:
+    """The rows of ``x``, centred, projected on the top right singular vector of the centred matrix (unsigned)."""
+    xc = np.asarray(x, np.float64)
+    xc = xc - xc.mean(0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    return xc @ vt[0]
+
+
+def _keep(post: np.ndarray, scores: np.ndarray, min_posterior: float, max_share: float) -> tuple[np.ndarray, bool]:
+    """Which scored examples to remove: posterior >= ``min_posterior``, or — when that would be more than
+    ``max_share`` of them — the ``max_share`` with the highest scores; and whether that cap applied."""
+    keep = post >= min_posterior
+    cap = int(np.floor(max_share * len(post)))
+    if keep.sum() <= cap:
+        return keep, False
+    keep = np.zeros(len(post), bool)
+    keep[np.argsort(-scores, kind="stable")[:cap]] = True
+    return keep, True
 
 
 def _classifier_scores(x: np.ndarray, y: np.ndarray, rounds: int, folds: int, random_state: int, c: float
@@ -179,12 +199,8 @@ def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, 
                              f"{max_share:.0%}): more likely a sub-type of a clean class than poison")
         log.info("seed expansion: %s", report["reason"])
         return Expansion(np.sort(seed_idx), target, cand, scores, post, report)
-    keep = post >= min_posterior
-    cap = int(np.floor(max_share * len(cand)))
-    report["capped"] = bool(keep.sum() > cap)
-    if report["capped"]:  # the conservative posterior would take most of the label: the highest scores only
-        keep = np.zeros(len(cand), bool)
-        keep[np.argsort(-scores, kind="stable")[:cap]] = True
+    # the conservative posterior may take most of the label: then the highest scores only
+    keep, report["capped"] = _keep(post, scores, min_posterior, max_share)
     expanded = cand[keep]
     report["expanded_share"] = float(len(expanded) / len(cand))
     removed = np.union1d(seed_idx, expanded)
@@ -198,9 +214,7 @@ def expand_seed(features: np.ndarray, labels: np.ndarray, seed_idx: np.ndarray, 
 def _oriented_split(x: np.ndarray, random_state: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """One label's spectral projection (centred ``x`` on its top right singular vector), signed so that the smaller
     mixture component is the higher one; returns ``(scores, posterior of that component, mixture summary)``."""
-    xc = x - x.mean(0)
-    _, _, vt = np.linalg.svd(xc, full_matrices=False)
-    s = xc @ vt[0]
+    s = _top_projection(x)
     post, mix = _two_components(s, random_state)
     if mix["weight_seedlike"] > 0.5:
         s = -s
@@ -221,26 +235,26 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     its examples whose posterior of the small component reaches ``min_posterior`` are removed (at most ``max_share``
     of the label, the highest scores). ``max_weight`` is the deviation that separates poison from clean sub-types:
     on isolation-stage models the 1% poison was 7-14% of its label, the smaller component of every clean label's
-    split 25% or more
-    (``docs/abl.md#label-scan``). ``report["labels"]`` holds every label's split.
+    split 25% or more (``docs/abl.md#label-scan``). ``report["labels"]`` holds every label's split.
     """
     labels = np.asarray(labels)
     pool = np.asarray(pool, np.int64)
     feats = np.asarray(features, np.float64)
     rows: list[dict[str, Any]] = []
-    best: tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None = None
+    qualifying: list[int] = []
+    best: tuple[int, np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None = None
     for y in np.unique(labels[pool]):
         idx = pool[labels[pool] == y]
         if len(idx) < 10:
             continue
         s, post, mix = _oriented_split(feats[idx], random_state)
-        row: dict[str, Any] = {"label": int(y), "n": int(len(idx)), "minority": float(round(mix["weight_seedlike"], 4)),
-               "separation": float(round(mix["separation"], 3))}
-        rows.append(row)
-        if (mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation
-                and (best is None or mix["separation"] > best[4]["separation"])):
-            best = (row, idx, s, post, mix)
-    report: dict[str, Any] = {"method": "spectral-scan", "max_weight": max_weight, "min_separation": min_separation,
+        rows.append({"label": int(y), "n": int(len(idx)), "minority": float(round(mix["weight_seedlike"], 4)),
+                     "separation": float(round(mix["separation"], 3))})
+        if mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation:
+            qualifying.append(int(y))
+            if best is None or mix["separation"] > best[4]["separation"]:
+                best = (int(y), idx, s, post, mix)
+    report: dict[str, Any] = {"method": SCAN_METHOD, "max_weight": max_weight, "min_separation": min_separation,
                               "min_posterior": min_posterior, "labels": rows, "n_seed": 0}
     if best is None:
         report.update(expanded=False, n_expanded=0, target=None,
@@ -248,23 +262,17 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
         log.info("label scan: %s", report["reason"])
         empty = np.zeros(0, np.int64)
         return Expansion(empty, -1, empty, np.zeros(0), np.zeros(0), report, empty)
-    row, idx, s, post, mix = best
-    keep = post >= min_posterior
-    cap = int(np.floor(max_share * len(idx)))
-    report["capped"] = bool(keep.sum() > cap)
-    if report["capped"]:
-        keep = np.zeros(len(idx), bool)
-        keep[np.argsort(-s, kind="stable")[:cap]] = True
+    target, idx, s, post, mix = best
+    keep, report["capped"] = _keep(post, s, min_posterior, max_share)
     removed = np.sort(idx[keep])
     core = np.sort(idx[post >= 0.5])
-    report.update(expanded=True, target=row["label"], n_target_label=int(len(idx)), mixture=mix,
-                  n_core=int(len(core)), n_expanded=int(len(removed)), n_removed=int(len(removed)),
+    report.update(expanded=True, target=target, n_target_label=int(len(idx)), mixture=mix, n_core=int(len(core)),
+                  n_expanded=int(len(removed)), n_removed=int(len(removed)),
                   expanded_share=float(len(removed) / len(idx)), estimated_poison=float(post.sum()),
-                  qualifying=[r["label"] for r in rows if r["minority"] <= max_weight
-                              and r["separation"] >= min_separation])
+                  qualifying=qualifying)
     log.info("label scan: removed %d of %d in label %d (minority %.0f%%, separation %.2f)", len(removed), len(idx),
-             row["label"], 100 * mix["weight_seedlike"], mix["separation"])
-    return Expansion(removed, row["label"], idx, s, post, report, core)
+             target, 100 * mix["weight_seedlike"], mix["separation"])
+    return Expansion(removed, target, idx, s, post, report, core)
 
 
 def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,

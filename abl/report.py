@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from .config import ABLConfig
+from .expansion import SCAN_METHOD
 from .isolation import isolation_scores
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,11 @@ def held_out_probe(guard: dict[str, Any], min_excess: int = 10) -> float | None:
     return float((final["target_rate"] - prior) / excess)
 
 
+def found_by_scan(exp: dict[str, Any]) -> bool:
+    """Whether an expansion report is the label scan's find (:func:`abl_guard.abl.expansion.scan_labels`)."""
+    return exp.get("method") == SCAN_METHOD and bool(exp.get("expanded"))
+
+
 def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     """Whether the backdoor is gone, with the evidence, from quantities available without ground truth.
 
@@ -159,7 +165,7 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     target = iso.get("isolated_majority_label")
     evidence.append(f"isolation after {iso.get('epoch', '?')} epoch(s): {share:.0%} of the lowest-scoring "
                     f"{iso.get('n_candidates', '?')} examples carry label {target}")
-    scanned = exp.get("method") == "spectral-scan" and bool(exp.get("expanded"))
+    scanned = found_by_scan(exp)
     if scanned:  # the seed did not expand or was capped; the label scan found the suspected target (scan_labels)
         target = exp["target"]
         mix = exp["mixture"]
@@ -269,7 +275,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     exp = report.get("expansion", {})
     if exp:
         how = (f"label scan: a population of {exp['mixture']['weight_seedlike']:.0%} of the label"
-               if exp.get("method") == "spectral-scan" and exp.get("expanded") else
+               if found_by_scan(exp) else
                f"seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)}")
         msg = (f" expansion ({exp.get('method', 'classifier')}): removed {exp.get('n_removed', 0)} examples of label "
                f"{exp.get('target')} ({how}{', capped at the max share' if exp.get('capped') else ''})")

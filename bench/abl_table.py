@@ -25,6 +25,7 @@ assert _spec is not None and _spec.loader is not None
 _bench_abl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bench_abl)
 verdict_cell = _bench_abl.verdict_cell
+from abl_guard.abl.report import found_by_scan  # noqa: E402  (bench/abl.py put the repository on sys.path)
 
 
 def rows_of(path: Path) -> list[dict[str, Any]]:
@@ -44,7 +45,7 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
 def method_of(r: dict[str, Any]) -> str:
     """The expansion that decided what was removed: the settings' method, or the label scan when it took over."""
     method = r["settings"].get("expansion_method", "classifier")
-    return f"{method} → label scan" if r["expansion"].get("method") == "spectral-scan" else method
+    return f"{method} → label scan" if found_by_scan(r["expansion"]) else method
 
 
 def floors_of(paths: list[Path]) -> dict[tuple[str, int], float]:
