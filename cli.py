@@ -627,7 +627,8 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
                    "adversarial and out-of-distribution inputs among the sets that keep >= 0.75x bare onnxruntime "
                    "throughput (bench/results/detect_converged.md, serve.md); its taps adapt to the model's.")
 @click.option("--detector-param", "detector_params", multiple=True, metavar="DETECTOR.KEY=VALUE",
-              help="Detector hyper-parameter (repeatable), e.g. mahalanobis.ridge=0.")
+              help="Detector hyper-parameter (repeatable), e.g. mahalanobis.ridge=0; a detector named twice in "
+                   "--detectors is knn, knn#2, ... (knn#2.tap=pool).")
 @click.option("--combine", type=click.Choice(["fisher", "min-p", "cauchy", "hmp"]), default="fisher",
               show_default=True,
               help="How detectors' p-values are combined: Fisher adds evidence across detectors (default; measured "
@@ -691,11 +692,17 @@ def _calibration_detectors(detector_names: str, detector_params: tuple[str, ...]
             raise click.BadParameter(f"expected DETECTOR.KEY=VALUE, got {key}")
         per_det.setdefault(det, {})[param] = value
     names = [n.strip() for n in detector_names.split(",") if n.strip()]
-    unknown = set(per_det) - set(names)
+    # a detector named twice gets instance names knn, knn#2, ... (as in the bundle): knn#2.tap=pool sets the second
+    seen: dict[str, int] = {}
+    instances = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        instances.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    unknown = set(per_det) - set(instances)
     if unknown:
         raise click.BadParameter(f"parameters given for detectors not selected: {sorted(unknown)}")
     try:
-        return [make_detector(n, **per_det.get(n, {})) for n in names]
+        return [make_detector(n, **per_det.get(i, {})) for n, i in zip(names, instances)]
     except (ValueError, TypeError) as e:
         raise click.BadParameter(_one_line(e), param_hint="'--detectors' / '--detector-param'") from e
 

@@ -61,7 +61,13 @@ log = logging.getLogger("bench.detect_converged")
 
 #: detect.py's rows plus squeezer variants: Xu et al.'s 1-bit setting is for near-binary MNIST digits
 ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
-                    ("squeeze (median only)", "squeeze", {"bits": 0}, "sensitivity")]
+                    ("squeeze (median only)", "squeeze", {"bits": 0}, "sensitivity"),
+                    # Roth et al.'s noise log-odds: the default (one Gaussian setting, 16 draws) and the paper's nine
+                    # noise settings (8 draws each here rather than 256, to keep the run in minutes)
+                    ("odds", "odds", {}, "sensitivity"),
+                    ("odds (paper noise, 8 draws)", "odds", {"noise": "paper", "n_samples": 8}, "sensitivity"),
+                    # Sun et al.'s k-NN one layer earlier: the pooled last conv block
+                    ("knn (pool)", "knn", {"tap": "pool"}, "feature")]
 TRAIN = {"epochs": 9, "lr": 0.05, "lr_milestones": (5, 8)}
 FPR = 0.01
 #: the five-detector guard of issue 16, and one with every lens and STRIP
@@ -83,6 +89,10 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     ("one pass: mahalanobis + knn, fisher", ["mahalanobis", "knn"], "fisher", True),
     ("one pass: layers + knn + nic, fisher", ["mahalanobis-layers", "knn", "nic"], "fisher", True),
     ("layers alone", ["mahalanobis-layers"], "fisher", True),
+    ("mahalanobis + knn + odds, fisher", ["mahalanobis", "knn", "odds"], "fisher", True),
+    ("layers + knn + odds, fisher", ["mahalanobis-layers", "knn", "odds"], "fisher", True),
+    ("layers + knn + knn (pool), fisher", ["mahalanobis-layers", "knn", "knn (pool)"], "fisher", True),
+    ("layers + knn + knn (pool) + odds, fisher", ["mahalanobis-layers", "knn", "knn (pool)", "odds"], "fisher", True),
 ]
 #: fusion from clean data only (issue 16 item 3): member sets whose Fisher guard is re-weighted, see ``fusion_rows``
 FUSION_STUDY: list[tuple[str, list[str]]] = [
@@ -151,6 +161,7 @@ ADAPTIVE_TARGETS: dict[tuple[str, ...], str] = {
     ("mahalanobis-layers",): "layers alone",
     ("mahalanobis-layers", "knn"): "one pass: layers + knn, fisher",
     ("mahalanobis", "knn"): "one pass: mahalanobis + knn, fisher",
+    ("mahalanobis-layers", "knn", "knn (pool)", "odds"): "layers + knn + knn (pool) + odds, fisher",
 }
 #: other guard rows shown in the adaptive table (transfer: an attack on some detectors, scored by the others)
 SHOWN_UNDER_ADAPTIVE = ("one pass: mahalanobis + layers + knn, fisher",)
@@ -158,12 +169,13 @@ KAPPA = 5.0  # logit margin the adaptive attacker aims for, so that uint8 roundi
 
 
 class TorchGuardScore(torch.nn.Module):
-    """*Fitted* Mahalanobis, mahalanobis-layers and knn detectors' scores, differentiable in torch.
+    """*Fitted* Mahalanobis, mahalanobis-layers, knn and odds detectors' scores, differentiable in torch.
 
     Built from each detector's own state — resolved taps, whitened class means and Cholesky factor of the tied
-    covariance, the layers' standardisation, the k-NN bank and ``k`` — on the torch model the ONNX file was exported
-    from, so the attacker descends exactly the functions the guard scores (checked against the detectors' numpy
-    scores). One forward pass with hooks on the union of taps; returns ``(logits, scores (N, n_detectors))``.
+    covariance, the layers' standardisation, the k-NN bank and ``k``, the odds detector's fixed noise draws and
+    per-class statistics — on the torch model the ONNX file was exported from, so the attacker descends exactly the
+    functions the guard scores (checked against the detectors' numpy scores). One forward pass with hooks on the union
+    of taps (plus one per noise draw for odds); returns ``(logits, scores (N, n_detectors))``.
     """
 
     def __init__(self, model: torch.nn.Module, detectors: list[Any]) -> None:
@@ -174,6 +186,11 @@ class TorchGuardScore(torch.nn.Module):
         self.parts: list[tuple[str, Any]] = []
         taps: list[str] = []
         for d in detectors:
+            if d.name == "odds":  # Roth et al.'s statistic on the detector's own (fixed) noise draws
+                self.parts.append(("odds", ([torch.as_tensor(b) for b in d.noise_bank()],
+                                            torch.as_tensor(d.mu_, dtype=torch.float64),
+                                            torch.as_tensor(d.sd_, dtype=torch.float64))))
+                continue
             if d.name == "knn":
                 self.parts.append(("knn", (d.tap_, torch.as_tensor(d.bank_, dtype=torch.float64), d.k)))
                 taps.append(d.tap_)
@@ -195,6 +212,9 @@ class TorchGuardScore(torch.nn.Module):
         act = dict(zip(self.wrapper.tap_names, acts))
         out = []
         for kind, state in self.parts:
+            if kind == "odds":
+                out.append(self._odds(x, logits, *state))
+                continue
             if kind == "knn":
                 tap, bank, k = state
                 f = act[tap].flatten(1).double()
@@ -210,6 +230,19 @@ class TorchGuardScore(torch.nn.Module):
                 per_layer.append(((z[:, None, :] - wm[None]) ** 2).sum(-1).min(dim=1).values)
             out.append(((torch.stack(per_layer, dim=1) - z_mean) / z_std).mean(dim=1))
         return logits, torch.stack(out, dim=1)
+
+    def _odds(self, x: torch.Tensor, logits: torch.Tensor, bank: list[torch.Tensor], mu: torch.Tensor,
+              sd: torch.Tensor) -> torch.Tensor:
+        base = logits.double()
+        y = base.argmax(1)
+        own = torch.nn.functional.one_hot(y, base.shape[1]).bool()
+        z = torch.zeros_like(base)
+        for j, noise in enumerate(bank):
+            noisy = (x[None] + noise[:, None]).clamp(0, 1).reshape(-1, *x.shape[1:])
+            ln = self.wrapper(noisy)[0].double().reshape(len(noise), len(x), -1).mean(0)
+            g = (ln - ln.gather(1, y[:, None])) - (base - base.gather(1, y[:, None]))
+            z = z + (g - mu[j][y]) / sd[j][y]
+        return (z / len(bank)).masked_fill(own, -torch.inf).max(dim=1).values
 
     def close(self) -> None:
         self.wrapper.remove_hooks()
@@ -268,7 +301,7 @@ def _torch_scores(scorer: TorchGuardScore, images: np.ndarray) -> np.ndarray:
 
 
 def adaptive_sets(model: torch.nn.Module, dets: dict[str, Any], fit_x: np.ndarray, x: np.ndarray, y: np.ndarray,
-                  obs_check: dict[str, np.ndarray], lambdas: list[float], seed: int
+                  obs_check: dict[str, np.ndarray], lambdas: list[float], seed: int, onnx_model: OnnxModel
                   ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """The adaptive attacker's sets: for each attacked detector set, norm and ``lam``, the successful uint8 examples."""
     sets, info = {}, []
@@ -280,7 +313,7 @@ def adaptive_sets(model: torch.nn.Module, dets: dict[str, Any], fit_x: np.ndarra
         clean = _torch_scores(scorer, fit_x)  # the clean scale, and parity with the detectors' own scores
         err = 0.0
         for j, r in enumerate(rows):
-            ref = dets[r].score(obs_check)
+            ref = dets[r].score(obs_check, onnx_model)
             err = max(err, float(np.max(np.abs(clean[: len(ref), j] - ref) / np.maximum(np.abs(ref), 1.0))))
         if err > 1e-3:
             raise RuntimeError(f"the torch scores of {rows} disagree with the detectors' (rel. error {err:.2g})")
@@ -438,7 +471,7 @@ def alarms(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
     calibrate_bundle builds it: leave-one-out calibration flags plus validation flags)."""
     out: dict[str, Any] = {}
     for gname in ("default guard (mahalanobis)", "five: fisher", "one pass: layers + knn, fisher",
-                  "one pass: mahalanobis + knn, fisher"):
+                  "one pass: mahalanobis + knn, fisher", "layers + knn + knn (pool) + odds, fisher"):
         c = guards[gname]
         names = c.names
         loo, _, _ = c.pvalues({m: scores["cal"][m] for m in names}, preds["cal"], leave_one_out=True)
@@ -525,7 +558,8 @@ def main() -> None:
         if attack_name == "badnets" and args.adaptive:
             lambdas = [float(v) for v in args.adaptive.split(",") if v.strip()]
             adaptive, adaptive_info = adaptive_sets(model, dict(fitted[1]), splits["fit"][0], src_x[: args.n_adaptive],
-                                                    src_y[: args.n_adaptive], fitted[3], lambdas, args.seed)
+                                                    src_y[: args.n_adaptive], fitted[3], lambdas, args.seed,
+                                                    fitted[0])
             sets.update(adaptive)
         scores, preds, timing = score_sets(fitted, splits, sets)
         two = {row: make_detector(kind, **params).two_sided for row, kind, params, _ in ROWS}

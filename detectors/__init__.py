@@ -4,7 +4,7 @@ Importing this package registers every detector with :func:`make_detector` (and 
 
 | lens | detectors |
 |---|---|
-| sensitivity | ``mutation`` (model mutation), ``squeeze`` (feature squeezing) — two-sided |
+| sensitivity | ``mutation`` (model mutation), ``squeeze`` (feature squeezing) — two-sided; ``odds`` (noise log-odds) |
 | activation space | ``nic`` (value + provenance invariants) |
 | feature space | ``mahalanobis``, ``mahalanobis-layers``, ``knn`` |
 | baselines | ``msp``, ``energy``, ``strip`` (two-sided) |
@@ -23,10 +23,10 @@ from .base import (
 )
 from .baselines import Energy, MaxSoftmax, Strip
 from .feature import KNNDistance, LayerMahalanobis, Mahalanobis
-from .sensitivity import InputSqueezing, ModelMutation
+from .sensitivity import InputSqueezing, ModelMutation, NoiseLogOdds
 
 __all__ = [
     "NIC", "REGISTRY", "Detector", "Energy", "InputSqueezing", "KNNDistance", "LayerMahalanobis", "Mahalanobis",
-    "MaxSoftmax", "ModelFn", "ModelMutation", "NotFittedError", "Observations", "Strip", "detector_from_state",
-    "make_detector", "register",
+    "MaxSoftmax", "ModelFn", "ModelMutation", "NoiseLogOdds", "NotFittedError", "Observations", "Strip",
+    "detector_from_state", "make_detector", "register",
 ]

@@ -142,3 +142,16 @@ def test_help_stays_torch_free():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--abl-max-ca-drop" in r.stdout and "--lr-gamma" in r.stdout
+
+
+def test_a_detector_named_twice_takes_its_own_parameters():
+    import click
+
+    from abl_guard.cli import _calibration_detectors
+
+    dets = _calibration_detectors("knn,knn,odds", ("knn#2.tap=pool", "knn.k=10", "odds.n_samples=4"))
+    assert [d.name for d in dets] == ["knn", "knn", "odds"]
+    assert (dets[0].tap, dets[0].k) == (None, 10) and (dets[1].tap, dets[1].k) == ("pool", 50)
+    assert dets[2].draws == 4
+    with pytest.raises(click.BadParameter, match="knn#3"):
+        _calibration_detectors("knn,knn", ("knn#3.tap=pool",))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import median_filter
 
-from abl_guard.detectors import InputSqueezing, ModelMutation, NotFittedError, make_detector
+from abl_guard.detectors import InputSqueezing, ModelMutation, NoiseLogOdds, NotFittedError, make_detector
 from abl_guard.detectors.sensitivity import bit_depth, median_smooth
 
 
@@ -193,3 +193,122 @@ def test_squeeze_config_and_errors(linear_model):
         InputSqueezing().score(rgb.observe(x), rgb)
     with pytest.raises(ValueError):
         InputSqueezing(bits=0, median=0)
+
+
+# ------------------------------------------------------------------------------------------ noise log-odds
+
+
+def _odds_brute_force(det, model, x):
+    """Roth et al.'s statistic written out per input and per setting, from the detector's own noise bank."""
+    out = []
+    for xi in x:
+        base = model.logits(xi[None])[0]
+        y = int(base.argmax())
+        zs = []
+        for j, noise in enumerate(det.noise_bank()):
+            noisy = np.clip(xi[None] + noise, 0, 1).astype(np.float32)
+            ln = model.logits(noisy).mean(0)
+            g = (ln - ln[y]) - (base - base[y])
+            zs.append((g - det.mu_[j, y]) / det.sd_[j, y])
+        z = np.mean(zs, axis=0)
+        z[y] = -np.inf
+        out.append(z.max())
+    return np.array(out)
+
+
+def test_odds_matches_roth_et_al_statistic(linear_model):
+    model = linear_model(scale=0.5)
+    rng = np.random.default_rng(3)
+    ref = rng.random((60, 1, 6, 6)).astype(np.float32)
+    det = NoiseLogOdds(noise="n0.3,u0.2", n_samples=5, min_class=2).fit(model.observe(ref), None, model)
+    assert [b.shape for b in det.noise_bank()] == [(5, 1, 6, 6)] * 2
+    # per predicted class: the mean and spread of the clean shifts (the class's own entry is 0)
+    y = model.logits(ref).argmax(1)
+    c = int(np.bincount(y).argmax())
+    g = det.shifts(ref, model.logits(ref), model)
+    np.testing.assert_allclose(det.mu_[:, c], g[:, y == c].mean(1), atol=1e-12)
+    others = np.arange(4) != c
+    np.testing.assert_allclose(det.sd_[:, c][:, others], g[:, y == c].std(1)[:, others], atol=1e-12)
+    x = rng.random((9, 1, 6, 6)).astype(np.float32)
+    got = det.score(model.observe(x), model)
+    np.testing.assert_allclose(got, _odds_brute_force(det, model, x), rtol=1e-9, atol=1e-9)
+
+
+def test_odds_does_not_depend_on_the_batch_and_round_trips(linear_model):
+    model = linear_model(scale=0.5)
+    rng = np.random.default_rng(4)
+    ref = rng.random((40, 1, 6, 6)).astype(np.float32)
+    x = rng.random((11, 1, 6, 6)).astype(np.float32)
+    det = NoiseLogOdds(n_samples=4, chunk_size=3).fit(model.observe(ref), None, model)
+    whole = det.score(model.observe(x), model)
+    model.calls = 0
+    one = np.array([det.score(model.observe(x[i : i + 1]), model)[0] for i in range(len(x))])
+    assert model.calls == len(x)  # one call per input: its noisy copies go through together
+    np.testing.assert_allclose(one, whole, rtol=1e-9, atol=1e-9)  # common random numbers, tolerance for float sums
+    back = NoiseLogOdds.from_state(det.get_params(), det.state_dict())
+    np.testing.assert_allclose(back.score(model.observe(x), model), whole, rtol=1e-12, atol=1e-12)
+    other_seed = NoiseLogOdds(n_samples=4, seed=1).fit(model.observe(ref), None, model)
+    assert not np.allclose(other_seed.score(model.observe(x), model), whole)
+
+
+def test_odds_paper_setting_and_pooled_fallback(linear_model):
+    det = NoiseLogOdds(noise="paper")
+    assert det.draws == 256 and len(det.settings) == 9
+    assert {k for k, _ in det.settings} == {"n", "u", "s"} and {e for _, e in det.settings} == {0.003, 0.005, 0.008}
+    assert NoiseLogOdds().draws == 16 and NoiseLogOdds(n_samples=3, noise="paper").draws == 3
+    model = linear_model(scale=0.5)
+    ref = np.random.default_rng(5).random((30, 1, 6, 6)).astype(np.float32)
+    counts = np.bincount(model.logits(ref).argmax(1), minlength=4)
+    det = NoiseLogOdds(n_samples=3, min_class=int(counts.max())).fit(model.observe(ref), None, model)
+    rare = counts < counts.max()
+    np.testing.assert_array_equal(det.pooled_, rare)
+    assert rare.any()
+    # a rare class gets the pooled statistics: every reference input's shift against each other class
+    g = det.shifts(ref, model.logits(ref), model)
+    y = model.logits(ref).argmax(1)
+    pooled = np.where(np.eye(4, dtype=bool)[y][None], np.nan, g)
+    for c in np.flatnonzero(rare):
+        np.testing.assert_allclose(det.mu_[:, c], np.nanmean(pooled, axis=1), atol=1e-12)
+
+
+def test_odds_errors(linear_model):
+    for bad in ("x0.1", "n", "n-1", "nabc", ""):
+        with pytest.raises(ValueError, match="noise"):
+            NoiseLogOdds(noise=bad)
+    with pytest.raises(ValueError, match="n_samples"):
+        NoiseLogOdds(n_samples=0)
+    with pytest.raises(ValueError, match="min_class"):
+        NoiseLogOdds(min_class=1)
+    model = linear_model()
+    x = np.random.default_rng(6).random((8, 1, 6, 6)).astype(np.float32)
+    with pytest.raises(NotFittedError):
+        NoiseLogOdds().score(model.observe(x), model)
+    det = NoiseLogOdds(n_samples=2).fit(model.observe(x), None, model)
+    with pytest.raises(ValueError, match="model"):
+        det.score(model.observe(x), None)
+    with pytest.raises(ValueError, match="shape"):
+        det.score({"input": np.zeros((2, 1, 5, 5), np.float32), "logits": np.zeros((2, 4))}, model)
+    state = det.state_dict()
+    with pytest.raises(ValueError, match="noise settings"):
+        NoiseLogOdds.from_state({**det.get_params(), "noise": "n0.1,n0.2"}, state)
+
+
+def test_odds_flags_pgd_examples_on_a_trained_model(tiny_backdoored):
+    """Roth et al.'s observation on a real model: noise pulls a PGD example's log-odds back towards its true class."""
+    from abl_guard.attacks.adversarial import predict, quantize, run_attack
+    from abl_guard.guard.model import OnnxModel
+    from abl_guard.guard.preprocess import to_model_input
+    from abl_guard.guard.runtime import observe
+
+    model = OnnxModel(tiny_backdoored["onnx"])
+    test = tiny_backdoored["test"]
+    ref = observe(model, to_model_input(test.images[:200], model.input_shape), ["logits"])
+    det = NoiseLogOdds().fit(ref, model=model)
+    x, y = test.images[200:], test.labels[200:]
+    res = run_attack("pgd", tiny_backdoored["model"], x, y, eps=0.15, steps=20, seed=0)
+    adv = quantize(res.images, x, 0.15)
+    ok = res.clean_correct & (predict(tiny_backdoored["model"], adv) != y)
+    assert ok.sum() >= 20
+    clean = det.score(observe(model, to_model_input(x, model.input_shape), ["logits"]), model)
+    attacked = det.score(observe(model, to_model_input(adv[ok], model.input_shape), ["logits"]), model)
+    assert np.median(attacked) > np.quantile(clean, 0.9)
