@@ -157,6 +157,13 @@ def _holdout_split(n: int, cfg: ABLConfig) -> np.ndarray:
     return np.sort(rng.choice(n, n_hold, replace=False)) if n_hold else np.zeros(0, np.int64)
 
 
+def _separate(exp: Expansion | None) -> bool:
+    """Whether an outcome found a separate population: an uncapped seed expansion, or the label scan's."""
+    if exp is None:
+        return True
+    return bool(exp.report.get("expanded")) and not (exp.report.get("capped") and not len(exp.core))
+
+
 def reinitialise(model: nn.Module, seed: int) -> None:
     """Retrain mode: draw fresh weights for every layer (and reset BatchNorm statistics), deterministically from
     ``seed`` so that every torchrun rank, and a resumed run, starts the clean stage from the same model."""
@@ -191,8 +198,12 @@ class _Stages:
             return lga_loss(logits, y, cfg.gamma, cfg.lga)
 
         found: list[tuple[Isolation, Expansion | None]] = []  # what ended the stage early (isolation_stop=auto)
+        extended: list[tuple[Isolation, Expansion | None]] = []  # after T_te: the latest outcome, scanned
 
         def learned() -> bool:
+            if run.epoch >= cfg.isolation_epochs:  # the extension: stop once a separate population is found
+                extended[:] = [self._outcome(pool)]
+                return _separate(extended[0][1])
             iso, exp = self._isolate(pool)
             share = np.bincount(self.labels[iso.candidates]).max() / max(1, len(iso.candidates))
             ok = share >= cfg.isolation_concentration and (exp is None or bool(exp.report["expanded"]))
@@ -202,20 +213,22 @@ class _Stages:
                 found.append((iso, exp))
             return ok
 
-        self._epochs("isolation", 0, cfg.isolation_epochs, batches, opt, lga,
-                     stop=learned if cfg.isolation_stop == "auto" else None)
+        auto = cfg.isolation_stop == "auto"
+        extra = cfg.isolation_extra_epochs if auto and cfg.retrain else 0
+        self._epochs("isolation", 0, cfg.isolation_epochs + extra, batches, opt, lga, stop=learned if auto else None)
         del batches
         self._end("isolation")
-        iso, exp = found[0] if found else self._isolate(pool)
-        # a seed that did not expand, or whose expansion hit the max-share cap (the mark of a clean sub-type, and of
-        # some 5-10% poisons), is checked against a scan of every label: a small separate population wins
-        if exp is not None and (not exp.report.get("expanded") or exp.report.get("capped")) \
-                and cfg.expansion_scan_share > 0:
-            exp = self._scan(pool, exp)
+        if found:  # stopped before T_te: concentrated, and the seed expanded (perhaps capped: then scanned)
+            iso, exp = found[0][0], self._scan_if_needed(pool, found[0][1])
+        elif extended and _separate(extended[0][1]):  # the extension found it
+            iso, exp = extended[0]
+        else:  # ran every epoch allowed: the last epoch's outcome, whatever it is
+            iso, exp = self._outcome(pool)
         run.losses, run.isolated = iso.losses, iso.isolated
         run.report["isolation"] = isolation_report(iso.losses, iso.isolated, self.labels, pool, poison_indices, cfg,
                                                    iso.scores, iso.candidates)
-        run.report["isolation"].update(epoch=run.epoch, stop=cfg.isolation_stop, stopped_early=bool(found))
+        run.report["isolation"].update(epoch=run.epoch, stop=cfg.isolation_stop, stopped_early=bool(found),
+                                       extra_epochs=max(0, run.epoch - cfg.isolation_epochs))
         write_isolation_artifacts(self.out, self.images, self.labels, iso.losses, iso.scores, iso.isolated, pool,
                                   poison_indices, run.report)
         if exp is not None:
@@ -230,6 +243,19 @@ class _Stages:
             opt.state.clear()
         run.stage, run.epoch = "clean", 0
         run.snapshot("clean", 0, opt, None)
+
+    def _scan_if_needed(self, pool: np.ndarray, exp: Expansion | None) -> Expansion | None:
+        """A seed that did not expand, or whose expansion hit the max-share cap (the mark of a clean sub-type, and
+        of some 5-10% poisons), is checked against a scan of every label: a small separate population wins."""
+        if exp is not None and (not exp.report.get("expanded") or exp.report.get("capped")) \
+                and self.run.cfg.expansion_scan_share > 0:
+            return self._scan(pool, exp)
+        return exp
+
+    def _outcome(self, pool: np.ndarray) -> tuple[Isolation, Expansion | None]:
+        """Isolation, seed expansion and (when needed) the label scan with the current model."""
+        iso, exp = self._isolate(pool)
+        return iso, self._scan_if_needed(pool, exp)
 
     def _isolate(self, pool: np.ndarray) -> tuple[Isolation, Expansion | None]:
         """Isolate with the current model and, in retrain mode, expand the seed to the rest of its label."""

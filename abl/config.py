@@ -27,13 +27,14 @@ EXPANSION_METHODS = ("spectral", "classifier")
 PRESETS: dict[str, dict[str, Any]] = {
     "retrain": {},
     # the first release's default: isolation, clean stage on the same model, guarded joint unlearning
-    "unlearn": {"isolation_labels": "all", "isolation_stop": "fixed", "unlearning_epochs": 5},
+    "unlearn": {"isolation_labels": "all", "isolation_stop": "fixed", "unlearning_epochs": 5,
+                "isolation_extra_epochs": 0},
     # every default the paper's (Li et al. 2021): raw-loss ranking of p = 1% at T_te, every isolated example
     # unlearned with the unbounded L_GGA for 5 epochs at lr 5e-4 (official code), no held-out guard
     "paper": {"isolation_labels": "all", "isolation_stop": "fixed", "isolation_score": "loss", "lga": "flooding",
               "isolation_ratio": 0.01, "unlearning": "joint", "unlearning_bound": 0.0,
               "unlearning_ascent": "negated-ce", "unlearning_epochs": 5, "unlearning_lr": 5e-4,
-              "unlearning_bn": "train", "holdout": 0.0},
+              "unlearning_bn": "train", "holdout": 0.0, "isolation_extra_epochs": 0},
 }
 
 
@@ -97,6 +98,10 @@ class ABLConfig:
                                         "expansion is capped), look in every label for a separate population of at "
                                         "most this share of it and remove the clearest instead (abl/expansion.py "
                                         "scan_labels); 0 = off.")
+    isolation_extra_epochs: int = _knob(2, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
+                                        "scan finds a separate population after the isolation epochs, keep "
+                                        "training the isolation model up to this many more epochs, checking after "
+                                        "each (at 1% poison some backdoors separate only later); 0 = off.")
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()
@@ -136,7 +141,7 @@ class ABLConfig:
     ABL_KNOBS = ("mode", "gamma", "lga", "isolation_epochs", "isolation_stop", "isolation_concentration",
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
-                 "expansion_max_share", "expansion_scan_share",
+                 "expansion_max_share", "expansion_scan_share", "isolation_extra_epochs",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -155,6 +160,7 @@ class ABLConfig:
             (not 0.0 < self.isolation_reference < 1.0,
              f"isolation_reference must be in (0, 1), got {self.isolation_reference}"),
             (self.isolation_epochs < 1, "isolation_epochs (T_te) must be >= 1"),
+            (self.isolation_extra_epochs < 0, "isolation_extra_epochs must be >= 0 (0 = off)"),
             (self.clean_epochs < 0 or self.unlearning_epochs < 0, "clean_epochs and unlearning_epochs must be >= 0"),
             (not 0.0 < self.isolation_ratio < 1.0, f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}"),
             (not 0.0 <= self.holdout < 0.5, f"holdout must be in [0, 0.5), got {self.holdout}"),

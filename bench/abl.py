@@ -72,7 +72,7 @@ CPU = torch.device("cpu")
 #: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
-            "expansion_method", "expansion_scan_share")
+            "expansion_method", "expansion_scan_share", "isolation_extra_epochs")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -113,6 +113,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
                if args.abl_mode == "retrain" and args.expansion_method != "classifier" else {}),
             # retrain runs recorded before the label scan existed have no key: they had none
             **({"expansion_scan_share": args.scan_share} if args.abl_mode == "retrain" else {}),
+            # nor before the isolation's extension existed (it had none: 0)
+            **({"isolation_extra_epochs": args.isolation_extra}
+               if args.abl_mode == "retrain" and args.isolation_extra else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -271,6 +274,7 @@ class Bench:
             params = {"mode": a.abl_mode, "eval_every": 0, "isolation_epochs": a.isolation_epochs,
                       "expansion_method": a.expansion_method if a.abl_mode == "retrain" else None,
                       "expansion_scan_share": a.scan_share if a.abl_mode == "retrain" else None,
+                      "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
             for k, v in over.items():
@@ -661,6 +665,8 @@ def main() -> None:
                     help="retrain mode's seed expansion (abl/expansion.py)")
     ap.add_argument("--scan-share", type=float, default=ABLConfig.expansion_scan_share,
                     help="retrain mode's label scan when the seed does not expand (0 = off; abl/expansion.py)")
+    ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,
+                    help="retrain mode: extra isolation epochs when nothing separate was found by T_te (0 = off)")
     ap.add_argument("--end-to-end", action="store_true",
                     help="also calibrate a guard on each model and report the residual attack success through it")
     ap.add_argument("--guard-detectors", default=None,

@@ -314,3 +314,58 @@ def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_pois
     cfg.expansion_scan_share = 0.0  # off: the seed's outcome, no scan
     res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     assert "scan" not in res.report["expansion"] and res.report["expansion"]["method"] == "spectral"
+
+
+def test_isolation_extends_until_a_separate_population_is_found(small_poisoned, monkeypatch):
+    """Nothing separate by T_te: the isolation model trains on, one epoch at a time, up to isolation_extra_epochs,
+    and stops at the first epoch whose seed or label scan finds a population; 0 = off."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.expansion import Expansion
+
+    d = small_poisoned
+    real_scan = abl_mod.scan_labels
+    calls = []
+
+    def scan_found_at(k):
+        def scan(features, labels, pool, **kw):
+            calls.append(1)
+            if len(calls) < k:
+                return real_scan(features, labels, pool, **{**kw, "min_separation": 50.0})  # nothing yet
+            p = np.intersect1d(d.poison, pool)
+            return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
+                             {"method": "spectral-scan", "expanded": True, "target": 0, "n_removed": len(p),
+                              "n_seed": 0, "n_expanded": len(p), "mixture": {"weight_seedlike": 0.1,
+                                                                             "separation": 3.0}}, p)
+        return scan
+
+    def isolation_epochs(res):
+        return sum(h["stage"] == "isolation" for h in res.history)
+
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=1, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0, isolation_extra_epochs=2)
+    assert ABLConfig.for_mode("paper").isolation_extra_epochs == 0
+    assert ABLConfig.for_mode("unlearn").isolation_extra_epochs == 0
+
+    monkeypatch.setattr(abl_mod, "scan_labels", scan_found_at(2))  # found after the first extra epoch
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert isolation_epochs(res) == 2 and len(calls) == 2
+    assert res.report["isolation"]["epoch"] == 2 and res.report["isolation"]["extra_epochs"] == 1
+    assert res.report["expansion"]["method"] == "spectral-scan"
+    np.testing.assert_array_equal(res.removed, np.intersect1d(d.poison, res.removed))
+
+    calls.clear()
+    monkeypatch.setattr(abl_mod, "scan_labels", scan_found_at(1))  # found at T_te: no extension
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert isolation_epochs(res) == 1 and res.report["isolation"]["extra_epochs"] == 0
+    assert res.report["expansion"]["method"] == "spectral-scan"
+
+    calls.clear()
+    monkeypatch.setattr(abl_mod, "scan_labels", scan_found_at(99))  # never: every extra epoch, then the last outcome
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert isolation_epochs(res) == 3 and res.report["isolation"]["extra_epochs"] == 2 and len(calls) == 3
+    assert not res.report["expansion"]["expanded"] and not res.report["expansion"]["scan"]["expanded"]
+
+    calls.clear()
+    cfg.isolation_extra_epochs = 0  # off: T_te as before
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert isolation_epochs(res) == 1 and len(calls) == 1
