@@ -198,12 +198,12 @@ class _Stages:
             return lga_loss(logits, y, cfg.gamma, cfg.lga)
 
         found: list[tuple[Isolation, Expansion | None]] = []  # what ended the stage early (isolation_stop=auto)
-        extended: list[tuple[Isolation, Expansion | None]] = []  # after T_te: the latest outcome, scanned
+        at_te: list[tuple[Isolation, Expansion | None]] = []  # the outcome at T_te (scanned), when extended
+        extended: list[tuple[Isolation, Expansion | None]] = []  # an extension epoch's outcome that found one
 
         def learned() -> bool:
             if run.epoch >= cfg.isolation_epochs:  # the extension: stop once a separate population is found
-                extended[:] = [self._outcome(pool)]
-                return _separate(extended[0][1])
+                return self._extension_found(pool, at_te, extended)
             iso, exp = self._isolate(pool)
             share = np.bincount(self.labels[iso.candidates]).max() / max(1, len(iso.candidates))
             ok = share >= cfg.isolation_concentration and (exp is None or bool(exp.report["expanded"]))
@@ -220,15 +220,14 @@ class _Stages:
         self._end("isolation")
         if found:  # stopped before T_te: concentrated, and the seed expanded (perhaps capped: then scanned)
             iso, exp = found[0][0], self._scan_if_needed(pool, found[0][1])
-        elif extended and _separate(extended[0][1]):  # the extension found it
-            iso, exp = extended[0]
-        else:  # ran every epoch allowed: the last epoch's outcome, whatever it is
-            iso, exp = self._outcome(pool)
+        else:
+            iso, exp = self._final_outcome(pool, at_te, extended)
         run.losses, run.isolated = iso.losses, iso.isolated
         run.report["isolation"] = isolation_report(iso.losses, iso.isolated, self.labels, pool, poison_indices, cfg,
                                                    iso.scores, iso.candidates)
+        extra_run = max(0, run.epoch - cfg.isolation_epochs)
         run.report["isolation"].update(epoch=run.epoch, stop=cfg.isolation_stop, stopped_early=bool(found),
-                                       extra_epochs=max(0, run.epoch - cfg.isolation_epochs))
+                                       extra_epochs=extra_run, extension_found=bool(extra_run and _separate(exp)))
         write_isolation_artifacts(self.out, self.images, self.labels, iso.losses, iso.scores, iso.isolated, pool,
                                   poison_indices, run.report)
         if exp is not None:
@@ -243,6 +242,29 @@ class _Stages:
             opt.state.clear()
         run.stage, run.epoch = "clean", 0
         run.snapshot("clean", 0, opt, None)
+
+    def _extension_found(self, pool: np.ndarray, at_te: list[tuple[Isolation, Expansion | None]],
+                         extended: list[tuple[Isolation, Expansion | None]]) -> bool:
+        """At T_te and after each extension epoch: the outcome (the first one kept as ``at_te``); True, and it is
+        kept in ``extended``, when it found a separate population."""
+        outcome = self._outcome(pool)
+        if not at_te:
+            at_te.append(outcome)
+        if _separate(outcome[1]):
+            extended.append(outcome)
+            return True
+        return False
+
+    def _final_outcome(self, pool: np.ndarray, at_te: list[tuple[Isolation, Expansion | None]],
+                       extended: list[tuple[Isolation, Expansion | None]]) -> tuple[Isolation, Expansion | None]:
+        """The stage's outcome when it was not stopped before T_te: what an extension epoch (or T_te) found; else
+        the last epoch's if it finds one; else the one at T_te stands (the extension only adds a finding)."""
+        if extended:
+            return extended[0]
+        iso, exp = self._outcome(pool)
+        if at_te and not _separate(exp):
+            return at_te[0]
+        return iso, exp
 
     def _scan_if_needed(self, pool: np.ndarray, exp: Expansion | None) -> Expansion | None:
         """A seed that did not expand, or whose expansion hit the max-share cap (the mark of a clean sub-type, and

@@ -101,7 +101,8 @@ class ABLConfig:
     isolation_extra_epochs: int = _knob(2, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
                                         "scan finds a separate population after the isolation epochs, keep "
                                         "training the isolation model up to this many more epochs, checking after "
-                                        "each (at 1% poison some backdoors separate only later); 0 = off.")
+                                        "each (at 1% poison some backdoors separate only later); if none is "
+                                        "found the outcome at T_te stands; 0 = off.")
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()

@@ -350,6 +350,7 @@ def test_isolation_extends_until_a_separate_population_is_found(small_poisoned, 
     res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     assert isolation_epochs(res) == 2 and len(calls) == 2
     assert res.report["isolation"]["epoch"] == 2 and res.report["isolation"]["extra_epochs"] == 1
+    assert res.report["isolation"]["extension_found"] is True
     assert res.report["expansion"]["method"] == "spectral-scan"
     np.testing.assert_array_equal(res.removed, np.intersect1d(d.poison, res.removed))
 
@@ -360,12 +361,15 @@ def test_isolation_extends_until_a_separate_population_is_found(small_poisoned, 
     assert res.report["expansion"]["method"] == "spectral-scan"
 
     calls.clear()
-    monkeypatch.setattr(abl_mod, "scan_labels", scan_found_at(99))  # never: every extra epoch, then the last outcome
-    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
-    assert isolation_epochs(res) == 3 and res.report["isolation"]["extra_epochs"] == 2 and len(calls) == 3
-    assert not res.report["expansion"]["expanded"] and not res.report["expansion"]["scan"]["expanded"]
+    monkeypatch.setattr(abl_mod, "scan_labels", scan_found_at(99))  # never: every extra epoch, then T_te's outcome
+    never = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert isolation_epochs(never) == 3 and never.report["isolation"]["extra_epochs"] == 2 and len(calls) == 3
+    assert not never.report["expansion"]["expanded"] and not never.report["expansion"]["scan"]["expanded"]
+    assert never.report["isolation"]["extension_found"] is False
 
     calls.clear()
-    cfg.isolation_extra_epochs = 0  # off: T_te as before
+    cfg.isolation_extra_epochs = 0  # off: T_te as before — and the same outcome the fruitless extension kept
     res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     assert isolation_epochs(res) == 1 and len(calls) == 1
+    np.testing.assert_array_equal(never.removed, res.removed)
+    np.testing.assert_array_equal(never.isolated, res.isolated)
