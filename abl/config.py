@@ -98,11 +98,13 @@ class ABLConfig:
                                         "expansion is capped), look in every label for a separate population of at "
                                         "most this share of it and remove the clearest instead (abl/expansion.py "
                                         "scan_labels); 0 = off.")
-    isolation_extra_epochs: int = _knob(2, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
+    isolation_extra_epochs: int = _knob(0, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
                                         "scan finds a separate population after the isolation epochs, keep "
                                         "training the isolation model up to this many more epochs, checking after "
                                         "each (at 1% poison some backdoors separate only later); if none is "
-                                        "found the outcome at T_te stands; 0 = off.")
+                                        "found the outcome at T_te stands. 0 = off (default: with 2 it removed "
+                                        "Blend 1% in two more seeds but also a clean sub-type of clean data, "
+                                        "docs/abl.md#isolation-extension).")
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()

@@ -169,6 +169,7 @@ ABL_FLAGS = {
     "isolation_score": ("--abl-isolation-score", "loss", "loss"),
     "isolation_reference": ("--abl-isolation-reference", "0.75", 0.75),
     "isolation_labels": ("--abl-isolation-labels", "target", "target"),
+    "isolation_extra_epochs": ("--abl-isolation-extra-epochs", "2", 2),
     "expansion_method": ("--abl-expansion-method", "classifier", "classifier"),
     "expansion_posterior": ("--abl-expansion-posterior", "0.1", 0.1),
     "expansion_scan_share": ("--abl-expansion-scan-share", "0", 0.0),
