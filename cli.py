@@ -684,6 +684,7 @@ def calibrate(ctx: click.Context, model_path: str, data_paths: tuple[str, ...], 
 def _calibration_detectors(detector_names: str, detector_params: tuple[str, ...]) -> list[Detector]:
     """``--detectors`` / ``--detector-param`` -> detector objects; usage errors before any model is opened."""
     from abl_guard.detectors import make_detector
+    from abl_guard.guard.runtime import instance_names
 
     per_det: dict[str, dict[str, Any]] = {}
     for key, value in parse_kv(detector_params).items():
@@ -693,11 +694,7 @@ def _calibration_detectors(detector_names: str, detector_params: tuple[str, ...]
         per_det.setdefault(det, {})[param] = value
     names = [n.strip() for n in detector_names.split(",") if n.strip()]
     # a detector named twice gets instance names knn, knn#2, ... (as in the bundle): knn#2.tap=pool sets the second
-    seen: dict[str, int] = {}
-    instances = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        instances.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    instances = instance_names(names)
     unknown = set(per_det) - set(instances)
     if unknown:
         raise click.BadParameter(f"parameters given for detectors not selected: {sorted(unknown)}")

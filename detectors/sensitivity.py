@@ -394,6 +394,7 @@ class NoiseLogOdds(Detector):
         bank = self.noise_bank()
         logits = np.asarray(logits, np.float64)
         y = logits.argmax(axis=1)
+        base = logits - logits[np.arange(len(y)), y][:, None]  # the clean log-odds f_z - f_y
         n, per_image = len(x), int(np.prod(x.shape[1:]))
         rows = max(1, min(self.chunk_size, _NOISE_BUDGET // max(1, self.draws * per_image)))
         out = np.empty((len(bank), n, logits.shape[1]))
@@ -402,9 +403,7 @@ class NoiseLogOdds(Detector):
                 s = slice(start, min(start + rows, n))
                 noisy = np.clip(x[s][None] + noise[:, None], 0.0, 1.0).reshape(-1, *x.shape[1:])
                 ln = model_logits(model, noisy, "NoiseLogOdds").reshape(self.draws, s.stop - s.start, -1).mean(0)
-                idx = np.arange(s.stop - s.start)
-                g = (ln - ln[idx, y[s]][:, None]) - (logits[s] - logits[s][idx, y[s]][:, None])
-                out[j, s] = g
+                out[j, s] = ln - ln[np.arange(s.stop - s.start), y[s]][:, None] - base[s]
         return out
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,

@@ -115,15 +115,19 @@ def _finite(v: float) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def unique_names(detectors: Sequence[Detector]) -> list[str]:
-    """Detector names made unique by order of appearance (``mahalanobis``, ``mahalanobis#2``, ...)."""
-    names: list[str] = []
+def instance_names(names: Sequence[str]) -> list[str]:
+    """Names made unique by order of appearance (``mahalanobis``, ``mahalanobis#2``, ...)."""
+    out: list[str] = []
     seen: dict[str, int] = {}
-    for d in detectors:
-        n = d.name
+    for n in names:
         seen[n] = seen.get(n, 0) + 1
-        names.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
-    return names
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+def unique_names(detectors: Sequence[Detector]) -> list[str]:
+    """Detector names made unique by order of appearance (:func:`instance_names`): the bundle's detector keys."""
+    return instance_names([d.name for d in detectors])
 
 
 def needed_outputs(detectors: Sequence[Detector]) -> list[str]:
