@@ -5,12 +5,12 @@ Importing this package registers every detector with :func:`make_detector` (and 
 | lens | detectors |
 |---|---|
 | sensitivity | ``mutation`` (model mutation), ``squeeze`` (feature squeezing) — two-sided; ``odds`` (noise log-odds) |
-| activation space | ``nic`` (value + provenance invariants) |
+| activation space | ``nic`` (value + provenance invariants), ``gram`` (Gram-matrix deviations) |
 | feature space | ``mahalanobis``, ``mahalanobis-layers``, ``knn`` |
 | baselines | ``msp``, ``energy``, ``strip`` (two-sided) |
 """
 
-from .activation import NIC
+from .activation import NIC, GramDeviation
 from .base import (
     REGISTRY,
     Detector,
@@ -26,7 +26,7 @@ from .feature import KNNDistance, LayerMahalanobis, Mahalanobis
 from .sensitivity import InputSqueezing, ModelMutation, NoiseLogOdds
 
 __all__ = [
-    "NIC", "REGISTRY", "Detector", "Energy", "InputSqueezing", "KNNDistance", "LayerMahalanobis", "Mahalanobis",
-    "MaxSoftmax", "ModelFn", "ModelMutation", "NoiseLogOdds", "NotFittedError", "Observations", "Strip",
+    "NIC", "REGISTRY", "Detector", "Energy", "GramDeviation", "InputSqueezing", "KNNDistance", "LayerMahalanobis",
+    "Mahalanobis", "MaxSoftmax", "ModelFn", "ModelMutation", "NoiseLogOdds", "NotFittedError", "Observations", "Strip",
     "detector_from_state", "make_detector", "register",
 ]
