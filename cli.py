@@ -628,7 +628,8 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
                    "throughput (bench/results/detect_converged.md, serve.md); its taps adapt to the model's.")
 @click.option("--detector-param", "detector_params", multiple=True, metavar="DETECTOR.KEY=VALUE",
               help="Detector hyper-parameter (repeatable), e.g. mahalanobis.ridge=0; a detector named twice in "
-                   "--detectors is knn, knn#2, ... (knn#2.tap=pool).")
+                   "--detectors is knn, knn#2, ... (knn#2.tap=pool). A tap can be named by its position in the "
+                   "model's tap order, penultimate last: knn#2.tap=@-2 is the tap before the last on any model.")
 @click.option("--combine", type=click.Choice(["fisher", "min-p", "cauchy", "hmp"]), default="fisher",
               show_default=True,
               help="How detectors' p-values are combined: Fisher adds evidence across detectors (default; measured "

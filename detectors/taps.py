@@ -3,7 +3,9 @@
 A detector built with ``taps=None`` (``tap=None``) adapts to the model: the multi-layer detectors read every tap in
 the model's metadata order with ``penultimate`` moved last, the single-layer ones read ``penultimate`` (or, when the
 model has none, the last tap). Named taps are checked against the model's, with a one-line error naming the taps
-it has — a foreign ONNX file adopted with its own layer names works without knowing the small CNN's.
+it has — a foreign ONNX file adopted with its own layer names works without knowing the small CNN's. A tap can
+also be named by its position in that order, ``"@-2"`` (the tap before the last), which means the same layer on any
+model whose taps run from input to output.
 
 Before ``fit`` a detector cannot know the model's taps, so it requires only the logits; ``fit`` and ``score`` fetch
 the taps they need through the model callable when the observations lack them (:func:`with_taps`). A fitted
@@ -33,19 +35,36 @@ def available_taps(reference: Observations, model: ModelFn | None) -> list[str]:
 
 def resolve_taps(requested: Sequence[str] | None, reference: Observations, model: ModelFn | None,
                  who: str) -> list[str]:
-    """``requested`` checked against the model's taps, or (None) every tap, ``penultimate`` last."""
+    """``requested`` checked against the model's taps, or (None) every tap, ``penultimate`` last.
+
+    A requested ``"@i"`` is a position in that order (Python indexing: ``"@-1"`` the last tap, ``"@-2"`` the one
+    before it), resolved to the tap's name — one spelling for "the layer before the penultimate" on any model.
+    """
     have = available_taps(reference, model)
+    ordered = [t for t in have if t != PENULTIMATE] + ([PENULTIMATE] if PENULTIMATE in have else [])
     if requested is None:
-        taps = [t for t in have if t != PENULTIMATE] + ([PENULTIMATE] if PENULTIMATE in have else [])
-        if not taps:
+        if not ordered:
             raise ValueError(f"{who}: the model has no taps (internal activations) to read; export or adopt it with "
                              "taps")
-        return taps
+        return ordered
+    requested = [_by_position(str(t), ordered, who) for t in requested]
     missing = [t for t in requested if t not in have]
     if missing:
         raise ValueError(f"{who}: the model has no tap {', '.join(map(repr, missing))}; its taps are {have} "
                          f"(name existing taps, or leave the taps unset to use them all)")
     return [str(t) for t in requested]
+
+
+def _by_position(tap: str, ordered: Sequence[str], who: str) -> str:
+    """``"@i"`` -> the ``i``-th tap of ``ordered``; any other name unchanged."""
+    if not tap.startswith("@"):
+        return tap
+    try:
+        i = int(tap[1:])
+        return ordered[i]
+    except (ValueError, IndexError):
+        raise ValueError(f"{who}: tap {tap!r} names no position among the model's {len(ordered)} taps {list(ordered)} "
+                         f"(use @0 .. @{len(ordered) - 1}, or @-1 for the last)") from None
 
 
 def resolve_tap(requested: str | None, reference: Observations, model: ModelFn | None, who: str) -> str:

@@ -114,3 +114,21 @@ def test_knn_resolves_its_tap_and_reads_old_bundles():
     assert old.tap_ == "penultimate"
     with pytest.raises(ValueError, match="no tap 'penultimate'"):
         KNNDistance(tap="penultimate", k=5).fit(obs)
+
+
+def test_taps_by_position_resolve_to_names_on_any_model():
+    from abl_guard.detectors import KNNDistance
+
+    obs, y = _obs(["penultimate", "layer2", "layer3"])
+    model = _TapModel(["stem", "penultimate", "layer4"])
+    assert resolve_taps(["@0", "@-1", "@-2"], obs, model, "x") == ["stem", "penultimate", "layer4"]
+    assert resolve_tap("@-2", obs, None, "x") == "layer3"  # observations: metadata order, penultimate last
+    with pytest.raises(ValueError, match=r"tap '@3' names no position among the model's 3 taps"):
+        resolve_tap("@3", obs, model, "x")
+    with pytest.raises(ValueError, match="names no position"):
+        resolve_tap("@x", obs, model, "x")
+    det = KNNDistance(tap="@-2", k=5).fit(obs, y)
+    assert det.tap_ == "layer3" and det.requires == ("layer3",)
+    back = make_detector("knn", **det.get_params()).from_state(det.get_params(), det.state_dict())
+    np.testing.assert_array_equal(back.score(obs), det.score(obs))
+    assert LayerMahalanobis(taps=["@0", "@-1"]).fit(obs, y).taps_ == ["layer2", "penultimate"]
