@@ -48,6 +48,22 @@ def test_threshold_edges():
         threshold_for_fpr(np.ones(10), 0.0)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_fisher_closed_form_is_the_chi_square_tail(k):
+    """The guard's Fisher combination (the Poisson-tail closed form) equals scipy's chi2_{2k} survival function to
+    1e-12 relative, from p = 1 down to p-values near the float64 limit."""
+    from scipy import stats
+
+    rng = np.random.default_rng(k)
+    p = np.clip(rng.random((3000, k)) ** rng.uniform(0.05, 40, (3000, 1)), 1e-300, 1.0)
+    p[0] = 1.0
+    want = stats.chi2.sf(-2 * np.log(p).sum(axis=1), 2 * k)
+    got = combine_pvalues(p, "fisher")
+    tiny = want < 1e-290  # both underflow together there
+    np.testing.assert_allclose(got[~tiny], want[~tiny], rtol=1e-12)
+    assert got[0] == 1.0 and np.all(got[tiny] < 1e-280)
+
+
 def test_clopper_pearson_known_values():
     lo, hi = clopper_pearson(0, 100)
     assert lo == 0.0 and abs(hi - 0.0362) < 1e-3
