@@ -67,7 +67,10 @@ ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
                     ("odds", "odds", {}, "sensitivity"),
                     ("odds (paper noise, 8 draws)", "odds", {"noise": "paper", "n_samples": 8}, "sensitivity"),
                     # Sun et al.'s k-NN one layer earlier: the pooled last conv block
-                    ("knn (pool)", "knn", {"tap": "pool"}, "feature")]
+                    ("knn (pool)", "knn", {"tap": "pool"}, "feature"),
+                    # Sastry & Oore's Gram-matrix deviations: the default (first-order Gram) and the paper's 10 orders
+                    ("gram", "gram", {}, "activation"),
+                    ("gram (paper powers)", "gram", {"powers": 10}, "activation")]
 TRAIN = {"epochs": 9, "lr": 0.05, "lr_milestones": (5, 8)}
 FPR = 0.01
 #: the five-detector guard of issue 16, and one with every lens and STRIP
@@ -93,6 +96,11 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     ("layers + knn + odds, fisher", ["mahalanobis-layers", "knn", "odds"], "fisher", True),
     ("layers + knn + knn (pool), fisher", ["mahalanobis-layers", "knn", "knn (pool)"], "fisher", True),
     ("layers + knn + knn (pool) + odds, fisher", ["mahalanobis-layers", "knn", "knn (pool)", "odds"], "fisher", True),
+    ("mahalanobis + knn + gram, fisher", ["mahalanobis", "knn", "gram"], "fisher", True),
+    ("mahalanobis + knn + gram, hmp", ["mahalanobis", "knn", "gram"], "hmp", True),
+    ("layers + knn + gram, fisher", ["mahalanobis-layers", "knn", "gram"], "fisher", True),
+    ("layers + knn + knn (pool) + odds + gram, fisher",
+     ["mahalanobis-layers", "knn", "knn (pool)", "odds", "gram"], "fisher", True),
 ]
 #: fusion from clean data only (issue 16 item 3): member sets whose Fisher guard is re-weighted, see ``fusion_rows``
 FUSION_STUDY: list[tuple[str, list[str]]] = [
@@ -162,6 +170,7 @@ ADAPTIVE_TARGETS: dict[tuple[str, ...], str] = {
     ("mahalanobis-layers", "knn"): "one pass: layers + knn, fisher",
     ("mahalanobis", "knn"): "one pass: mahalanobis + knn, fisher",
     ("mahalanobis-layers", "knn", "knn (pool)", "odds"): "layers + knn + knn (pool) + odds, fisher",
+    ("mahalanobis", "knn", "gram"): "mahalanobis + knn + gram, fisher",
 }
 #: other guard rows shown in the adaptive table (transfer: an attack on some detectors, scored by the others)
 SHOWN_UNDER_ADAPTIVE = ("one pass: mahalanobis + layers + knn, fisher",)
@@ -169,7 +178,7 @@ KAPPA = 5.0  # logit margin the adaptive attacker aims for, so that uint8 roundi
 
 
 class TorchGuardScore(torch.nn.Module):
-    """*Fitted* Mahalanobis, mahalanobis-layers, knn and odds detectors' scores, differentiable in torch.
+    """*Fitted* Mahalanobis, mahalanobis-layers, knn, odds and gram detectors' scores, differentiable in torch.
 
     Built from each detector's own state — resolved taps, whitened class means and Cholesky factor of the tied
     covariance, the layers' standardisation, the k-NN bank and ``k``, the odds detector's fixed noise draws and
@@ -190,6 +199,13 @@ class TorchGuardScore(torch.nn.Module):
                 self.parts.append(("odds", ([torch.as_tensor(b) for b in d.noise_bank()],
                                             torch.as_tensor(d.mu_, dtype=torch.float64),
                                             torch.as_tensor(d.sd_, dtype=torch.float64))))
+                continue
+            if d.name == "gram":  # first-order Gram values against the predicted class's bounds
+                if d.powers != 1:
+                    raise ValueError("the adaptive attacker differentiates gram with powers=1 only")
+                self.parts.append(("gram", (list(d.taps_), *(torch.as_tensor(v, dtype=torch.float64) for v in
+                                                             (d.lo_, d.hi_, d.norm_)), d.sizes_.tolist())))
+                taps += list(d.taps_)
                 continue
             if d.name == "knn":
                 self.parts.append(("knn", (d.tap_, torch.as_tensor(d.bank_, dtype=torch.float64), d.k)))
@@ -215,6 +231,9 @@ class TorchGuardScore(torch.nn.Module):
             if kind == "odds":
                 out.append(self._odds(x, logits, *state))
                 continue
+            if kind == "gram":
+                out.append(self._gram(logits, act, *state))
+                continue
             if kind == "knn":
                 tap, bank, k = state
                 f = act[tap].flatten(1).double()
@@ -230,6 +249,22 @@ class TorchGuardScore(torch.nn.Module):
                 per_layer.append(((z[:, None, :] - wm[None]) ** 2).sum(-1).min(dim=1).values)
             out.append(((torch.stack(per_layer, dim=1) - z_mean) / z_std).mean(dim=1))
         return logits, torch.stack(out, dim=1)
+
+    @staticmethod
+    def _gram(logits: torch.Tensor, act: dict[str, torch.Tensor], taps: list[str], lo: torch.Tensor, hi: torch.Tensor,
+              norm: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        g = []
+        for t in taps:
+            a = act[t].double()
+            a = a.flatten(2) if a.ndim > 2 else a[:, :, None]
+            g.append((a @ a.sum(dim=1)[:, :, None])[:, :, 0])
+        gv = torch.cat(g, dim=1)
+        pred = logits.argmax(1)
+        lo_p, hi_p = lo[pred], hi[pred]
+        dev = (torch.relu(lo_p - gv) / (lo_p + 1e-6).abs() + torch.relu(gv - hi_p) / (hi_p + 1e-6).abs())
+        per_tap = torch.stack([c.sum(dim=1) for c in dev.split(sizes, dim=1)], dim=1)
+        conf = torch.softmax(logits.double(), dim=1).max(dim=1).values
+        return (per_tap / conf[:, None] / norm).sum(dim=1)
 
     def _odds(self, x: torch.Tensor, logits: torch.Tensor, bank: list[torch.Tensor], mu: torch.Tensor,
               sd: torch.Tensor) -> torch.Tensor:
@@ -471,7 +506,8 @@ def alarms(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
     calibrate_bundle builds it: leave-one-out calibration flags plus validation flags)."""
     out: dict[str, Any] = {}
     for gname in ("default guard (mahalanobis)", "five: fisher", "one pass: layers + knn, fisher",
-                  "one pass: mahalanobis + knn, fisher", "layers + knn + knn (pool) + odds, fisher"):
+                  "one pass: mahalanobis + knn, fisher", "layers + knn + knn (pool) + odds, fisher",
+                  "mahalanobis + knn + gram, fisher", "layers + knn + knn (pool) + odds + gram, fisher"):
         c = guards[gname]
         names = c.names
         loo, _, _ = c.pvalues({m: scores["cal"][m] for m in names}, preds["cal"], leave_one_out=True)
