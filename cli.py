@@ -622,7 +622,7 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
               help="Number of clean images to use.")
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True,
               help="Target false-positive rate of the guard.")
-@click.option("--detectors", "detector_names", default="mahalanobis,knn", show_default=True,
+@click.option("--detectors", "detector_names", default="mahalanobis,knn,gram", show_default=True,
               help="Comma-separated detectors. The default has the best measured worst-case AUROC over backdoor, "
                    "adversarial and out-of-distribution inputs among the sets that keep >= 0.75x bare onnxruntime "
                    "throughput (bench/results/detect_converged.md, serve.md); its taps adapt to the model's.")

@@ -313,7 +313,9 @@ def main() -> int:
     model = build_model(out)
     sets = {"default": default_detectors(), **{n: [n] for n in sorted(REGISTRY)},
             # the runner-up default set (better worst-case AUROC in detect_converged.md, slower: every tap)
-            "mahalanobis-layers,knn": ["mahalanobis-layers", "knn"]}
+            "mahalanobis-layers,knn": ["mahalanobis-layers", "knn"],
+            # the default plus Sastry & Oore's Gram deviations (far out-of-distribution inputs; reads the conv taps)
+            "mahalanobis,knn,gram": ["mahalanobis", "knn", "gram"]}
     bundles = build_bundles(model, out, {"default": sets["default"]}, args.rebuild)
     mem = memory_bench(bundles["default"], out, [int(v) for v in args.scan_sizes.split(",")])
     bundles.update(build_bundles(model, out, {k: v for k, v in sets.items() if k != "default"}, args.rebuild))

@@ -42,7 +42,7 @@ def renamed_taps(src: Path, dst: Path, name: str) -> Path:
 
 
 def test_default_set_is_the_measured_one():
-    assert default_set() == ["mahalanobis", "knn"]
+    assert default_set() == ["mahalanobis", "knn", "gram"]
 
 
 @pytest.mark.parametrize("tap", ["penultimate", "dense_1/Relu:0"])
