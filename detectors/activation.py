@@ -315,8 +315,9 @@ class GramDeviation(Detector):
     The paper's bounds come from the training set and its normaliser from held-out test inputs; here the fit
     reference is split (seeded): ``holdout`` of it normalises, the rest bounds. ``taps=None`` reads every
     convolutional (spatial) tap of the model, else every tap (resolved at fit, :mod:`.taps`). Deviations: the
-    default uses ``powers=1`` (the paper's ``powers=10`` computes ten Gram orders at ten times the cost; measured
-    within 0.01 AUROC of it, ``bench/results/detect_converged.md``, rows ``gram`` and ``gram (paper powers)``); a
+    default uses ``powers=1`` (the paper's ``powers=10`` computes ten Gram orders at ~30 times the cost and measured
+    no better: at most 0.002 AUROC above it anywhere, below it on PGD, CW and three triggers —
+    ``bench/results/detect_converged.md`` and ``_more.md``, rows ``gram`` and ``gram (paper powers)``); a
     predicted class with fewer than ``min_class`` bounding inputs uses the bounds pooled over all classes.
     """
 
