@@ -248,8 +248,11 @@ class KNNDistance(Detector):
         out = np.empty(len(feats))
         for s in self._chunks(len(feats)):
             q = self.normalise(feats[s])
-            d2 = 2.0 - 2.0 * (q @ self.bank_.T)  # float32: (chunk, bank) scratch, finds the k-th neighbour
-            kth = np.argpartition(d2, self.k - 1, axis=1)[:, self.k - 1]
+            # float32 cosine similarities (chunk, bank) find the k-th neighbour: the k-th largest similarity, by a
+            # values-only partition (a third cheaper than argpartition) and one comparison for its index
+            sims = q @ self.bank_.T
+            kth_sim = np.partition(sims, len(self.bank_) - self.k, axis=1)[:, len(self.bank_) - self.k]
+            kth = np.argmax(sims == kth_sim[:, None], axis=1)
             # its distance again in float64 as ||a - b||: the float32 2 - 2ab loses digits to cancellation for near
             # neighbours and its rounding follows the GEMM's blocking (batch shape, CPU kernel)
             diff = q.astype(np.float64) - self.bank_[kth].astype(np.float64)
