@@ -283,6 +283,8 @@ def gram_features(act: np.ndarray, powers: int) -> np.ndarray:
     its square (the ``p``-th root of a homogeneous degree-``2p`` form), so large activations cannot overflow.
     """
     a = np.asarray(act)
+    if a.dtype.itemsize < 4:  # float16 outputs of an adopted model: sums of products would overflow at 65504
+        a = a.astype(np.float32)
     a = a.reshape(len(a), a.shape[1], -1) if a.ndim > 2 else a[:, :, None]
     if powers == 1:  # two products per input in the activations' own precision (float32 for an ONNX model)
         s = np.matmul(np.ones((1, a.shape[1]), a.dtype), a)  # channel sums (N, 1, HW): BLAS beats a ufunc reduce

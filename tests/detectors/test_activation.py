@@ -132,6 +132,13 @@ def test_gram_features_match_the_explicit_matrix(powers):
                                atol=1e-4)
 
 
+def test_gram_features_of_float16_activations_are_computed_in_float32():
+    act = (np.random.default_rng(2).random((3, 8, 6, 6)) * 40).astype(np.float16)  # sums reach ~1e6 > 65504
+    g = gram_features(act, 1)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, _brute_gram(act.astype(np.float64), 1), rtol=1e-5)
+
+
 def test_gram_features_do_not_overflow_on_huge_activations():
     act = np.random.default_rng(1).random((3, 2, 5, 5)).astype(np.float32) + 0.1
     g = gram_features(act, 10)
