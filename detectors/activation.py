@@ -16,7 +16,7 @@ import numpy as np
 
 from ._util import adaptive_avg_pool, softmax, subsample
 from .base import Detector, ModelFn, NotFittedError, Observations, register
-from .taps import resolve_taps, taps_state, with_taps
+from .taps import parse_taps, resolve_taps, taps_state, with_taps
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,13 @@ class NIC(Detector):
                  max_dim: int = 64, nu: float = 0.1, gamma: float | str = "scale", final_nu: float = 0.1,
                  probe_c: float = 1.0, max_samples: int = 4000, seed: int = 0, chunk_size: int = 4096) -> None:
         super().__init__(chunk_size)
-        if isinstance(taps, str):
-            taps = [t for t in taps.split(",") if t]
-        if taps is not None and (len(taps) < 1 or len(set(taps)) != len(taps)):
-            raise ValueError(f"taps must be a non-empty list of distinct tap names (or None: all), got {taps!r}")
+        self.taps = parse_taps(taps)
         if grid < 1 or max_dim < 1:
             raise ValueError("grid and max_dim must be >= 1")
         if not (0 < nu <= 1 and 0 < final_nu <= 1):
             raise ValueError("nu and final_nu must be in (0, 1]")
         if max_samples < 20:
             raise ValueError("max_samples must be >= 20")
-        self.taps = None if taps is None else [str(t) for t in taps]
         self.grid = int(grid)
         self.max_dim = int(max_dim)
         self.nu = float(nu)
@@ -329,18 +325,13 @@ class GramDeviation(Detector):
     def __init__(self, taps: Sequence[str] | None = None, powers: int = 1, holdout: float = 0.2, min_class: int = 3,
                  seed: int = 0, chunk_size: int = 512) -> None:
         super().__init__(chunk_size)
-        if isinstance(taps, str):
-            taps = [t for t in taps.split(",") if t]
-        if taps is not None and (not taps or len(set(taps)) != len(taps)):
-            raise ValueError(f"taps must be a non-empty list of distinct tap names (or None: the conv taps), got "
-                             f"{taps!r}")
+        self.taps = parse_taps(taps, "the conv taps")
         if powers < 1:
             raise ValueError("powers must be >= 1 (the paper uses 10)")
         if not 0 < holdout < 1:
             raise ValueError("holdout must be in (0, 1)")
         if min_class < 1:
             raise ValueError("min_class must be >= 1")
-        self.taps = None if taps is None else [str(t) for t in taps]
         self.powers = int(powers)
         self.holdout = float(holdout)
         self.min_class = int(min_class)

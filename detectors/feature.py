@@ -9,7 +9,7 @@ from scipy.linalg import solve_triangular
 
 from ._util import subsample
 from .base import Detector, ModelFn, Observations, flatten_features, register
-from .taps import PENULTIMATE, resolve_tap, resolve_taps, taps_state, with_taps
+from .taps import PENULTIMATE, parse_taps, resolve_tap, resolve_taps, taps_state, with_taps
 
 
 @register
@@ -132,11 +132,7 @@ class LayerMahalanobis(Detector):
     def __init__(self, taps: Sequence[str] | None = None, ridge: float = 1e-6,
                  chunk_size: int = 4096) -> None:
         super().__init__(chunk_size)
-        if isinstance(taps, str):
-            taps = [t for t in taps.split(",") if t]
-        if taps is not None and (not taps or len(set(taps)) != len(taps)):
-            raise ValueError(f"taps must be a non-empty list of distinct tap names (or None: all), got {taps!r}")
-        self.taps = None if taps is None else [str(t) for t in taps]
+        self.taps = parse_taps(taps)
         self.ridge = float(ridge)
         self.taps_: list[str] | None = None  # the resolved taps
         self.layers_: list[Mahalanobis] | None = None

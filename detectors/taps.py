@@ -94,6 +94,16 @@ def with_taps(obs: Observations, taps: Sequence[str], model: ModelFn | None, who
     return out
 
 
+def parse_taps(taps: str | Sequence[str] | None, none_means: str = "all") -> list[str] | None:
+    """A multi-layer detector's ``taps`` parameter: None (resolved at fit), or a list — or a comma-separated string
+    from the command line — of distinct tap names."""
+    if isinstance(taps, str):
+        taps = [t for t in taps.split(",") if t]
+    if taps is not None and (not taps or len(set(taps)) != len(taps)):
+        raise ValueError(f"taps must be a non-empty list of distinct tap names (or None: {none_means}), got {taps!r}")
+    return None if taps is None else [str(t) for t in taps]
+
+
 def taps_state(taps: Sequence[str]) -> np.ndarray:
     """Resolved taps as a plain (unicode) array for ``state_dict``."""
     return np.array([str(t) for t in taps], dtype=np.str_)
