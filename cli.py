@@ -623,9 +623,10 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True,
               help="Target false-positive rate of the guard.")
 @click.option("--detectors", "detector_names", default="mahalanobis,knn,gram", show_default=True,
-              help="Comma-separated detectors. The default has the best measured worst-case AUROC over backdoor, "
-                   "adversarial and out-of-distribution inputs among the sets that keep >= 0.75x bare onnxruntime "
-                   "throughput (bench/results/detect_converged.md, serve.md); its taps adapt to the model's.")
+              help="Comma-separated detectors, each optionally with inline parameters (NAME:KEY=VALUE:...). The "
+                   "default has the best measured worst-case AUROC over backdoor, adversarial and out-of-distribution "
+                   "inputs among the sets that keep >= 0.75x bare onnxruntime throughput "
+                   "(bench/results/detect_converged.md, serve.md); its taps adapt to the model's.")
 @click.option("--detector-param", "detector_params", multiple=True, metavar="DETECTOR.KEY=VALUE",
               help="Detector hyper-parameter (repeatable), e.g. mahalanobis.ridge=0; a detector named twice in "
                    "--detectors is knn, knn#2, ... (knn#2.tap=pool). A tap can be named by its position in the "
@@ -684,23 +685,19 @@ def calibrate(ctx: click.Context, model_path: str, data_paths: tuple[str, ...], 
 
 def _calibration_detectors(detector_names: str, detector_params: tuple[str, ...]) -> list[Detector]:
     """``--detectors`` / ``--detector-param`` -> detector objects; usage errors before any model is opened."""
-    from abl_guard.detectors import make_detector
-    from abl_guard.guard.runtime import instance_names
+    from abl_guard.detectors import make_detectors
 
     per_det: dict[str, dict[str, Any]] = {}
-    for key, value in parse_kv(detector_params).items():
-        det, sep, param = key.partition(".")
-        if not sep:
-            raise click.BadParameter(f"expected DETECTOR.KEY=VALUE, got {key}")
-        per_det.setdefault(det, {})[param] = value
-    names = [n.strip() for n in detector_names.split(",") if n.strip()]
-    # a detector named twice gets instance names knn, knn#2, ... (as in the bundle): knn#2.tap=pool sets the second
-    instances = instance_names(names)
-    unknown = set(per_det) - set(instances)
-    if unknown:
-        raise click.BadParameter(f"parameters given for detectors not selected: {sorted(unknown)}")
+    for pair in detector_params:
+        det, sep, rest = pair.partition(".")
+        if not sep or not det:
+            raise click.BadParameter(f"expected DETECTOR.KEY=VALUE, got {pair!r}")
+        # only the key's '-' reads as '_': detector names keep theirs (mahalanobis-layers.ridge=0)
+        per_det.setdefault(det, {}).update(parse_kv((rest,)))
+    # a detector named twice gets instance names knn, knn#2, ... (as in the bundle): knn#2.tap=pool sets the second;
+    # --detector-param replaces a parameter written inline (mahalanobis:tap=@0)
     try:
-        return [make_detector(n, **per_det.get(i, {})) for n, i in zip(names, instances)]
+        return make_detectors(detector_names, per_det)
     except (ValueError, TypeError) as e:
         raise click.BadParameter(_one_line(e), param_hint="'--detectors' / '--detector-param'") from e
 

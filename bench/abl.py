@@ -366,7 +366,7 @@ def guard_residual(model: torch.nn.Module, data: PreparedData, detectors: str, w
     triggered test images built from the other half: ASR, flagged share and residual (backdoor fires, guard silent)."""
     from detect import export
 
-    from abl_guard.detectors import make_detector
+    from abl_guard.detectors import make_detectors
     from abl_guard.guard.build import calibrate_bundle
     from abl_guard.guard.runtime import Guard
 
@@ -376,7 +376,7 @@ def guard_residual(model: torch.nn.Module, data: PreparedData, detectors: str, w
     onnx_path = export(model, data.train.spec, work / "model.onnx")
     names = [n for n in detectors.split(",") if n]
     calibrate_bundle(onnx_path, data.test.images[:n_cal], data.test.labels[:n_cal],
-                     [make_detector(n) for n in names], work / "bundle", fpr=fpr, overwrite=True)
+                     make_detectors(detectors), work / "bundle", fpr=fpr, overwrite=True)
     guard = Guard.load(work / "bundle")
     trig = data.triggered
     held = trig.indices >= n_cal

@@ -18,15 +18,18 @@ from .base import (
     NotFittedError,
     Observations,
     detector_from_state,
+    instance_names,
     make_detector,
     register,
 )
 from .baselines import Energy, MaxSoftmax, Strip
 from .feature import KNNDistance, LayerMahalanobis, Mahalanobis
 from .sensitivity import InputSqueezing, ModelMutation, NoiseLogOdds
+from .spec import make_detectors, parse_detector_specs
 
 __all__ = [
     "NIC", "REGISTRY", "Detector", "Energy", "GramDeviation", "InputSqueezing", "KNNDistance", "LayerMahalanobis",
     "Mahalanobis", "MaxSoftmax", "ModelFn", "ModelMutation", "NoiseLogOdds", "NotFittedError", "Observations", "Strip",
-    "detector_from_state", "make_detector", "register",
+    "detector_from_state", "instance_names", "make_detector", "make_detectors", "parse_detector_specs",
+    "register",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -142,6 +142,16 @@ REGISTRY: dict[str, type[Detector]] = {}
 def register(cls: type[D]) -> type[D]:
     REGISTRY[cls.name] = cls
     return cls
+
+
+def instance_names(names: Sequence[str]) -> list[str]:
+    """Names made unique by order of appearance (``mahalanobis``, ``mahalanobis#2``, ...)."""
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
 
 
 def make_detector(name: str, **params: Any) -> Detector:

@@ -13,6 +13,7 @@ Calibration-time code only: serving (:mod:`.runtime`) never imports this module.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -135,7 +136,26 @@ class _Stage:
         for name, det in zip(self.names, self.detectors):
             log.info("fitting %s on %d clean inputs", name, len(x))
             det.fit(obs, labels, self.model)
+        self._drop_duplicates()
         self.outputs = needed_outputs(self.detectors)
+
+    def _drop_duplicates(self) -> None:
+        """A detector whose taps resolved to the same configuration as an earlier one's (the default's
+        ``mahalanobis:tap=@0`` on a model whose only tap is ``penultimate``) would count the same evidence twice in
+        the combination: it is dropped, with a warning, and the names are renumbered."""
+        seen: dict[str, str] = {}
+        kept: list[Detector] = []
+        for name, det in zip(self.names, self.detectors):
+            params = {k: v for k, v in det.get_params().items() if k not in ("tap", "taps", "chunk_size")}
+            key = json.dumps([det.name, params, list(det.requires)], sort_keys=True, default=str)
+            if key in seen:
+                log.warning("%s reads %s exactly as %s does on this model: dropped", name,
+                            ", ".join(det.requires), seen[key])
+                continue
+            seen[key] = name
+            kept.append(det)
+        if len(kept) < len(self.detectors):
+            self.detectors, self.names = kept, unique_names(kept)
 
     def score(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Raw per-detector scores and the predicted labels of one part (its observations are freed on return)."""

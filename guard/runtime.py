@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from abl_guard.detectors import Detector, detector_from_state
+from abl_guard.detectors import Detector, detector_from_state, instance_names
 from abl_guard.detectors._util import softmax
 
 from .bundle import BundleError, BundleLimits, bundle_file, load_arrays, open_bundle
@@ -113,16 +113,6 @@ def _finite(v: float) -> float | None:
     """JSON has no NaN/Infinity: a non-finite raw score is recorded as null (its p-value still says how extreme)."""
     v = float(v)
     return v if np.isfinite(v) else None
-
-
-def instance_names(names: Sequence[str]) -> list[str]:
-    """Names made unique by order of appearance (``mahalanobis``, ``mahalanobis#2``, ...)."""
-    out: list[str] = []
-    seen: dict[str, int] = {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
-    return out
 
 
 def unique_names(detectors: Sequence[Detector]) -> list[str]:

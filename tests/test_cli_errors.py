@@ -131,6 +131,14 @@ def test_calibrate_checks_its_arguments_before_opening_the_model(junk, tmp_path)
     out = tmp_path / "bundle"
     assert_one_line_error(run("calibrate", junk, "--detectors", "foo", "-o", out), 2, "unknown detector 'foo'")
     assert_one_line_error(run("calibrate", junk, "--detector-param", "mahalanobis.nope=1", "-o", out), 2)
+    assert_one_line_error(run("calibrate", junk, "--detectors", "knn:k", "-o", out), 2, "knn:KEY=VALUE")
+    assert_one_line_error(run("calibrate", junk, "--detectors", "knn:nope=1", "-o", out), 2, "nope")
+    assert_one_line_error(run("calibrate", junk, "--detectors", "knn", "--detector-param", "knn#2.k=3", "-o", out), 2,
+                          "knn#2")
+    # a detector's own '-' is kept (only the parameter key's '-' reads as '_'): these get past every argument check
+    for args in (("--detectors", "mahalanobis-layers", "--detector-param", "mahalanobis-layers.ridge=0"),
+                 ("--detectors", "knn,knn:tap=@-2:k=5", "--detector-param", "knn#2.k=7")):
+        assert_one_line_error(run("calibrate", junk, *args, "-o", tmp_path / "new"), 4, "not a valid ONNX model")
     assert_one_line_error(run("calibrate", junk, "--count", "-5", "-o", out), 2, "--count")
     assert_one_line_error(run("calibrate", junk, "--start", "-1", "-o", out), 2, "--start")
     assert_one_line_error(run("calibrate", junk, "--fpr", "0", "-o", out), 2, "--fpr")
