@@ -313,7 +313,8 @@ class _Stages:
         full = self._dataset_rows(pooled_features(run.model, self.images, pool, run.device), pool)
         scan = scan_labels(full, self.labels, pool, max_weight=cfg.expansion_scan_share,
                            min_separation=cfg.expansion_separation, min_posterior=cfg.expansion_posterior,
-                           max_share=cfg.expansion_max_share, random_state=cfg.seed)
+                           max_share=cfg.expansion_max_share, random_state=cfg.seed,
+                           method=cfg.expansion_scan_method)
         run.add_time("expansion", time.perf_counter() - t0)
         scan.report["seed"] = {k: v for k, v in seed_exp.report.items() if k != "labels"}
         if scan.report["expanded"]:

@@ -22,6 +22,8 @@ BN_MODES = ("train", "frozen")
 MODES = ("retrain", "unlearn", "paper")
 ISOLATION_STOPS = ("auto", "fixed")
 EXPANSION_METHODS = ("spectral", "classifier")
+#: the label scan's direction per label (abl/expansion.py scan_labels)
+SCAN_METHODS = ("spectral", "contrastive")
 
 #: what each ``mode`` changes from the dataclass defaults (which are ``retrain``'s); explicit knobs win over it
 PRESETS: dict[str, dict[str, Any]] = {
@@ -46,6 +48,7 @@ def _knob(default: Any, help: str, **extra: Any) -> Any:
 
 #: the string knobs and their allowed values (validated first, in this order)
 _CHOICES = {"mode": MODES, "isolation_stop": ISOLATION_STOPS, "expansion_method": EXPANSION_METHODS,
+            "expansion_scan_method": SCAN_METHODS,
             "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES, "isolation_labels": ISOLATION_LABELS,
             "unlearning": UNLEARNING_MODES, "unlearning_ascent": ASCENT_FORMS, "unlearning_bn": BN_MODES}
 
@@ -98,6 +101,11 @@ class ABLConfig:
                                         "expansion is capped), look in every label for a separate population of at "
                                         "most this share of it and remove the clearest instead (abl/expansion.py "
                                         "scan_labels); 0 = off.")
+    expansion_scan_method: str = _knob("spectral", "retrain mode's label scan, per label — spectral: the label's top "
+                                       "singular direction (Tran et al.); contrastive: its top direction of "
+                                       "variance relative to the other labels' within-class covariance, which also "
+                                       "accepts a label whose variance ratio reaches 100 (abl/expansion.py).",
+                                       choices=SCAN_METHODS)
     isolation_extra_epochs: int = _knob(0, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
                                         "scan finds a separate population after the isolation epochs, keep "
                                         "training the isolation model up to this many more epochs, checking after "
@@ -144,7 +152,7 @@ class ABLConfig:
     ABL_KNOBS = ("mode", "gamma", "lga", "isolation_epochs", "isolation_stop", "isolation_concentration",
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
-                 "expansion_max_share", "expansion_scan_share", "isolation_extra_epochs",
+                 "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "isolation_extra_epochs",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 

@@ -61,7 +61,7 @@ from abl_guard.abl.abl import (  # noqa: E402
     run_abl,
     unlearning_epoch,
 )
-from abl_guard.abl.config import EXPANSION_METHODS  # noqa: E402
+from abl_guard.abl.config import EXPANSION_METHODS, SCAN_METHODS  # noqa: E402
 from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
 from abl_guard.abl.report import held_out_probe  # noqa: E402
@@ -72,7 +72,7 @@ CPU = torch.device("cpu")
 #: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
-            "expansion_method", "expansion_scan_share", "isolation_extra_epochs")
+            "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -116,6 +116,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before the isolation's extension existed (it had none: 0)
             **({"isolation_extra_epochs": args.isolation_extra}
                if args.abl_mode == "retrain" and args.isolation_extra else {}),
+            # nor before the contrastive scan existed (they scanned spectrally)
+            **({"expansion_scan_method": args.scan_method}
+               if args.abl_mode == "retrain" and args.scan_method != "spectral" else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -274,6 +277,7 @@ class Bench:
             params = {"mode": a.abl_mode, "eval_every": 0, "isolation_epochs": a.isolation_epochs,
                       "expansion_method": a.expansion_method if a.abl_mode == "retrain" else None,
                       "expansion_scan_share": a.scan_share if a.abl_mode == "retrain" else None,
+                      "expansion_scan_method": a.scan_method if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -665,6 +669,8 @@ def main() -> None:
                     help="retrain mode's seed expansion (abl/expansion.py)")
     ap.add_argument("--scan-share", type=float, default=ABLConfig.expansion_scan_share,
                     help="retrain mode's label scan when the seed does not expand (0 = off; abl/expansion.py)")
+    ap.add_argument("--scan-method", default=ABLConfig.expansion_scan_method, choices=list(SCAN_METHODS),
+                    help="retrain mode's label scan: spectral (Tran et al.) or contrastive (abl/expansion.py)")
     ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,
                     help="retrain mode: extra isolation epochs when nothing separate was found by T_te (0 = off)")
     ap.add_argument("--end-to-end", action="store_true",

@@ -196,3 +196,53 @@ def test_label_scan_respects_its_knobs_and_the_pool():
     # at most max_share of the label, the highest scores
     capped = scan_labels(feats, labels, pool, max_share=0.05)
     assert capped.report["capped"] and len(capped.removed) == int(0.05 * np.sum(labels[pool] == 2))
+
+
+def _shared_subtypes(share_poison: float, shift: float, trigger_sd: float = 1.0, n_per_label: int = 600, k: int = 6,
+                     dim: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``k`` labels whose clean sub-type (40% of each, 4 sd apart) lies along one direction *shared* by all labels
+    (as a style varies across every class), and label 2 with ``share_poison`` of poison ``shift`` away along the
+    trigger direction, along which every clean example varies with ``trigger_sd``."""
+    rng = np.random.default_rng(seed)
+    n_poison = int(round(share_poison * n_per_label / (1 - share_poison)))
+    x = rng.normal(size=(k * n_per_label + n_poison, dim))
+    labels = np.r_[np.repeat(np.arange(k), n_per_label), np.full(n_poison, 2)]
+    x[:, 0] *= trigger_sd
+    for y in range(k):
+        x[y * n_per_label: y * n_per_label + int(0.4 * n_per_label), 1] += 4.0
+    poison = np.arange(k * n_per_label, len(x))
+    x[poison, 0] += shift
+    return x, labels, poison
+
+
+def test_contrastive_scan_sees_past_subtypes_every_label_shares():
+    """The spectral scan splits each label along its largest variation — the shared clean sub-type, 40% of every
+    label — and finds nothing; against the other labels' covariance that variation is ordinary, and the contrastive
+    scan splits label 2 along the trigger instead."""
+    feats, labels, poison = _shared_subtypes(0.1, shift=5.0)
+    pool = np.arange(len(labels))
+    assert not scan_labels(feats, labels, pool).report["expanded"]
+    exp = scan_labels(feats, labels, pool, method="contrastive")
+    r = exp.report
+    assert r["expanded"] and r["scan_method"] == "contrastive" and exp.target == 2 and r["qualifying"] == [2]
+    assert np.isin(poison, exp.removed).mean() >= 0.95
+    assert np.isin(exp.core, poison).mean() >= 0.85
+    assert all(row["ratio"] < 10 for row in r["labels"] if row["label"] != 2)
+
+
+def test_contrastive_scan_takes_a_large_share_by_its_variance_ratio():
+    """Poison that is 40% of its label fails the share test; its variance ratio (the other labels hardly vary along
+    the trigger) qualifies it, and the component away from the other labels is removed, not the smaller one."""
+    feats, labels, poison = _shared_subtypes(0.4, shift=3.0, trigger_sd=0.1)
+    pool = np.arange(len(labels))
+    exp = scan_labels(feats, labels, pool, method="contrastive")
+    row = next(r for r in exp.report["labels"] if r["label"] == 2)
+    assert row["ratio"] >= 100 and exp.target == 2
+    assert np.isin(poison, exp.removed).mean() >= 0.99 and np.isin(exp.removed, poison).mean() >= 0.95
+    assert not scan_labels(feats, labels, pool, method="contrastive", min_ratio=1e6).report["expanded"]
+
+
+def test_contrastive_scan_finds_nothing_in_clean_data():
+    feats, labels, _ = _shared_subtypes(0.0, shift=0.0)
+    exp = scan_labels(feats, labels, np.arange(len(labels)), method="contrastive")
+    assert not exp.report["expanded"] and exp.target == -1 and "variance ratio" in exp.report["reason"]
