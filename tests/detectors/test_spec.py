@@ -33,8 +33,8 @@ def test_make_detectors_applies_inline_parameters_then_overrides_by_instance():
         make_detectors("knn:nope=1")
 
 
-def test_the_default_set_on_a_multi_tap_model_reads_the_first_tap(random_cnn_onnx, tmp_path, caplog):
-    """Calibrating with a second Mahalanobis at the first tap: four detectors, the second Mahalanobis resolved to the first tap;
+def test_a_second_mahalanobis_on_a_multi_tap_model_reads_the_first_tap(random_cnn_onnx, tmp_path, caplog):
+    """Calibrating with a second Mahalanobis at the first tap: four detectors, the second resolved to the first tap;
     a detector that resolves exactly as an earlier one does is dropped with a warning."""
     import numpy as np
 
