@@ -70,7 +70,9 @@ ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
                     ("knn (pool)", "knn", {"tap": "pool"}, "feature"),
                     # Sastry & Oore's Gram-matrix deviations: the default (first-order Gram) and the paper's 10 orders
                     ("gram", "gram", {}, "activation"),
-                    ("gram (paper powers)", "gram", {"powers": 10}, "activation")]
+                    ("gram (paper powers)", "gram", {"powers": 10}, "activation"),
+                    # Lee et al.'s Mahalanobis at the model's first tap (an early conv block, by position)
+                    ("mahalanobis (first tap)", "mahalanobis", {"tap": "@0"}, "feature")]
 TRAIN = {"epochs": 9, "lr": 0.05, "lr_milestones": (5, 8)}
 FPR = 0.01
 #: the five-detector guard of issue 16, and one with every lens and STRIP
@@ -101,6 +103,10 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     ("layers + knn + gram, fisher", ["mahalanobis-layers", "knn", "gram"], "fisher", True),
     ("layers + knn + knn (pool) + odds + gram, fisher",
      ["mahalanobis-layers", "knn", "knn (pool)", "odds", "gram"], "fisher", True),
+    ("mahalanobis + knn + gram + first tap, fisher",
+     ["mahalanobis", "knn", "gram", "mahalanobis (first tap)"], "fisher", True),
+    ("mahalanobis + knn + gram + first tap, hmp",
+     ["mahalanobis", "knn", "gram", "mahalanobis (first tap)"], "hmp", True),
 ]
 #: fusion from clean data only (issue 16 item 3): member sets whose Fisher guard is re-weighted, see ``fusion_rows``
 FUSION_STUDY: list[tuple[str, list[str]]] = [
@@ -171,6 +177,7 @@ ADAPTIVE_TARGETS: dict[tuple[str, ...], str] = {
     ("mahalanobis", "knn"): "one pass: mahalanobis + knn, fisher",
     ("mahalanobis-layers", "knn", "knn (pool)", "odds"): "layers + knn + knn (pool) + odds, fisher",
     ("mahalanobis", "knn", "gram"): "mahalanobis + knn + gram, fisher",
+    ("mahalanobis", "knn", "gram", "mahalanobis (first tap)"): "mahalanobis + knn + gram + first tap, fisher",
 }
 #: other guard rows shown in the adaptive table (transfer: an attack on some detectors, scored by the others)
 SHOWN_UNDER_ADAPTIVE = ("one pass: mahalanobis + layers + knn, fisher",)
@@ -507,7 +514,8 @@ def alarms(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
     out: dict[str, Any] = {}
     for gname in ("default guard (mahalanobis)", "five: fisher", "one pass: layers + knn, fisher",
                   "one pass: mahalanobis + knn, fisher", "layers + knn + knn (pool) + odds, fisher",
-                  "mahalanobis + knn + gram, fisher", "layers + knn + knn (pool) + odds + gram, fisher"):
+                  "mahalanobis + knn + gram, fisher", "layers + knn + knn (pool) + odds + gram, fisher",
+                  "mahalanobis + knn + gram + first tap, fisher"):
         c = guards[gname]
         names = c.names
         loo, _, _ = c.pvalues({m: scores["cal"][m] for m in names}, preds["cal"], leave_one_out=True)
@@ -547,6 +555,8 @@ def main() -> None:
                     help="comma-separated weights lambda of the adaptive attacker's guard-score term (e.g. 1,10); "
                          "empty: no adaptive attack")
     ap.add_argument("--n-adaptive", type=int, default=500)
+    ap.add_argument("--adversarial-on", default="badnets",
+                    help="comma-separated attacks whose models also get the adversarial and out-of-distribution sets")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detect_converged"))
@@ -584,7 +594,7 @@ def main() -> None:
         trig_name = f"triggered ({attack_name})"
         sets: dict[str, np.ndarray] = {trig_name: trig}
         adv_info: list[dict[str, Any]] = []
-        if attack_name == "badnets":
+        if attack_name in {a.strip() for a in args.adversarial_on.split(",")}:
             adv, adv_info = adversarial_sets(model, src_x, src_y, args)
             sets.update(adv)
             sets.update(ood_sets(src_x, args.n_ood, args.seed))
@@ -711,9 +721,12 @@ def family_table(r: dict[str, Any]) -> list[str]:
                **r["runs"][0].get("fusion_study", {})}
     cost = r["runs"][0]["timing"]["score_seconds"]
     fwd = max(r["runs"][0]["timing"].get("forward_seconds", 0.0), 1e-9)
+    cw_n = sorted({run["results"][s]["n"] for run in r["runs"] for s in run["results"]
+                   if s.startswith(FAMILIES["CW-L2"]) and run["results"][s].get("n")})
     lines = ["## Worst case by attack family (all runs)", "",
-             "Lowest AUROC within each family over both models (CW-L2 separately: n = 11 and 23); cost = the "
-             "members' scoring time on the evaluation split in units of one forward pass (they share that pass).", "",
+             "Lowest AUROC within each family over every model (CW-L2 separately: n = "
+             f"{', '.join(map(str, cw_n)) or 'none'}); cost = the members' scoring time on the evaluation split in "
+             "units of one forward pass (they share that pass).", "",
              "| detector / guard | " + " | ".join(FAMILIES) + " | worst (without CW) | worst | cost × fwd |",
              "|---" * (len(FAMILIES) + 4) + "|"]
     for row in rows:
