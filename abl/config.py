@@ -101,10 +101,11 @@ class ABLConfig:
                                         "expansion is capped), look in every label for a separate population of at "
                                         "most this share of it and remove the clearest instead (abl/expansion.py "
                                         "scan_labels); 0 = off.")
-    expansion_scan_method: str = _knob("spectral", "retrain mode's label scan, per label — spectral: the label's top "
-                                       "singular direction (Tran et al.); contrastive: its top direction of "
-                                       "variance relative to the other labels' within-class covariance, which also "
-                                       "accepts a label whose variance ratio reaches 100 (abl/expansion.py).",
+    expansion_scan_method: str = _knob("contrastive", "retrain mode's label scan, per label — contrastive: its top "
+                                       "direction of variance relative to the other labels' within-class "
+                                       "covariance, which also accepts a label whose variance ratio reaches 100; "
+                                       "spectral: the label's top singular direction (Tran et al.; the scan before "
+                                       "2026-12-02); abl/expansion.py, docs/abl.md#contrastive-label-scan.",
                                        choices=SCAN_METHODS)
     isolation_extra_epochs: int = _knob(0, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
                                         "scan finds a separate population after the isolation epochs, keep "

@@ -266,8 +266,10 @@ def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_pois
     from abl_guard.abl.expansion import Expansion
 
     d = small_poisoned
+    # no split is ever that clear: the seed never expands, nor does the spectral scan find anything (the contrastive
+    # scan's variance-ratio route ignores the separation, and finds this poison: test_contrastive_scan_in_the_pipeline)
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
-                    eval_every=0, expansion_separation=50.0)  # no split is ever that clear: the seed never expands
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral")
     res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     exp = res.report["expansion"]
     assert not exp["expanded"] and exp["method"] == "spectral"
@@ -342,7 +344,7 @@ def test_isolation_extends_until_a_separate_population_is_found(small_poisoned, 
         return sum(h["stage"] == "isolation" for h in res.history)
 
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=1, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
-                    eval_every=0, expansion_separation=50.0, isolation_extra_epochs=2)
+                    eval_every=0, expansion_separation=50.0, isolation_extra_epochs=2, expansion_scan_method="spectral")
     assert ABLConfig.for_mode("paper").isolation_extra_epochs == 0
     assert ABLConfig.for_mode("unlearn").isolation_extra_epochs == 0
 
@@ -373,3 +375,16 @@ def test_isolation_extends_until_a_separate_population_is_found(small_poisoned, 
     assert isolation_epochs(res) == 1 and len(calls) == 1
     np.testing.assert_array_equal(never.removed, res.removed)
     np.testing.assert_array_equal(never.isolated, res.isolated)
+
+
+def test_contrastive_scan_in_the_pipeline(small_poisoned):
+    """The default scan on the 600-image BadNets set: the seed never expands (separation 50), and the contrastive
+    scan's variance-ratio route finds label 0 and removes poison only."""
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0)
+    assert cfg.expansion_scan_method == "contrastive"
+    res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    exp = res.report["expansion"]
+    assert exp["method"] == "spectral-scan" and exp["scan_method"] == "contrastive" and exp["target"] == 0
+    assert np.isin(res.removed, d.poison).mean() >= 0.9 and np.isin(d.poison, res.removed).mean() >= 0.8
