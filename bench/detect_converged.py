@@ -582,6 +582,7 @@ def main() -> None:
     train_cfg = TrainConfig(epochs=train["epochs"], lr=train["lr"], lr_milestones=train["lr_milestones"],
                             seed=args.seed, device="cpu")
     runs = []
+    adversarial_on = {a.strip() for a in args.adversarial_on.split(",")}
     for attack_name in [a.strip() for a in args.attacks.split(",") if a.strip()]:
         t0 = time.perf_counter()
         cfg = ExperimentConfig(dataset="fashion-mnist", attack=attack_name, attack_params={"rate": 0.1, "target": 0},
@@ -594,7 +595,7 @@ def main() -> None:
         trig_name = f"triggered ({attack_name})"
         sets: dict[str, np.ndarray] = {trig_name: trig}
         adv_info: list[dict[str, Any]] = []
-        if attack_name in {a.strip() for a in args.adversarial_on.split(",")}:
+        if attack_name in adversarial_on:
             adv, adv_info = adversarial_sets(model, src_x, src_y, args)
             sets.update(adv)
             sets.update(ood_sets(src_x, args.n_ood, args.seed))

@@ -238,7 +238,7 @@ def write_results(res: dict, path_md: Path) -> None:
         "",
         f"Model: {res['model']}. Bundles calibrated on 3,000 clean Fashion-MNIST test images at 1% FPR, "
         "literature-default detector parameters. Default set = `abl-guard calibrate` without `--detectors`: "
-        f"`{ds if isinstance(ds := res['default_set'], str) else ','.join(ds)}`.",
+        f"`{res['default_set']}`.",
         "",
         "Bare = `InferenceSession.run(['logits'])` on float32 NCHW input; guard = `Guard.predict` (input validation, "
         "one pass for logits + the taps the detectors read, detector scores, conformal p-values, combination, "

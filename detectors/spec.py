@@ -30,12 +30,13 @@ def parse_detector_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
         params: dict[str, Any] = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
-            if not sep or not key.strip():
+            key = key.strip().replace("-", "_")
+            if not sep or not key:
                 raise ValueError(f"expected {name}:KEY=VALUE, got {item!r}")
             try:
-                params[key.strip().replace("-", "_")] = json.loads(value)
+                params[key] = json.loads(value)
             except json.JSONDecodeError:
-                params[key.strip().replace("-", "_")] = value
+                params[key] = value
         out.append((name, params))
     if not out:
         raise ValueError(f"no detectors in {text!r}")
