@@ -102,7 +102,7 @@ def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray |
                      pool: np.ndarray) -> dict[str, Any]:
     """The seed expansion's statistics (:func:`abl_guard.abl.expansion.expand_seed`), with precision / recall of
     everything removed and the poison it missed when the ground truth is known."""
-    rep = {**exp.report, "n_removed": int(len(removed))}
+    rep = {**exp.report, "n_removed": int(len(removed)), "n_pool": int(len(pool))}
     if poison_indices is not None:
         poison = np.intersect1d(np.asarray(poison_indices, np.int64), pool)
         hits = int(np.isin(removed, poison).sum())
@@ -118,7 +118,7 @@ PROBE_CLEAN = 0.2
 HELD_OUT_FIRING = 0.5
 
 
-def held_out_probe(guard: dict[str, Any], min_excess: int = 10) -> float | None:
+def held_out_probe(guard: dict[str, Any], min_excess: int = 10, expected_poison: float | None = None) -> float | None:
     """How much of the held-out split's excess of the suspected target label the final model predicts as that label.
 
     The held-out split is a random part of the (possibly poisoned) training data, so it holds its share of the poison,
@@ -127,16 +127,32 @@ def held_out_probe(guard: dict[str, Any], min_excess: int = 10) -> float | None:
     backdoor still fires for about ``s``: the probe ``(target_rate - prior) / (s - prior)`` is near 0 for the first and
     near 1 for the second. None when the excess is under ``min_excess`` examples or under three binomial standard
     deviations of a clean class's count (``3 sqrt(n prior (1 - prior))``: on clean data a 1,200-example split drew 18
-    more of one class than its share, and the probe read 0.94 — ``bench/results/abl_retrain_clean_data.md``).
+    more of one class than its share, and the probe read 0.94 — ``bench/results/abl_retrain_clean_data.md``), and None
+    when ``expected_poison`` (the poisoned copies the removal's own estimate puts in the split,
+    :func:`expected_held_out_poison`) is under that noise: then an excess that passes is mostly clean examples of the
+    label, which a clean model predicts as the label, and the probe reads 0.5–0.7 on removed 1% backdoors
+    (``docs/abl.md#the-held-out-probe-at-1-poison``).
     """
     n, n_non = guard.get("n_holdout", 0), guard.get("n_nontarget", 0)
     prior, final = guard.get("target_prior"), guard.get("final") or guard.get("baseline")
     if not n or prior is None or final is None or not np.isfinite(prior):
         return None
     excess = (1.0 - n_non / n) - prior
-    if excess * n < max(min_excess, 3.0 * np.sqrt(n * prior * (1.0 - prior))):
+    noise = 3.0 * np.sqrt(n * prior * (1.0 - prior))
+    if excess * n < max(min_excess, noise) or (expected_poison is not None and expected_poison < noise):
         return None
     return float((final["target_rate"] - prior) / excess)
+
+
+def expected_held_out_poison(report: dict[str, Any]) -> float | None:
+    """The poisoned copies the held-out split holds by the removal's own estimate: the expansion's estimated poison
+    (at most what it removed) as a share of the training pool, times the split's size. None when nothing was
+    removed (then the held-out probe is the only evidence and reads the observed excess alone)."""
+    exp, guard = report.get("expansion", {}), report.get("unlearning", {}).get("guard", {})
+    if not exp.get("expanded") or not exp.get("n_pool") or not guard.get("n_holdout"):
+        return None
+    est = min(float(exp.get("estimated_poison", np.inf)), float(exp["n_removed"]))
+    return est * guard["n_holdout"] / exp["n_pool"]
 
 
 def found_by_scan(exp: dict[str, Any]) -> bool:
@@ -152,8 +168,10 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     the poison still fire). ``status``: ``likely-present`` when the held-out probe reaches :data:`HELD_OUT_FIRING`;
     otherwise ``not-found`` when the isolation never concentrated in one label and no seed expanded to a separate
     population of its label (no fast-learned all-to-one backdoor was seen), ``removed`` when the seed probe is at
-    most :data:`PROBE_CLEAN`, else ``likely-present`` (with a clean-label attack, whose poison really is of the target
-    class, the seed probe cannot tell, and the evidence says so). When the label scan (not the seed) found the
+    most :data:`PROBE_CLEAN` and the held-out probe was read (below the firing level), ``removed-unconfirmed`` when
+    the seed probe is that low but the held-out probe cannot be read (at 1% poison: about 12 poisoned copies in 1,200),
+    else ``likely-present`` (with a clean-label attack, whose poison really is of the target class, the seed probe
+    cannot tell, and the evidence says so). When the label scan (not the seed) found the
     suspected poison, the target is the scanned label and the seed probe reads the scanned population's core.
     Measured against the attack's ASR in ``docs/abl.md#retrain-mode-measured``.
     """
@@ -188,7 +206,13 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     if probe is not None:
         probed = "the scanned population's core" if scanned else "the isolated seed"
         evidence.append(f"the final model predicts label {target} for {probe:.0%} of {probed}")
-    held = held_out_probe(un.get("guard", {}))
+    guard = un.get("guard", {})
+    expected = expected_held_out_poison(report)
+    held = held_out_probe(guard, expected_poison=expected)
+    if held is None and expected is not None and held_out_probe(guard) is not None:
+        evidence.append(f"held-out probe not read: the removal's estimate puts about {expected:.0f} poisoned copies "
+                        f"in the {guard['n_holdout']} held-out examples, within the sampling noise of a class's count "
+                        "there, so the label's excess in the split is mostly clean examples")
     if held is not None:
         evidence.append(f"held-out probe {held:.2f}: the final model predicts label {target} for "
                         f"{held:.0%} of the held-out split's excess of that label (0: a clean model, 1: the poison "
@@ -200,8 +224,13 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         evidence.append("no label held the isolated examples: no fast-learned all-to-one backdoor was seen (this is "
                         "not proof of a clean model: a backdoor learned no faster than the clean data, or too little "
                         "poison for the isolation to single out, stays unseen)")
-    elif probe is not None and probe <= PROBE_CLEAN:
+    elif probe is not None and probe <= PROBE_CLEAN and held is not None:
         status = "removed"
+    elif probe is not None and probe <= PROBE_CLEAN:
+        status = "removed-unconfirmed"
+        evidence.append("the held-out split cannot confirm it: too few poisoned copies are held out to read whether "
+                        "they still fire, and a backdoor left partly in place can read the same on the probe above "
+                        "(Trojan 1%: ASR 30.7%, probe 14%)")
     else:
         status = "likely-present"
         evidence.append("a clean model predicts a triggered image's own content; if the poison is clean-label (images "

@@ -64,7 +64,7 @@ from abl_guard.abl.abl import (  # noqa: E402
 from abl_guard.abl.config import EXPANSION_METHODS, SCAN_METHODS  # noqa: E402
 from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
-from abl_guard.abl.report import held_out_probe  # noqa: E402
+from abl_guard.abl.report import expected_held_out_poison, held_out_probe  # noqa: E402
 from abl_guard.abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
 from abl_guard.attacks import REGISTRY  # noqa: E402
 
@@ -553,20 +553,30 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
     write_markdown_keeping_notes(f"{path}.md", "\n".join(lines))
 
 
+def stored_report(r: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's report fields as ``report.verdict`` reads them; reports stored before the expansion recorded its
+    pool size get it back from the isolation's candidates (the isolation ratio of the pool)."""
+    cfg = ABLConfig.for_mode("retrain")
+    iso = {**r["isolation"], "isolated_majority_label": r["expansion"].get("target"),
+           "epoch": r["history_stages"].count("isolation")}
+    exp = dict(r["expansion"])
+    if "n_pool" not in exp and iso.get("n_candidates"):
+        exp["n_pool"] = round(iso["n_candidates"] / cfg.isolation_ratio)
+    return {"isolation": iso, "expansion": exp, "unlearning": r["unlearning"]}
+
+
 def row_verdict(r: dict[str, Any]) -> dict[str, Any]:
     """The verdict the current ``report.verdict`` gives on a stored run's report fields (so that a table rendered
     later uses the current rule; the verdict recorded at run time stays in the JSON under ``verdict``)."""
     from abl_guard.abl.report import verdict
 
-    iso = {**r["isolation"], "isolated_majority_label": r["expansion"].get("target"),
-           "epoch": r["history_stages"].count("isolation")}
-    return verdict({"isolation": iso, "expansion": r["expansion"], "unlearning": r["unlearning"]},
-                   ABLConfig.for_mode("retrain"))
+    return verdict(stored_report(r), ABLConfig.for_mode("retrain"))
 
 
 def verdict_cell(r: dict[str, Any]) -> str:
     """A stored run's current verdict with its held-out probe in brackets (— when it cannot tell)."""
-    held = held_out_probe(r["unlearning"]["guard"])
+    rep = stored_report(r)
+    held = held_out_probe(r["unlearning"]["guard"], expected_poison=expected_held_out_poison(rep))
     return f"{row_verdict(r)['status']} ({'—' if held is None else f'{held:.2f}'})"
 
 

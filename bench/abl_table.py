@@ -43,9 +43,12 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
 
 
 def method_of(r: dict[str, Any]) -> str:
-    """The expansion that decided what was removed: the settings' method, or the label scan when it took over."""
+    """The expansion that decided what was removed: the settings' method, or the label scan (with its method; runs
+    recorded before the contrastive scan existed used the spectral one) when it took over."""
     method = r["settings"].get("expansion_method", "classifier")
-    return f"{method} → label scan" if found_by_scan(r["expansion"]) else method
+    if not found_by_scan(r["expansion"]):
+        return method
+    return f"{method} → {r['expansion'].get('scan_method', 'spectral')} label scan"
 
 
 def floors_of(paths: list[Path]) -> dict[tuple[str, int], float]:

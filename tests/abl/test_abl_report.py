@@ -37,9 +37,11 @@ def _report(share: float, probe: float | None, expanded: bool = True) -> dict:
 
 
 @pytest.mark.parametrize("share, probe, expanded, status", [
-    (0.95, 0.05, True, "removed"), (0.95, 0.9, True, "likely-present"), (0.95, None, True, "likely-present"),
+    # no held-out split recorded: the seed probe alone cannot confirm a removal
+    (0.95, 0.05, True, "removed-unconfirmed"), (0.95, 0.9, True, "likely-present"),
+    (0.95, None, True, "likely-present"),
     # a diffuse lowest fraction whose seed still split its label into two populations: a backdoor was seen
-    (0.4, 0.05, True, "removed"),
+    (0.4, 0.05, True, "removed-unconfirmed"),
     (0.4, 0.05, False, "not-found")])
 def test_verdict_from_the_runs_own_evidence(share, probe, expanded, status):
     from abl_guard.abl.config import ABLConfig
@@ -95,7 +97,7 @@ def test_verdict_trusts_the_held_out_probe_over_the_seed_probe():
     assert verdict(low, ABLConfig())["status"] == "likely-present"
 
 
-@pytest.mark.parametrize("probe, status", [(0.05, "removed"), (0.9, "likely-present")])
+@pytest.mark.parametrize("probe, status", [(0.05, "removed-unconfirmed"), (0.9, "likely-present")])
 def test_verdict_of_a_label_scan_names_the_scanned_label(probe, status):
     from abl_guard.abl.config import ABLConfig
     from abl_guard.abl.report import summary_lines, verdict
@@ -111,3 +113,40 @@ def test_verdict_of_a_label_scan_names_the_scanned_label(probe, status):
     assert any("scanned population's core" in e for e in v["evidence"])
     rep["verdict"] = v
     assert any("label scan: a population of 10% of the label" in line for line in summary_lines(rep))
+
+
+def _one_percent_removal(target_rate: float, n_removed: int) -> dict:
+    """A label scan that removed ``n_removed`` of a 58,800-example pool, and a 1,200-example held-out split whose
+    target label drew 149 examples (a class's share 9.67%: an excess of 33, 2.9 sd of a class's count)."""
+    rep = _report(0.5, 0.02, expanded=True)
+    rep["expansion"].update(n_removed=n_removed, estimated_poison=float(n_removed), n_pool=58_800)
+    rep["unlearning"]["guard"] = {"n_holdout": 1200, "n_nontarget": 1051, "target_prior": 0.09666666666666666,
+                                  "final": {"target_rate": target_rate}}
+    return rep
+
+
+def test_held_out_probe_is_not_read_when_the_removal_puts_too_little_poison_in_the_split():
+    from abl_guard.abl.config import ABLConfig
+    from abl_guard.abl.report import expected_held_out_poison, held_out_probe, verdict
+
+    # Blend 1% seed 1 (bench/results/abl_retrain_r01_blend_contrast_s1.json): ASR 0.00%, yet the probe read 0.61
+    # because the label's excess in the split was mostly clean T-shirts, which a clean model predicts as T-shirts
+    rep = _one_percent_removal(0.1133, 600)
+    guard = rep["unlearning"]["guard"]
+    assert held_out_probe(guard) == pytest.approx(0.61, abs=0.01)
+    assert expected_held_out_poison(rep) == pytest.approx(600 * 1200 / 58_800, rel=1e-9)
+    assert held_out_probe(guard, expected_poison=expected_held_out_poison(rep)) is None
+    v = verdict(rep, ABLConfig())
+    assert v["status"] == "removed-unconfirmed"
+    assert any("held-out probe not read" in e and "about 12 poisoned copies" in e for e in v["evidence"])
+    # at 5% the removal puts about 60 copies in the split, over the noise (3 sd = 31): the probe is read
+    rep = _one_percent_removal(0.1133, 3000)
+    assert held_out_probe(rep["unlearning"]["guard"], expected_poison=expected_held_out_poison(rep)) is not None
+    assert verdict(rep, ABLConfig())["status"] == "likely-present"
+    rep["unlearning"]["guard"]["final"] = {"target_rate": 0.0967}
+    assert verdict(rep, ABLConfig())["status"] == "removed"
+    # the estimate is the expansion's, capped by what it removed; nothing removed: no estimate
+    rep["expansion"].update(estimated_poison=5000.0)
+    assert expected_held_out_poison(rep) == pytest.approx(3000 * 1200 / 58_800, rel=1e-9)
+    rep["expansion"]["expanded"] = False
+    assert expected_held_out_poison(rep) is None
