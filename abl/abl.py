@@ -314,7 +314,8 @@ class _Stages:
         scan = scan_labels(full, self.labels, pool, max_weight=cfg.expansion_scan_share,
                            min_separation=cfg.expansion_separation, min_posterior=cfg.expansion_posterior,
                            max_share=cfg.expansion_max_share, random_state=cfg.seed,
-                           method=cfg.expansion_scan_method)
+                           method=cfg.expansion_scan_method,
+                           min_wide_separation=cfg.expansion_scan_separation or float("inf"))
         run.add_time("expansion", time.perf_counter() - t0)
         scan.report["seed"] = {k: v for k, v in seed_exp.report.items() if k != "labels"}
         if scan.report["expanded"]:

@@ -107,6 +107,10 @@ class ABLConfig:
                                        "spectral: the label's top singular direction (Tran et al.; the scan before "
                                        "2026-12-02); abl/expansion.py, docs/abl.md#contrastive-label-scan.",
                                        choices=SCAN_METHODS)
+    expansion_scan_separation: float = _knob(5.0, "retrain mode's contrastive label scan: a label also qualifies "
+                                             "when its two components are at least this far apart (Ashman's D), "
+                                             "whatever their shares — clean labels reached 4.0 at most; 0 = off "
+                                             "(docs/abl.md#wide-separation-route).")
     isolation_extra_epochs: int = _knob(0, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
                                         "scan finds a separate population after the isolation epochs, keep "
                                         "training the isolation model up to this many more epochs, checking after "
@@ -153,7 +157,8 @@ class ABLConfig:
     ABL_KNOBS = ("mode", "gamma", "lga", "isolation_epochs", "isolation_stop", "isolation_concentration",
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
-                 "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "isolation_extra_epochs",
+                 "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
+                 "isolation_extra_epochs",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -182,6 +187,7 @@ class ABLConfig:
             (not 0.0 < self.expansion_posterior < 1.0, "expansion_posterior must be in (0, 1)"),
             (not 0.0 < self.expansion_max_share <= 1.0, "expansion_max_share must be in (0, 1]"),
             (not 0.0 <= self.expansion_scan_share < 0.5, "expansion_scan_share must be in [0, 0.5) (0 = off)"),
+            (self.expansion_scan_separation < 0, "expansion_scan_separation must be >= 0 (0 = off)"),
             (self.lr <= 0 or self.unlearning_lr <= 0, "learning rates must be > 0"),
             (self.batch_size < 1 or self.eval_every < 0, "batch_size must be >= 1 and eval_every >= 0"),
         ]

@@ -264,7 +264,7 @@ def _away_from_others(s: np.ndarray, post: np.ndarray, others: np.ndarray) -> np
 def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, max_weight: float = 0.2,
                 min_separation: float = 2.0, min_posterior: float = 0.01, max_share: float = 0.6,
                 random_state: int = 0, method: str = "spectral", min_ratio: float = 100.0,
-                ridge: float = 1e-3) -> Expansion:
+                ridge: float = 1e-3, min_wide_separation: float = 5.0) -> Expansion:
     """Look in every label of ``pool`` for a small population set apart from the rest; remove the clearest one.
 
     The fallback when the isolated seed did not expand or its expansion was capped (at 1% poison the loss-based
@@ -284,7 +284,9 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     one farther from the other labels' median projection, a label also qualifies when its variance ratio reaches
     ``min_ratio`` (5-10% poison is too large a share of its label for ``max_weight``), and the qualifying label with
     the largest ratio is chosen. ``min_ratio`` = 100 was set on 15 saved isolation-stage models (clean labels <= 66,
-    5-10% poison 122-362), measured in ``docs/abl.md#contrastive-label-scan``.
+    5-10% poison 122-362), measured in ``docs/abl.md#contrastive-label-scan``. A label also qualifies, whatever the
+    share, when its two components are ``min_wide_separation`` apart (clean labels' contrastive splits reached D 4.0
+    at most, Trojan 5% poison 6.8 at a variance ratio of 75: ``docs/abl.md#wide-separation-route``).
     """
     labels = np.asarray(labels)
     pool = np.asarray(pool, np.int64)
@@ -304,7 +306,8 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
             others = sign * ((feats[pool[labels[pool] != y]] - mu) @ u)
             post = _away_from_others(s, post, others)
             row["ratio"] = float(round(ratio, 2))
-            ok = (mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation) or ratio >= min_ratio
+            ok = ((mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation)
+                  or ratio >= min_ratio or mix["separation"] >= min_wide_separation)
             key = ratio
         else:
             s, post, mix = _oriented_split(feats[idx], random_state)
@@ -320,11 +323,12 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
                               "min_separation": min_separation, "min_posterior": min_posterior, "labels": rows,
                               "n_seed": 0}
     if method == "contrastive":
-        report["min_ratio"] = min_ratio
+        report.update(min_ratio=min_ratio, min_wide_separation=min_wide_separation)
     if best is None:
         report.update(expanded=False, n_expanded=0, target=None,
                       reason=f"no label holds a separate population of at most {max_weight:.0%} of it"
-                             + (f" or a variance ratio of {min_ratio:g}" if method == "contrastive" else ""))
+                             + (f", a variance ratio of {min_ratio:g} or a separation of {min_wide_separation:g}"
+                                if method == "contrastive" else ""))
         log.info("label scan: %s", report["reason"])
         empty = np.zeros(0, np.int64)
         return Expansion(empty, -1, empty, np.zeros(0), np.zeros(0), report, empty)

@@ -72,7 +72,8 @@ CPU = torch.device("cpu")
 #: settings that change only the ABL runs (the no-defence and clean-data runs are cached across them)
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
-            "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method")
+            "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
+            "expansion_scan_separation")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -119,6 +120,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before the contrastive scan existed (they scanned spectrally)
             **({"expansion_scan_method": args.scan_method}
                if args.abl_mode == "retrain" and args.scan_method != "spectral" else {}),
+            # nor before its wide-separation route existed (off)
+            **({"expansion_scan_separation": args.scan_separation}
+               if args.abl_mode == "retrain" and args.scan_method == "contrastive" and args.scan_separation else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -278,6 +282,7 @@ class Bench:
                       "expansion_method": a.expansion_method if a.abl_mode == "retrain" else None,
                       "expansion_scan_share": a.scan_share if a.abl_mode == "retrain" else None,
                       "expansion_scan_method": a.scan_method if a.abl_mode == "retrain" else None,
+                      "expansion_scan_separation": a.scan_separation if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -681,6 +686,8 @@ def main() -> None:
                     help="retrain mode's label scan when the seed does not expand (0 = off; abl/expansion.py)")
     ap.add_argument("--scan-method", default=ABLConfig.expansion_scan_method, choices=list(SCAN_METHODS),
                     help="retrain mode's label scan: spectral (Tran et al.) or contrastive (abl/expansion.py)")
+    ap.add_argument("--scan-separation", type=float, default=ABLConfig.expansion_scan_separation,
+                    help="retrain mode's contrastive scan: also take a label split this far apart (0 = off)")
     ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,
                     help="retrain mode: extra isolation epochs when nothing separate was found by T_te (0 = off)")
     ap.add_argument("--end-to-end", action="store_true",

@@ -172,6 +172,7 @@ ABL_FLAGS = {
     "isolation_extra_epochs": ("--abl-isolation-extra-epochs", "2", 2),
     "expansion_method": ("--abl-expansion-method", "classifier", "classifier"),
     "expansion_scan_method": ("--abl-expansion-scan-method", "spectral", "spectral"),
+    "expansion_scan_separation": ("--abl-expansion-scan-separation", "0", 0.0),
     "expansion_posterior": ("--abl-expansion-posterior", "0.1", 0.1),
     "expansion_scan_share": ("--abl-expansion-scan-share", "0", 0.0),
     "expansion_separation": ("--abl-expansion-separation", "3", 3.0),

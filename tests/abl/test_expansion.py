@@ -239,7 +239,25 @@ def test_contrastive_scan_takes_a_large_share_by_its_variance_ratio():
     row = next(r for r in exp.report["labels"] if r["label"] == 2)
     assert row["ratio"] >= 100 and exp.target == 2
     assert np.isin(poison, exp.removed).mean() >= 0.99 and np.isin(exp.removed, poison).mean() >= 0.95
-    assert not scan_labels(feats, labels, pool, method="contrastive", min_ratio=1e6).report["expanded"]
+    # (it is 30 sd away, so the separation route takes it too)
+    assert scan_labels(feats, labels, pool, method="contrastive", min_ratio=1e6).target == 2
+    assert not scan_labels(feats, labels, pool, method="contrastive", min_ratio=1e6,
+                           min_wide_separation=np.inf).report["expanded"]
+
+
+def test_contrastive_scan_takes_a_large_share_by_its_separation():
+    """Poison that is 35% of its label, 8 sd away along a direction the other labels vary along as much as it does
+    within each component: the share test fails and the variance ratio stays about 16, but the split's separation
+    (D about 8) qualifies it; without that route nothing is found."""
+    feats, labels, poison = _shared_subtypes(0.35, shift=8.0)
+    pool = np.arange(len(labels))
+    exp = scan_labels(feats, labels, pool, method="contrastive")
+    row = next(r for r in exp.report["labels"] if r["label"] == 2)
+    assert row["ratio"] < 100 and row["minority"] > 0.2 and row["separation"] >= 5.0
+    assert exp.target == 2 and exp.report["qualifying"] == [2] and exp.report["min_wide_separation"] == 5.0
+    assert np.isin(poison, exp.removed).mean() >= 0.99 and np.isin(exp.removed, poison).mean() >= 0.95
+    off = scan_labels(feats, labels, pool, method="contrastive", min_wide_separation=np.inf)
+    assert not off.report["expanded"] and "separation of inf" in off.report["reason"]
 
 
 def test_contrastive_scan_finds_nothing_in_clean_data():
