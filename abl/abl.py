@@ -54,7 +54,15 @@ from .config import (
     UNLEARNING_MODES,
     ABLConfig,
 )
-from .expansion import Expansion, expand_seed, expansion_features, pooled_features, scan_labels, target_examples
+from .expansion import (
+    Expansion,
+    expand_seed,
+    expansion_features,
+    logits_and_pooled_features,
+    pooled_features,
+    scan_labels,
+    target_examples,
+)
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
 from .report import (
@@ -70,6 +78,7 @@ from .state import STAGES, STATE_FILE, STATE_FORMAT, ABLRun, Evaluate, ResumeFil
 from .train import (
     ArrayBatches,
     LossFn,
+    loss_from_logits,
     make_optimizer,
     resolve_autocast,
     resolve_channels_last,
@@ -187,6 +196,9 @@ class _Stages:
     labels: np.ndarray
     out: Path | None
     save_stage: SaveStage | None
+    #: the pool's pooled features from the last isolation pass (retrain mode, one process), for the expansion and
+    #: the label scan of the same model: ``(pool, features)``, a row per pool entry
+    pool_features: tuple[np.ndarray, np.ndarray] | None = None
 
     def isolation(self, pool: np.ndarray, opt: torch.optim.Optimizer, poison_indices: np.ndarray | None) -> None:
         """Stage 1: LGA training on the pool, then the isolation of ``D_b`` at ``T_te``."""
@@ -239,6 +251,7 @@ class _Stages:
                 np.save(self.out / "removed_indices.npy", run.removed.astype(np.int64))
                 run.report["files"]["removed_indices"] = "removed_indices.npy"
             reinitialise(run.model, cfg.seed)
+            self.pool_features = None
             opt.state.clear()
         run.stage, run.epoch = "clean", 0
         run.snapshot("clean", 0, opt, None)
@@ -283,14 +296,22 @@ class _Stages:
         """Isolate with the current model and, in retrain mode, expand the seed to the rest of its label."""
         run, cfg = self.run, self.run.cfg
         t0 = time.perf_counter()
-        iso = isolate(run.model, self.images, self.labels, pool, cfg, run.device)
+        self.pool_features, losses = None, None
+        if cfg.retrain and distributed.current() is None:  # one pass: the losses and the expansion's features
+            logits, feats = logits_and_pooled_features(run.model, self.images, pool, run.device,
+                                                       max(512, cfg.batch_size))
+            self.pool_features, losses = (pool, feats), loss_from_logits(logits, self.labels[pool])
+        iso = isolate(run.model, self.images, self.labels, pool, cfg, run.device, pool_losses=losses)
         run.add_time("isolate", time.perf_counter() - t0)
         if not cfg.retrain:
             return iso, None
         t0 = time.perf_counter()
         _, in_target = target_examples(self.labels, iso.isolated, pool)
-        full = self._dataset_rows(expansion_features(cfg.expansion_method, run.model, self.images, in_target,
-                                                     run.device), in_target)
+        if cfg.expansion_method == "spectral" and self.pool_features is not None:
+            full = self._dataset_rows(feats[np.searchsorted(pool, in_target)], in_target)
+        else:
+            full = self._dataset_rows(expansion_features(cfg.expansion_method, run.model, self.images, in_target,
+                                                         run.device), in_target)
         exp = expand_seed(full, self.labels, iso.isolated, pool, method=cfg.expansion_method,
                           min_posterior=cfg.expansion_posterior,
                           min_separation=cfg.expansion_separation, max_share=cfg.expansion_max_share,
@@ -310,7 +331,11 @@ class _Stages:
         outcome and the scan goes in its report."""
         run, cfg = self.run, self.run.cfg
         t0 = time.perf_counter()
-        full = self._dataset_rows(pooled_features(run.model, self.images, pool, run.device), pool)
+        cached = self.pool_features  # from the isolation pass of this same model (_isolate), when there was one
+        if cached is not None and np.array_equal(cached[0], pool):
+            full = self._dataset_rows(cached[1], pool)
+        else:
+            full = self._dataset_rows(pooled_features(run.model, self.images, pool, run.device), pool)
         scan = scan_labels(full, self.labels, pool, max_weight=cfg.expansion_scan_share,
                            min_separation=cfg.expansion_separation, min_posterior=cfg.expansion_posterior,
                            max_share=cfg.expansion_max_share, random_state=cfg.seed,
@@ -329,9 +354,11 @@ class _Stages:
         rest = np.setdiff1d(pool, run.removed if cfg.retrain else run.isolated)
         batches = ArrayBatches(self.images, self.labels, run.device, cfg.batch_size, augment=cfg.augment,
                                seed=cfg.seed + 1, indices=rest)
-        # retrain mode: a fresh model on its own full schedule; otherwise the schedule continues after T_te
-        self._epochs("clean", 0 if cfg.retrain else cfg.isolation_epochs, cfg.clean_epochs, batches, opt,
-                     F.cross_entropy)
+        # retrain mode: a fresh model on its own schedule (whole, or what the isolation left of it: then its lr
+        # milestones are scaled to it); otherwise the schedule continues after T_te
+        n = cfg.clean_stage_epochs(int(run.report.get("isolation", {}).get("epoch", cfg.isolation_epochs)))
+        self._epochs("clean", 0 if cfg.retrain else cfg.isolation_epochs, n, batches, opt, F.cross_entropy,
+                     length=n if cfg.retrain else None)
         del batches
         self._end("clean")
         run.stage, run.epoch = "unlearning", 0
@@ -352,14 +379,16 @@ class _Stages:
         run.snapshot("done", 0, None, None)
 
     def _epochs(self, name: str, first_epoch: int, n_epochs: int, batches: ArrayBatches,
-                optimizer: torch.optim.Optimizer, loss_fn: LossFn, stop: Callable[[], bool] | None = None) -> None:
-        """Train epochs ``run.epoch .. n_epochs`` of stage ``name`` on the global-epoch lr schedule; ``stop()``,
-        asked after every epoch, ends the stage early when it returns True."""
+                optimizer: torch.optim.Optimizer, loss_fn: LossFn, stop: Callable[[], bool] | None = None,
+                length: int | None = None) -> None:
+        """Train epochs ``run.epoch .. n_epochs`` of stage ``name`` on the global-epoch lr schedule (scaled to
+        ``length`` epochs: :meth:`ABLConfig.lr_at`); ``stop()``, asked after every epoch, ends the stage early when
+        it returns True."""
         run, cfg = self.run, self.run.cfg
         run.restore_rng(batches)
         for e in range(run.epoch, n_epochs):
             t0 = time.perf_counter()
-            lr = cfg.lr_at(first_epoch + e)
+            lr = cfg.lr_at(first_epoch + e, length)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = train_one_epoch(run.train_model, batches, optimizer, loss_fn, f"ABL {name} {e + 1}/{n_epochs}",

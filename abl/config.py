@@ -24,6 +24,8 @@ ISOLATION_STOPS = ("auto", "fixed")
 EXPANSION_METHODS = ("spectral", "classifier")
 #: the label scan's direction per label (abl/expansion.py scan_labels)
 SCAN_METHODS = ("spectral", "contrastive")
+#: retrain mode's clean-stage length: a whole schedule, or what is left of it after the isolation epochs
+RETRAIN_SCHEDULES = ("full", "remaining")
 
 #: what each ``mode`` changes from the dataclass defaults (which are ``retrain``'s); explicit knobs win over it
 PRESETS: dict[str, dict[str, Any]] = {
@@ -48,7 +50,7 @@ def _knob(default: Any, help: str, **extra: Any) -> Any:
 
 #: the string knobs and their allowed values (validated first, in this order)
 _CHOICES = {"mode": MODES, "isolation_stop": ISOLATION_STOPS, "expansion_method": EXPANSION_METHODS,
-            "expansion_scan_method": SCAN_METHODS,
+            "expansion_scan_method": SCAN_METHODS, "retrain_epochs": RETRAIN_SCHEDULES,
             "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES, "isolation_labels": ISOLATION_LABELS,
             "unlearning": UNLEARNING_MODES, "unlearning_ascent": ASCENT_FORMS, "unlearning_bn": BN_MODES}
 
@@ -111,6 +113,11 @@ class ABLConfig:
                                              "when its two components are at least this far apart (Ashman's D), "
                                              "whatever their shares — clean labels reached 4.0 at most; 0 = off "
                                              "(docs/abl.md#wide-separation-route).")
+    retrain_epochs: str = _knob("full", "retrain mode's clean stage — full: a whole schedule of its own (--epochs), "
+                                "so ABL trains the isolation epochs more than plain training; remaining: --epochs "
+                                "minus the isolation epochs run, the lr milestones scaled to it, so ABL trains as "
+                                "many epochs as plain training (docs/abl.md#retrain-schedule).",
+                                choices=RETRAIN_SCHEDULES)
     isolation_extra_epochs: int = _knob(0, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
                                         "scan finds a separate population after the isolation epochs, keep "
                                         "training the isolation model up to this many more epochs, checking after "
@@ -158,7 +165,7 @@ class ABLConfig:
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
-                 "isolation_extra_epochs",
+                 "retrain_epochs", "isolation_extra_epochs",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -208,9 +215,21 @@ class ABLConfig:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         return cls(mode=mode, **{**PRESETS[mode], **knobs})
 
-    def lr_at(self, epoch: int) -> float:
-        """Step schedule over global epochs (isolation and clean stage share it)."""
-        return self.lr * self.lr_gamma ** sum(1 for m in self.lr_milestones if epoch >= m)
+    def lr_at(self, epoch: int, length: int | None = None) -> float:
+        """Step schedule over global epochs (isolation and clean stage share it); ``length``: a stage of that many
+        epochs that stands for the whole ``clean_epochs`` schedule, its milestones scaled to it (rounded, at least
+        epoch 1)."""
+        milestones = self.lr_milestones
+        if length is not None and length != self.clean_epochs and self.clean_epochs > 0:
+            milestones = tuple(max(1, round(m * length / self.clean_epochs)) for m in milestones)
+        return self.lr * self.lr_gamma ** sum(1 for m in milestones if epoch >= m)
+
+    def clean_stage_epochs(self, isolation_epochs_run: int) -> int:
+        """The clean stage's length: ``clean_epochs``, or in retrain mode with ``retrain_epochs="remaining"`` what is
+        left of it after the isolation epochs run (at least 1)."""
+        if self.retrain and self.retrain_epochs == "remaining":
+            return max(1, self.clean_epochs - isolation_epochs_run)
+        return self.clean_epochs
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

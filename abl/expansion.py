@@ -386,9 +386,20 @@ def _tap_or_linear(model: Any, tap: str, last: bool) -> str:
     return f"{linear[-1] if last else linear[0]}:in"
 
 
+def logits_and_pooled_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,
+                               batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """The logits and :func:`pooled_features` of ``images[indices]`` from one forward pass (eval mode): the isolation's
+    loss ranking and the expansion's features of the same model cost one pass, not two."""
+    logits: list[Any] = []
+    feats = _module_features(model, _tap_or_linear(model, "pool", last=False), images, indices, device, batch_size,
+                             logits=logits)
+    return np.concatenate(logits) if logits else np.zeros((0, 0), np.float32), feats
+
+
 def _module_features(model: Any, spec: str, images: np.ndarray, indices: np.ndarray, device: Any,
-                     batch_size: int) -> np.ndarray:
-    """One flattened float32 row per index of the input (``name:in``) or output (``name``) of module ``name``."""
+                     batch_size: int, logits: list[Any] | None = None) -> np.ndarray:
+    """One flattened float32 row per index of the input (``name:in``) or output (``name``) of module ``name``;
+    ``logits``, when given, receives the model's float32 outputs batch by batch."""
     import torch
 
     from .train import to_float
@@ -408,7 +419,9 @@ def _module_features(model: Any, spec: str, images: np.ndarray, indices: np.ndar
     try:
         with torch.no_grad():
             for s in range(0, len(indices), batch_size):
-                model(to_float(images[indices[s: s + batch_size]], device))
+                out = model(to_float(images[indices[s: s + batch_size]], device))
+                if logits is not None:
+                    logits.append(out.float().cpu().numpy())
     finally:
         handle.remove()
         model.train(was_training)

@@ -31,14 +31,16 @@ class Isolation:
 
 
 def isolate(model: nn.Module, images: np.ndarray, labels: np.ndarray, pool: np.ndarray, cfg: ABLConfig,
-            device: torch.device) -> Isolation:
-    """Score the ``pool`` (dataset indices) with ``model`` and isolate its lowest-scoring fraction per ``cfg``."""
+            device: torch.device, pool_losses: np.ndarray | None = None) -> Isolation:
+    """Score the ``pool`` (dataset indices) with ``model`` and isolate its lowest-scoring fraction per ``cfg``
+    (``pool_losses``: the pool's per-example losses, when a pass that also took features computed them)."""
     n = len(labels)
-    # under torchrun each rank scores its shard of the pool and the ranking sees all of them (gathered)
-    pos = distributed.shard(len(pool), 0, cfg.seed, shuffle=False)
-    pool_losses = distributed.gather_per_example(
-        per_example_loss(model, images[pool[pos]], labels[pool[pos]], device, batch_size=max(512, cfg.batch_size)),
-        pos, len(pool))
+    if pool_losses is None:
+        # under torchrun each rank scores its shard of the pool and the ranking sees all of them (gathered)
+        pos = distributed.shard(len(pool), 0, cfg.seed, shuffle=False)
+        pool_losses = distributed.gather_per_example(
+            per_example_loss(model, images[pool[pos]], labels[pool[pos]], device,
+                             batch_size=max(512, cfg.batch_size)), pos, len(pool))
     losses = np.full(n, np.nan, np.float32)
     losses[pool] = pool_losses
     pool_scores = isolation_scores(pool_losses, labels[pool], cfg.isolation_score, cfg.isolation_reference)

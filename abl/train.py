@@ -219,11 +219,16 @@ def per_example_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray, d
     rank a tie of thousands of such examples in index order (the GPU run at the paper's schedule had 2,400 of 3,619
     BadNets examples at exactly 0 in float32 at T_te).
     """
-    logits = torch.as_tensor(predict_logits(model, images, device, batch_size)).double()
+    return loss_from_logits(predict_logits(model, images, device, batch_size), labels)
+
+
+def loss_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """:func:`per_example_loss` from logits already computed (float64, without cancellation)."""
     y = torch.as_tensor(np.asarray(labels, np.int64))
-    if logits.numel() == 0:
+    z = torch.as_tensor(np.asarray(logits)).double()
+    if z.numel() == 0:
         return np.zeros(len(y), np.float64)
-    return F.softplus(log_odds_against(logits, y)).numpy()
+    return F.softplus(log_odds_against(z, y)).numpy()
 
 
 def log_odds_against(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

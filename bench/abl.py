@@ -61,7 +61,7 @@ from abl_guard.abl.abl import (  # noqa: E402
     run_abl,
     unlearning_epoch,
 )
-from abl_guard.abl.config import EXPANSION_METHODS, SCAN_METHODS  # noqa: E402
+from abl_guard.abl.config import EXPANSION_METHODS, RETRAIN_SCHEDULES, SCAN_METHODS  # noqa: E402
 from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
 from abl_guard.abl.report import expected_held_out_poison, held_out_probe  # noqa: E402
@@ -73,7 +73,7 @@ CPU = torch.device("cpu")
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
-            "expansion_scan_separation")
+            "expansion_scan_separation", "retrain_epochs")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -120,6 +120,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before the contrastive scan existed (they scanned spectrally)
             **({"expansion_scan_method": args.scan_method}
                if args.abl_mode == "retrain" and args.scan_method != "spectral" else {}),
+            # nor before the remaining-schedule option existed (a whole schedule)
+            **({"retrain_epochs": args.retrain_epochs}
+               if args.abl_mode == "retrain" and args.retrain_epochs != "full" else {}),
             # nor before its wide-separation route existed (off)
             **({"expansion_scan_separation": args.scan_separation}
                if args.abl_mode == "retrain" and args.scan_method == "contrastive" and args.scan_separation else {}),
@@ -283,6 +286,7 @@ class Bench:
                       "expansion_scan_share": a.scan_share if a.abl_mode == "retrain" else None,
                       "expansion_scan_method": a.scan_method if a.abl_mode == "retrain" else None,
                       "expansion_scan_separation": a.scan_separation if a.abl_mode == "retrain" else None,
+                      "retrain_epochs": a.retrain_epochs if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -578,6 +582,15 @@ def row_verdict(r: dict[str, Any]) -> dict[str, Any]:
     return verdict(stored_report(r), ABLConfig.for_mode("retrain"))
 
 
+def time_ratio(r: dict[str, Any]) -> float:
+    """ABL's total time over plain training for the same schedule, timed inside the run: its clean stage's time per
+    epoch times ``--epochs`` stands for plain training (the clean stage is a whole schedule, or with
+    ``--retrain-epochs remaining`` what the isolation left of it)."""
+    t = r["seconds_by_stage"]
+    n_clean = r["history_stages"].count("clean") or r["settings"]["epochs"]
+    return t["total"] / (t["clean"] * r["settings"]["epochs"] / n_clean)
+
+
 def verdict_cell(r: dict[str, Any]) -> str:
     """A stored run's current verdict with its held-out probe in brackets (— when it cannot tell)."""
     rep = stored_report(r)
@@ -593,7 +606,7 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
     out = ["", "## Retrain mode: isolation, seed expansion, verdict", "",
            "T_te = isolation epochs run (auto stop); seed = isolated examples of the majority label (precision %); "
            "removed = seed + expansion; poison recall % of everything removed, poison missed, clean removed; "
-           "time = ABL total / its clean stage (one full schedule, the same as plain training), in the same run; "
+           "time = ABL total / plain training, its clean stage's time per epoch × --epochs, in the same run; "
            "verdict: `report.verdict` of the current code on the run's stored report (the held-out probe in "
            "brackets).", "",
            "| attack | seed | T_te | seed (precision %) | removed | poison recall % | missed | clean removed "
@@ -601,14 +614,14 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack in attacks:
         for r in sorted((r for r in abl if r["attack"] == attack), key=lambda r: r["seed"]):
-            e, iso, t = r["expansion"], r["isolation"], r["seconds_by_stage"]
+            e, iso = r["expansion"], r["isolation"]
             sep = e.get("mixture", {}).get("separation", float("nan"))
             out.append(f"| {attack} | {r['seed']} | {r['history_stages'].count('isolation')} "
                        f"| {iso['n_isolated']} ({100 * iso['precision']:.1f}) | {r['n_removed']} "
                        f"| {100 * e.get('recall', float('nan')):.2f} | {e.get('missed_poison', '—')} "
                        f"| {e.get('removed_clean', '—')} | {sep:.1f} | {verdict_cell(r)} "
                        f"| {100 * r['clean_accuracy']:.2f} | {100 * r['attack_success_rate']:.2f} "
-                       f"| {t['total'] / t['clean']:.2f} |")
+                       f"| {time_ratio(r):.2f} |")
     return out
 
 
@@ -688,6 +701,8 @@ def main() -> None:
                     help="retrain mode's label scan: spectral (Tran et al.) or contrastive (abl/expansion.py)")
     ap.add_argument("--scan-separation", type=float, default=ABLConfig.expansion_scan_separation,
                     help="retrain mode's contrastive scan: also take a label split this far apart (0 = off)")
+    ap.add_argument("--retrain-epochs", default=ABLConfig.retrain_epochs, choices=list(RETRAIN_SCHEDULES),
+                    help="retrain mode's clean stage: a whole schedule, or --epochs minus the isolation epochs run")
     ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,
                     help="retrain mode: extra isolation epochs when nothing separate was found by T_te (0 = off)")
     ap.add_argument("--end-to-end", action="store_true",

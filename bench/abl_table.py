@@ -25,6 +25,7 @@ assert _spec is not None and _spec.loader is not None
 _bench_abl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bench_abl)
 verdict_cell = _bench_abl.verdict_cell
+time_ratio = _bench_abl.time_ratio
 from abl_guard.abl.report import found_by_scan  # noqa: E402  (bench/abl.py put the repository on sys.path)
 
 
@@ -67,16 +68,18 @@ def pct(v: float | None) -> str:
 
 def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
     r, n = x["abl"], x["none"] or {}
-    e, iso, t = r["expansion"], r["isolation"], r["seconds_by_stage"]
+    e, iso = r["expansion"], r["isolation"]
     e2e_none, e2e_abl = n.get("end_to_end", {}), r.get("end_to_end", {})
     capped = ", capped" if e.get("capped") else ""
+    if r["settings"].get("retrain_epochs", "full") != "full":
+        capped += f", retrain {r['history_stages'].count('clean')} epochs"
     return (f"| {x['attack']} | {100 * x['rate']:g}% | {x['seed']} | {x['method']}{capped} "
             f"| {r['history_stages'].count('isolation')} | {iso['n_isolated']} ({100 * iso['precision']:.0f}%) "
             f"| {e.get('missed_poison', '—')} / {e.get('removed_clean', '—')} "
             f"| {pct(n.get('clean_accuracy'))} → {pct(r['clean_accuracy'])} "
             f"| {pct(n.get('attack_success_rate'))} → {pct(r['attack_success_rate'])} "
             f"| {pct(floors.get((x['attack'], x['seed'])))} | {verdict_cell(r)} "
-            f"| {pct(e2e_none.get('residual'))} → {pct(e2e_abl.get('residual'))} | {t['total'] / t['clean']:.2f} "
+            f"| {pct(e2e_none.get('residual'))} → {pct(e2e_abl.get('residual'))} | {time_ratio(r):.2f} "
             f"| `{x['file']}` |")
 
 
@@ -89,7 +92,8 @@ def render(rows: list[dict[str, Any]], floors: dict[tuple[str, int], float], com
            "stored report (held-out probe); clean-model ASR: the same trigger on a model trained on clean data only "
            "(`--clean-only`, the floor; — where not measured); residual: triggered test inputs on which the "
            "backdoor fires and the guard (1% FPR, same model) stays silent — no defence + guard → ABL + guard; "
-           "time: ABL total / its own clean stage (one full schedule).", "",
+           "time: ABL total / plain training (its clean stage's time per epoch × the epochs of the schedule, in the "
+           "same run; the clean stage is one full schedule unless the expansion column says otherwise).", "",
            "| attack | poison | seed | expansion | T_te | isolated seed | missed / clean | CA % none → ABL "
            "| ASR % none → ABL | clean-model ASR % | verdict | residual % guard → ABL + guard | time | file |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -36,6 +36,13 @@ def test_from_train_maps_the_shared_options_and_splits_the_epochs():
     assert (r.mode, r.isolation_epochs, r.clean_epochs, r.isolation_stop, r.unlearning_epochs) == (
         "retrain", 2, 10, "auto", 0)
     assert [c.lr_at(e) for e in (0, 5, 6, 9)] == [0.02, 0.02, 0.01, 0.01]
+    # the remaining schedule: T minus the isolation epochs run, its milestones scaled (6 of 10 -> epoch 5 of 8)
+    assert r.clean_stage_epochs(2) == 10
+    rem = ABLConfig.from_train(t, {"retrain_epochs": "remaining"})
+    assert (rem.clean_stage_epochs(2), rem.clean_stage_epochs(1), rem.clean_stage_epochs(12)) == (8, 9, 1)
+    assert [rem.lr_at(e, 8) for e in (0, 4, 5, 7)] == [0.02, 0.02, 0.01, 0.01]
+    assert [rem.lr_at(e, 10) for e in (5, 6)] == [0.02, 0.01]  # the whole schedule: unchanged
+    assert ABLConfig.from_train(t, {"mode": "unlearn", "retrain_epochs": "remaining"}).clean_stage_epochs(2) == 8
     with pytest.raises(ValueError, match="unknown ABL parameter"):
         ABLConfig.from_train(t, {"gama": 0.5})
     with pytest.raises(ValueError, match="clean stage is --epochs"):
@@ -173,6 +180,7 @@ ABL_FLAGS = {
     "expansion_method": ("--abl-expansion-method", "classifier", "classifier"),
     "expansion_scan_method": ("--abl-expansion-scan-method", "spectral", "spectral"),
     "expansion_scan_separation": ("--abl-expansion-scan-separation", "0", 0.0),
+    "retrain_epochs": ("--abl-retrain-epochs", "remaining", "remaining"),
     "expansion_posterior": ("--abl-expansion-posterior", "0.1", 0.1),
     "expansion_scan_share": ("--abl-expansion-scan-share", "0", 0.0),
     "expansion_separation": ("--abl-expansion-separation", "3", 3.0),

@@ -261,6 +261,21 @@ def test_retrain_mode_removes_the_backdoor_and_says_so(poisoned_digits, two_thre
     assert rep["unlearning"]["isolated_accuracy_after"] <= 0.2
 
 
+def test_retrain_on_the_remaining_schedule_trains_as_many_epochs_as_plain_training(small_poisoned):
+    """``retrain_epochs="remaining"``: the clean stage is T minus the isolation epochs run, on the scaled lr
+    schedule, so that isolation + clean stage = T epochs."""
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=2, isolation_stop="fixed", clean_epochs=5, lr_milestones=(3,), lr_gamma=0.1,
+                    isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0,
+                    retrain_epochs="remaining")
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    clean = [h for h in res.history if h["stage"] == "clean"]
+    assert sum(h["stage"] == "isolation" for h in res.history) == 2 and len(clean) == 3
+    # milestone 3 of 5 scaled to 3 epochs: round(1.8) = 2
+    assert [h["lr"] for h in clean] == pytest.approx([0.05, 0.05, 0.005], rel=1e-9)
+    assert res.report["config"]["retrain_epochs"] == "remaining"
+
+
 def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_poisoned, monkeypatch):
     """The fallback's wiring: an unexpandable seed leads to the label scan; with nothing found the seed alone is
     removed (and the scan is in the report); a scan that finds the poison replaces the seed as removed and probed."""
@@ -379,9 +394,17 @@ def test_isolation_extends_until_a_separate_population_is_found(small_poisoned, 
     np.testing.assert_array_equal(never.isolated, res.isolated)
 
 
-def test_contrastive_scan_in_the_pipeline(small_poisoned):
+def test_contrastive_scan_in_the_pipeline(small_poisoned, monkeypatch):
     """The default scan on the 600-image BadNets set: the seed never expands (separation 50), and the contrastive
-    scan's variance-ratio route finds label 0 and removes poison only."""
+    scan's variance-ratio route finds label 0 and removes poison only. The isolation's one pass over the pool gives
+    the losses and the features the seed expansion and the scan read: no second feature pass."""
+    import abl_guard.abl.abl as abl_mod
+
+    def no_second_pass(*_a, **_k):
+        raise AssertionError("a second feature pass over the pool")
+
+    monkeypatch.setattr(abl_mod, "pooled_features", no_second_pass)
+    monkeypatch.setattr(abl_mod, "expansion_features", no_second_pass)
     d = small_poisoned
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
                     eval_every=0, expansion_separation=50.0)

@@ -129,6 +129,26 @@ def test_pooled_features_are_the_pooled_last_conv_block():
     np.testing.assert_allclose(feats, want.numpy(), rtol=1e-5, atol=1e-6)  # float32 pooling order
 
 
+def test_one_pass_gives_the_logits_and_the_pooled_features():
+    from abl_guard.abl.expansion import logits_and_pooled_features
+    from abl_guard.abl.train import loss_from_logits, per_example_loss, predict_logits
+
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10, 8, width=8).eval()
+    images = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 1), dtype=np.uint8)
+    idx = np.arange(3, 70, 2)
+    labels = np.arange(len(images)) % 10
+    logits, feats = logits_and_pooled_features(model, images, idx, torch.device("cpu"), batch_size=16)
+    # float tolerance: the same batches as the reference passes, but BLAS may order sums differently across calls
+    np.testing.assert_allclose(logits, predict_logits(model, images[idx], torch.device("cpu"), 16), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(feats, pooled_features(model, images, idx, torch.device("cpu"), batch_size=16),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss_from_logits(logits, labels[idx]),
+                               per_example_loss(model, images[idx], labels[idx], torch.device("cpu"), 16),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_penultimate_features_are_the_final_layers_input():
     torch.manual_seed(0)
     model = SmallCNN(1, 10, 8, width=8)
