@@ -129,8 +129,10 @@ def held_out_probe(guard: dict[str, Any], min_excess: int = 10, expected_poison:
     deviations of a clean class's count (``3 sqrt(n prior (1 - prior))``: on clean data a 1,200-example split drew 18
     more of one class than its share, and the probe read 0.94 — ``bench/results/abl_retrain_clean_data.md``), and None
     when ``expected_poison`` (the poisoned copies the removal's own estimate puts in the split,
-    :func:`expected_held_out_poison`) is under that noise: then an excess that passes is mostly clean examples of the
-    label, which a clean model predicts as the label, and the probe reads 0.5–0.7 on removed 1% backdoors
+    :func:`expected_held_out_poison`) is under that noise while the excess is under four sd: then an excess that
+    passes is mostly clean examples of the label, which a clean model predicts as the label, and the probe reads
+    0.5–0.7 on removed 1% backdoors; an excess of four sd or more says there is more poison than the removal
+    estimated (WaNet 5%: 8 sd against an estimate of 2.5), and the probe is read
     (``docs/abl.md#the-held-out-probe-at-1-poison``).
     """
     n, n_non = guard.get("n_holdout", 0), guard.get("n_nontarget", 0)
@@ -138,8 +140,10 @@ def held_out_probe(guard: dict[str, Any], min_excess: int = 10, expected_poison:
     if not n or prior is None or final is None or not np.isfinite(prior):
         return None
     excess = (1.0 - n_non / n) - prior
-    noise = 3.0 * np.sqrt(n * prior * (1.0 - prior))
-    if excess * n < max(min_excess, noise) or (expected_poison is not None and expected_poison < noise):
+    sd = np.sqrt(n * prior * (1.0 - prior))
+    if excess * n < max(min_excess, 3.0 * sd):
+        return None
+    if expected_poison is not None and expected_poison < 3.0 * sd and excess * n < 4.0 * sd:
         return None
     return float((final["target_rate"] - prior) / excess)
 

@@ -145,6 +145,16 @@ def test_held_out_probe_is_not_read_when_the_removal_puts_too_little_poison_in_t
     assert verdict(rep, ABLConfig())["status"] == "likely-present"
     rep["unlearning"]["guard"]["final"] = {"target_rate": 0.0967}
     assert verdict(rep, ABLConfig())["status"] == "removed"
+    # WaNet 5% seed 1 (bench/results/abl_retrain_r05_wanet_s1.json): the scan removed 81% of the poison and
+    # estimated 1,256; the split's excess of the label (85, 8 sd) says there is more, so the probe is read: 0.51,
+    # the backdoor still fires (ASR 29%)
+    wanet = _one_percent_removal(0.12833, 2412)
+    wanet["expansion"]["estimated_poison"] = 1256.4
+    wanet["unlearning"]["guard"].update(n_nontarget=1004, target_prior=0.0925)
+    assert expected_held_out_poison(wanet) < 31
+    assert held_out_probe(wanet["unlearning"]["guard"], expected_poison=expected_held_out_poison(wanet)) == \
+        pytest.approx(0.506, abs=0.001)
+    assert verdict(wanet, ABLConfig())["status"] == "likely-present"
     # the estimate is the expansion's, capped by what it removed; nothing removed: no estimate
     rep["expansion"].update(estimated_poison=5000.0)
     assert expected_held_out_poison(rep) == pytest.approx(3000 * 1200 / 58_800, rel=1e-9)
