@@ -307,8 +307,8 @@ class _Stages:
             return iso, None
         t0 = time.perf_counter()
         _, in_target = target_examples(self.labels, iso.isolated, pool)
-        if cfg.expansion_method == "spectral" and self.pool_features is not None:
-            full = self._dataset_rows(feats[np.searchsorted(pool, in_target)], in_target)
+        if cfg.expansion_method == "spectral" and self.pool_features is not None:  # rows of the pass above
+            full = self._dataset_rows(self.pool_features[1][np.searchsorted(pool, in_target)], in_target)
         else:
             full = self._dataset_rows(expansion_features(cfg.expansion_method, run.model, self.images, in_target,
                                                          run.device), in_target)

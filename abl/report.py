@@ -177,7 +177,8 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     else ``likely-present`` (with a clean-label attack, whose poison really is of the target class, the seed probe
     cannot tell, and the evidence says so). When the label scan (not the seed) found the
     suspected poison, the target is the scanned label and the seed probe reads the scanned population's core.
-    Measured against the attack's ASR in ``docs/abl.md#retrain-mode-measured``.
+    ``held_out_probe``: the probe's value, None when it was not read. Measured against the attack's ASR in
+    ``docs/abl.md#retrain-mode-measured``.
     """
     iso = report.get("isolation", {})
     un = report.get("unlearning", {})
@@ -239,7 +240,7 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         status = "likely-present"
         evidence.append("a clean model predicts a triggered image's own content; if the poison is clean-label (images "
                         "of the target class) this probe cannot tell")
-    return {"status": status, "target": target, "evidence": evidence}
+    return {"status": status, "target": target, "evidence": evidence, "held_out_probe": held}
 
 
 def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:

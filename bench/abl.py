@@ -64,7 +64,6 @@ from abl_guard.abl.abl import (  # noqa: E402
 from abl_guard.abl.config import EXPANSION_METHODS, RETRAIN_SCHEDULES, SCAN_METHODS  # noqa: E402
 from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
-from abl_guard.abl.report import expected_held_out_poison, held_out_probe  # noqa: E402
 from abl_guard.abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
 from abl_guard.attacks import REGISTRY  # noqa: E402
 
@@ -593,9 +592,9 @@ def time_ratio(r: dict[str, Any]) -> float:
 
 def verdict_cell(r: dict[str, Any]) -> str:
     """A stored run's current verdict with its held-out probe in brackets (— when it cannot tell)."""
-    rep = stored_report(r)
-    held = held_out_probe(r["unlearning"]["guard"], expected_poison=expected_held_out_poison(rep))
-    return f"{row_verdict(r)['status']} ({'—' if held is None else f'{held:.2f}'})"
+    v = row_verdict(r)
+    held = v["held_out_probe"]
+    return f"{v['status']} ({'—' if held is None else f'{held:.2f}'})"
 
 
 def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[int]) -> list[str]:
