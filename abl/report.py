@@ -116,6 +116,21 @@ def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray |
 PROBE_CLEAN = 0.2
 #: the held-out probe (:func:`held_out_probe`) at or above which the backdoor is judged to be still firing
 HELD_OUT_FIRING = 0.5
+#: binomial standard deviations by which the held-out split's count of the seed's label must fall short of the
+#: removal's poison estimate for the removed population to be judged a clean sub-type (:func:`count_contradicts`)
+COUNT_SHORTFALL_SD = 3.0
+NOT_PROOF = (" (this is not proof of a clean model: a backdoor learned no faster than the clean data, too little "
+             "poison for the isolation to single out, or clean-label poison the label scan misses, stays unseen)")
+
+
+def held_out_excess(guard: dict[str, Any]) -> tuple[float, float] | None:
+    """``(excess, sd)``: how many more examples of the suspected target label the held-out split holds than a clean
+    class's share (``target_prior``, the other labels' median count) would give, and one binomial standard deviation
+    of a clean class's count there. None without a split or a prior."""
+    n, n_non, prior = guard.get("n_holdout", 0), guard.get("n_nontarget", 0), guard.get("target_prior")
+    if not n or prior is None or not np.isfinite(prior):
+        return None
+    return float(n - n_non - prior * n), float(np.sqrt(n * prior * (1.0 - prior)))
 
 
 def held_out_probe(guard: dict[str, Any], min_excess: int = 10, expected_poison: float | None = None) -> float | None:
@@ -135,17 +150,15 @@ def held_out_probe(guard: dict[str, Any], min_excess: int = 10, expected_poison:
     estimated (WaNet 5%: 8 sd against an estimate of 2.5), and the probe is read
     (``docs/abl.md#the-held-out-probe-at-1-poison``).
     """
-    n, n_non = guard.get("n_holdout", 0), guard.get("n_nontarget", 0)
-    prior, final = guard.get("target_prior"), guard.get("final") or guard.get("baseline")
-    if not n or prior is None or final is None or not np.isfinite(prior):
+    counts, final = held_out_excess(guard), guard.get("final") or guard.get("baseline")
+    if counts is None or final is None:
         return None
-    excess = (1.0 - n_non / n) - prior
-    sd = np.sqrt(n * prior * (1.0 - prior))
-    if excess * n < max(min_excess, 3.0 * sd):
+    excess, sd = counts
+    if excess < max(min_excess, 3.0 * sd):
         return None
-    if expected_poison is not None and expected_poison < 3.0 * sd and excess * n < 4.0 * sd:
+    if expected_poison is not None and expected_poison < 3.0 * sd and excess < 4.0 * sd:
         return None
-    return float((final["target_rate"] - prior) / excess)
+    return float((final["target_rate"] - guard["target_prior"]) / (excess / guard["n_holdout"]))
 
 
 def expected_held_out_poison(report: dict[str, Any]) -> float | None:
@@ -157,6 +170,28 @@ def expected_held_out_poison(report: dict[str, Any]) -> float | None:
         return None
     est = min(float(exp.get("estimated_poison", np.inf)), float(exp["n_removed"]))
     return est * guard["n_holdout"] / exp["n_pool"]
+
+
+def count_contradicts(report: dict[str, Any]) -> tuple[float, float, float] | None:
+    """``(expected, excess, sd)`` when the seed's capped expansion claims more poison than its label's count shows.
+
+    All-to-one dirty-label poison adds its copies to the target label, so a random held-out split holds the removal's
+    estimate of poisoned copies (:func:`expected_held_out_poison`) *on top of* a clean class's count. When the split's
+    excess of the seed's label falls :data:`COUNT_SHORTFALL_SD` binomial sd or more short of that estimate, the removed
+    population did not add to its label: a clean sub-type (clean data seed 1: 59 expected, 18 found, 4.0 sd short;
+    every seed-path removal of a backdoor measured 0.5 sd short or better, ``docs/abl.md#the-count-check``). Only a
+    seed expansion capped at the max share (a large population: a clean sub-type, or much poison) after which the label
+    scan found nothing: clean-label poison, which adds nothing to its label, is the scan's to find. Like the held-out
+    probe it reads the other labels' median count as a clean class's share, so it assumes roughly balanced classes.
+    None when it does not apply or the counts agree."""
+    exp, guard = report.get("expansion", {}), report.get("unlearning", {}).get("guard", {})
+    if (found_by_scan(exp) or not exp.get("capped") or "scan" not in exp
+            or guard.get("suspected_target") != exp.get("target")):
+        return None
+    expected, counts = expected_held_out_poison(report), held_out_excess(guard)
+    if expected is None or counts is None or expected - counts[0] < COUNT_SHORTFALL_SD * counts[1]:
+        return None
+    return expected, counts[0], counts[1]
 
 
 def found_by_scan(exp: dict[str, Any]) -> bool:
@@ -174,9 +209,11 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     population of its label (no fast-learned all-to-one backdoor was seen), ``removed`` when the seed probe is at
     most :data:`PROBE_CLEAN` and the held-out probe was read (below the firing level), ``removed-unconfirmed`` when
     the seed probe is that low but the held-out probe cannot be read (at 1% poison: about 12 poisoned copies in 1,200),
-    else ``likely-present`` (with a clean-label attack, whose poison really is of the target class, the seed probe
-    cannot tell, and the evidence says so). When the label scan (not the seed) found the
-    suspected poison, the target is the scanned label and the seed probe reads the scanned population's core.
+    ``not-found`` also when a capped seed expansion claims poison its label's held-out count does not show
+    (:func:`count_contradicts`: a clean sub-type), else ``likely-present`` (with a clean-label attack, whose poison
+    really is of the target class, the seed probe cannot tell, and the evidence says so). When the label scan (not the
+    seed) found the suspected poison, the target is the scanned label and the seed probe reads the scanned population's
+    core.
     ``held_out_probe``: the probe's value, None when it was not read. Measured against the attack's ASR in
     ``docs/abl.md#retrain-mode-measured``.
     """
@@ -226,9 +263,8 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         status = "likely-present"
     elif share < cfg.isolation_concentration and not exp.get("expanded"):
         status = "not-found"
-        evidence.append("no label held the isolated examples: no fast-learned all-to-one backdoor was seen (this is "
-                        "not proof of a clean model: a backdoor learned no faster than the clean data, or too little "
-                        "poison for the isolation to single out, stays unseen)")
+        evidence.append("no label held the isolated examples: no fast-learned all-to-one backdoor was seen"
+                        + NOT_PROOF)
     elif probe is not None and probe <= PROBE_CLEAN and held is not None:
         status = "removed"
     elif probe is not None and probe <= PROBE_CLEAN:
@@ -236,6 +272,13 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         evidence.append("the held-out split cannot confirm it: too few poisoned copies are held out to read whether "
                         "they still fire, and a backdoor left partly in place can read the same on the probe above "
                         "(Trojan 1%: ASR 30.7%, probe 14%)")
+    elif (short := count_contradicts(report)) is not None:
+        status = "not-found"
+        evidence.append(f"count check: the removal's estimate puts about {short[0]:.0f} poisoned copies of label "
+                        f"{target} in the held-out split, but it holds {short[1]:.0f} more of that label than a clean "
+                        f"class's share ({(short[0] - short[1]) / short[2]:.1f} sd short): the removed population did "
+                        "not add to its label as all-to-one poison does, so it is a clean sub-type, and the label scan "
+                        "found no other population" + NOT_PROOF)
     else:
         status = "likely-present"
         evidence.append("a clean model predicts a triggered image's own content; if the poison is clean-label (images "

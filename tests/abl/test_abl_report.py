@@ -160,3 +160,46 @@ def test_held_out_probe_is_not_read_when_the_removal_puts_too_little_poison_in_t
     assert expected_held_out_poison(rep) == pytest.approx(3000 * 1200 / 58_800, rel=1e-9)
     rep["expansion"]["expanded"] = False
     assert expected_held_out_poison(rep) is None
+
+
+def _capped_seed_on_clean_data(n_nontarget: int) -> dict:
+    """Clean data seed 1 (bench/results/abl_retrain_clean_data_current_s1.json): the seed (587 sandals) expanded to
+    the 60% cap, 3,753 removed with an estimate of 2,908 poisoned; the label scan found nothing; the retrained model
+    still calls every seed example a sandal."""
+    rep = _report(0.95, 1.0)
+    rep["expansion"].update(target=5, capped=True, n_removed=3753, estimated_poison=2907.7, n_pool=58_800,
+                            scan={"expanded": False, "reason": "no label holds a separate population"})
+    rep["isolation"]["isolated_majority_label"] = 5
+    rep["unlearning"]["guard"] = {"n_holdout": 1200, "n_nontarget": n_nontarget, "target_prior": 0.0975,
+                                  "suspected_target": 5, "final": {"target_rate": (1200 - n_nontarget) / 1200}}
+    return rep
+
+
+def test_count_check_calls_a_capped_clean_sub_type_not_found():
+    from abl_guard.abl.config import ABLConfig
+    from abl_guard.abl.report import count_contradicts, held_out_excess, verdict
+
+    # 135 sandals held out against a class's 117: 18 more, where the removal's estimate puts 59 poisoned copies
+    rep = _capped_seed_on_clean_data(1065)
+    excess, sd = held_out_excess(rep["unlearning"]["guard"])
+    assert excess == pytest.approx(18.0, abs=1e-9) and sd == pytest.approx(10.27, abs=0.01)
+    expected, got, _ = count_contradicts(rep)
+    assert expected == pytest.approx(2907.7 * 1200 / 58_800, rel=1e-9) and got == pytest.approx(18.0)
+    v = verdict(rep, ABLConfig())
+    assert v["status"] == "not-found" and v["held_out_probe"] is None
+    assert any("count check" in e and "4.0 sd short" in e and "clean sub-type" in e for e in v["evidence"])
+    # the same removal where the split holds the estimate's copies (59 more sandals): poison that still fires
+    rep = _capped_seed_on_clean_data(1065 - 41)
+    assert count_contradicts(rep) is None and verdict(rep, ABLConfig())["status"] == "likely-present"
+    # 2.9 sd short is within the noise: no verdict from the counts
+    rep = _capped_seed_on_clean_data(1065 - 11)
+    assert count_contradicts(rep) is None
+    # only a capped seed expansion after which the scan ran and found nothing; never the scan's own find (clean-label
+    # poison adds nothing to its label), an uncapped expansion, or a seed whose label is not the guard's suspect
+    for change in ({"capped": False}, {"method": "spectral-scan"}, {"target": 4}):
+        rep = _capped_seed_on_clean_data(1065)
+        rep["expansion"].update(change)
+        assert count_contradicts(rep) is None
+    rep = _capped_seed_on_clean_data(1065)
+    del rep["expansion"]["scan"]
+    assert count_contradicts(rep) is None
