@@ -60,6 +60,7 @@ from .expansion import (
     expansion_features,
     logits_and_pooled_features,
     pooled_features,
+    scan_inputs,
     scan_labels,
     target_examples,
 )
@@ -68,6 +69,7 @@ from .losses import ascent_term, lga_loss
 from .report import (
     expansion_report,
     failure_warnings,
+    found_by_scan,
     isolation_report,
     rank_auroc,
     summary_lines,
@@ -234,6 +236,7 @@ class _Stages:
             iso, exp = found[0][0], self._scan_if_needed(pool, found[0][1])
         else:
             iso, exp = self._final_outcome(pool, at_te, extended)
+        exp = self._prefer_input_scan(pool, exp)
         run.losses, run.isolated = iso.losses, iso.isolated
         run.report["isolation"] = isolation_report(iso.losses, iso.isolated, self.labels, pool, poison_indices, cfg,
                                                    iso.scores, iso.candidates)
@@ -347,6 +350,27 @@ class _Stages:
             return scan
         seed_exp.report["scan"] = scan.report
         return seed_exp
+
+    def _prefer_input_scan(self, pool: np.ndarray, exp: Expansion | None) -> Expansion | None:
+        """Retrain mode: a label whose raw inputs split into two far-apart populations (:func:`scan_inputs`, a
+        fixed-pattern trigger) replaces the model-based outcome, which goes in its report; otherwise the input scan
+        goes in the model-based outcome's report."""
+        cfg = self.run.cfg
+        if exp is None or not cfg.expansion_input_separation:
+            return exp
+        t0 = time.perf_counter()
+        scan = scan_inputs(self.images, self.labels, pool, min_separation=cfg.expansion_input_separation,
+                           min_posterior=cfg.expansion_posterior, max_share=cfg.expansion_max_share,
+                           random_state=cfg.seed)
+        self.run.add_time("expansion", time.perf_counter() - t0)
+        if not scan.report["expanded"]:
+            exp.report["input_scan"] = scan.report
+            return exp
+        seed = exp.report.get("seed", exp.report) if found_by_scan(exp.report) else exp.report
+        scan.report["seed"] = {k: v for k, v in seed.items() if k not in ("labels", "scan")}
+        if found_by_scan(exp.report):
+            scan.report["feature_scan"] = {k: v for k, v in exp.report.items() if k != "seed"}
+        return scan
 
     def clean(self, pool: np.ndarray, opt: torch.optim.Optimizer) -> None:
         """Stage 2: ordinary training on ``D \\ D_b`` (the schedule continues from the isolation epochs)."""

@@ -113,6 +113,12 @@ class ABLConfig:
                                              "when its two components are at least this far apart (Ashman's D), "
                                              "whatever their shares — clean labels reached 4.0 at most; 0 = off "
                                              "(docs/abl.md#wide-separation-route).")
+    expansion_input_separation: float = _knob(10.0, "retrain mode: after the isolation epochs, scan every label's "
+                                              "raw inputs the contrastive way (no model); a label whose two "
+                                              "components are at least this far apart (Ashman's D) is removed "
+                                              "instead of the model-based outcome — fixed-pattern triggers split "
+                                              "at 24-298, clean labels at 2.8 at most on Fashion-MNIST; 0 = off "
+                                              "(docs/abl.md#input-space-label-scan).")
     retrain_epochs: str = _knob("full", "retrain mode's clean stage — full: a whole schedule of its own (--epochs), "
                                 "so ABL trains the isolation epochs more than plain training; remaining: --epochs "
                                 "minus the isolation epochs run, the lr milestones scaled to it, so ABL trains as "
@@ -165,7 +171,7 @@ class ABLConfig:
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
-                 "retrain_epochs", "isolation_extra_epochs",
+                 "expansion_input_separation", "retrain_epochs", "isolation_extra_epochs",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -195,6 +201,7 @@ class ABLConfig:
             (not 0.0 < self.expansion_max_share <= 1.0, "expansion_max_share must be in (0, 1]"),
             (not 0.0 <= self.expansion_scan_share < 0.5, "expansion_scan_share must be in [0, 0.5) (0 = off)"),
             (self.expansion_scan_separation < 0, "expansion_scan_separation must be >= 0 (0 = off)"),
+            (self.expansion_input_separation < 0, "expansion_input_separation must be >= 0 (0 = off)"),
             (self.lr <= 0 or self.unlearning_lr <= 0, "learning rates must be > 0"),
             (self.batch_size < 1 or self.eval_every < 0, "batch_size must be >= 1 and eval_every >= 0"),
         ]

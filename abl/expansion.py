@@ -264,7 +264,8 @@ def _away_from_others(s: np.ndarray, post: np.ndarray, others: np.ndarray) -> np
 def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, max_weight: float = 0.2,
                 min_separation: float = 2.0, min_posterior: float = 0.01, max_share: float = 0.6,
                 random_state: int = 0, method: str = "spectral", min_ratio: float = 100.0,
-                ridge: float = 1e-3, min_wide_separation: float = 5.0) -> Expansion:
+                ridge: float = 1e-3, min_wide_separation: float = 5.0, min_minority: float = 0.0,
+                min_minority_count: int = 0) -> Expansion:
     """Look in every label of ``pool`` for a small population set apart from the rest; remove the clearest one.
 
     The fallback when the isolated seed did not expand or its expansion was capped (at 1% poison the loss-based
@@ -286,7 +287,9 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     the largest ratio is chosen. ``min_ratio`` = 100 was set on 15 saved isolation-stage models (clean labels <= 66,
     5-10% poison 122-362), measured in ``docs/abl.md#contrastive-label-scan``. A label also qualifies, whatever the
     share, when its two components are ``min_wide_separation`` apart (clean labels' contrastive splits reached D 4.0
-    at most, Trojan 5% poison 6.8 at a variance ratio of 75: ``docs/abl.md#wide-separation-route``).
+    at most, Trojan 5% poison 6.8 at a variance ratio of 75: ``docs/abl.md#wide-separation-route``). A label whose
+    suspect component holds under ``min_minority`` of it or under ``min_minority_count`` examples never qualifies (a
+    handful of outliers can sit far from the rest).
     """
     labels = np.asarray(labels)
     pool = np.asarray(pool, np.int64)
@@ -303,7 +306,7 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
             u, ratio = directions[int(y)]
             mu = feats[idx].mean(0)
             s, post, mix, sign = _oriented_split_of((feats[idx] - mu) @ u, random_state)
-            others = sign * ((feats[pool[labels[pool] != y]] - mu) @ u)
+            others = sign * (feats[pool[labels[pool] != y]] @ u - mu @ u)
             post = _away_from_others(s, post, others)
             row["ratio"] = float(round(ratio, 2))
             ok = ((mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation)
@@ -315,6 +318,7 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
             key = mix["separation"]
         row.update(minority=float(round(mix["weight_seedlike"], 4)), separation=float(round(mix["separation"], 3)))
         rows.append(row)
+        ok = ok and mix["weight_seedlike"] >= min_minority and mix["weight_seedlike"] * len(idx) >= min_minority_count
         if ok:
             qualifying.append(int(y))
             if best is None or key > best[0]:
@@ -343,6 +347,56 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     log.info("label scan: removed %d of %d in label %d (minority %.0f%%, separation %.2f)", len(removed), len(idx),
              target, 100 * mix["weight_seedlike"], mix["separation"])
     return Expansion(removed, target, idx, s, post, report, core)
+
+
+#: the most values per image :func:`input_features` keeps (32x32x3); larger images are average-pooled to fit
+INPUT_MAX_DIM = 3072
+
+
+def input_features(images: np.ndarray, max_dim: int = INPUT_MAX_DIM, chunk: int = 1024) -> np.ndarray:
+    """uint8 ``(N, H, W, C)`` images as scan features: scaled to [0, 1] and flattened, one float32 row per image;
+    images with more than ``max_dim`` values are first averaged over ``k x k`` pixel blocks, the smallest ``k`` that
+    fits (in chunks of ``chunk`` images, so memory stays near the output's)."""
+    x = np.asarray(images)
+    if x.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, C), got shape {x.shape}")
+    n, h, w, c = x.shape
+    k = 1
+    while (h // k) * (w // k) * c > max_dim and k < min(h, w):
+        k += 1
+    hh, ww = h // k, w // k
+    out = np.empty((n, hh * ww * c), np.float32)
+    for i in range(0, n, chunk):
+        part = x[i:i + chunk, :hh * k, :ww * k].astype(np.float32)
+        if k > 1:
+            part = part.reshape(len(part), hh, k, ww, k, c).mean((2, 4))
+        out[i:i + chunk] = part.reshape(len(part), -1) / 255.0
+    return out
+
+
+def scan_inputs(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, min_separation: float = 10.0,
+                min_posterior: float = 0.01, max_share: float = 0.6, random_state: int = 0,
+                min_minority: float = 0.01, min_minority_count: int = 10) -> Expansion:
+    """:func:`scan_labels`' contrastive scan on the raw inputs (:func:`input_features`) instead of a model's features.
+
+    A fixed-pattern trigger (a patch, a blended image, a sine overlay) moves every poisoned input the same way in pixel
+    space, so the poisoned part of the target label splits from the rest along the label's top contrastive direction
+    — the direction along which it varies most relative to the other labels' pooled within-class covariance — with
+    no model at all. Only the wide-separation route applies (a label qualifies when its two components are at least
+    ``min_separation`` apart, Ashman's D, and its suspect component holds at least ``min_minority`` of it and
+    ``min_minority_count`` examples): on Fashion-MNIST's raw pixels clean labels split at D <= 2.8 and BadNets,
+    Blend, Trojan and SIG poison at 1-10% at D 24-298; on the 8x8 digits clean labels reach 6.7, and one outlier image
+    alone 28 (hence the minimum component); warping triggers (WaNet) do not split (D about 2). Not in ABL, nor in Tran
+    et al. (who scan features): measured in ``docs/abl.md#input-space-label-scan``."""
+    exp = scan_labels(input_features(images), labels, pool, max_weight=0.0, min_posterior=min_posterior,
+                      max_share=max_share, random_state=random_state, method="contrastive", min_ratio=np.inf,
+                      min_wide_separation=min_separation, min_minority=min_minority,
+                      min_minority_count=min_minority_count)
+    exp.report.update(space="input", max_weight=None, min_ratio=None, min_wide_separation=min_separation,
+                      min_minority=min_minority, min_minority_count=min_minority_count)
+    if not exp.report["expanded"]:
+        exp.report["reason"] = f"no label's raw inputs split into two populations {min_separation:g} apart"
+    return exp
 
 
 def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,

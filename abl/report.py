@@ -199,6 +199,27 @@ def found_by_scan(exp: dict[str, Any]) -> bool:
     return exp.get("method") == SCAN_METHOD and bool(exp.get("expanded"))
 
 
+def expansion_evidence(exp: dict[str, Any]) -> str:
+    """The verdict's line on what was removed: the input scan's, the label scan's or the seed's expansion."""
+    mix = exp.get("mixture", {})
+    if found_by_scan(exp) and exp.get("space") == "input":
+        return (f"a scan of every label's raw inputs found a separate population of {mix['weight_seedlike']:.0%} of "
+                f"label {exp['target']} (separation {mix['separation']:.1f}: a fixed-pattern trigger): "
+                f"{exp['n_removed']} examples removed instead of the model-based outcome")
+    if found_by_scan(exp):
+        seed = exp.get("seed", {})
+        why = (f"the isolated seed's expansion in label {seed.get('target')} was capped at the max share (a large "
+               "population: a clean sub-type, or much poison)" if seed.get("expanded") else
+               f"the isolated seed did not expand ({seed.get('reason', 'no second population')})")
+        return (f"{why}; a scan of every label found a separate population of {mix['weight_seedlike']:.0%} of label "
+                f"{exp['target']} (separation {mix['separation']:.1f}): {exp['n_removed']} examples removed instead")
+    if exp.get("expanded"):
+        return (f"the seed of {exp['n_seed']} grew to {exp['n_removed']} removed examples of label {exp['target']} "
+                f"({exp['n_target_label']} in the label; estimated poison "
+                f"{exp.get('estimated_poison', float('nan')):.0f}, separation {mix['separation']:.1f})")
+    return f"the seed was not expanded: {exp.get('reason', '')}"
+
+
 def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     """Whether the backdoor is gone, with the evidence, from quantities available without ground truth.
 
@@ -226,24 +247,10 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     evidence.append(f"isolation after {iso.get('epoch', '?')} epoch(s): {share:.0%} of the lowest-scoring "
                     f"{iso.get('n_candidates', '?')} examples carry label {target}")
     scanned = found_by_scan(exp)
-    if scanned:  # the seed did not expand or was capped; the label scan found the suspected target (scan_labels)
+    if scanned:  # the label scan (not the seed) found the suspected target
         target = exp["target"]
-        mix = exp["mixture"]
-        seed = exp.get("seed", {})
-        why = (f"the isolated seed's expansion in label {seed.get('target')} was capped at the max share (a large "
-               "population: a clean sub-type, or much poison)" if seed.get("expanded") else
-               f"the isolated seed did not expand ({seed.get('reason', 'no second population')})")
-        evidence.append(f"{why}; a scan of every label found a separate population of {mix['weight_seedlike']:.0%} "
-                        f"of label {target} (separation {mix['separation']:.1f}): {exp['n_removed']} examples removed "
-                        "instead")
-    elif exp:
-        if exp.get("expanded"):
-            evidence.append(f"the seed of {exp['n_seed']} grew to {exp['n_removed']} removed examples of label "
-                            f"{exp['target']} ({exp['n_target_label']} in the label; estimated poison "
-                            f"{exp.get('estimated_poison', float('nan')):.0f}, separation "
-                            f"{exp['mixture']['separation']:.1f})")
-        else:
-            evidence.append(f"the seed was not expanded: {exp.get('reason', '')}")
+    if exp:
+        evidence.append(expansion_evidence(exp))
     probe = un.get("isolated_accuracy_after")
     if probe is not None:
         probed = "the scanned population's core" if scanned else "the isolated seed"
@@ -351,8 +358,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                        f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
     exp = report.get("expansion", {})
     if exp:
-        how = (f"label scan: a population of {exp['mixture']['weight_seedlike']:.0%} of the label"
-               if found_by_scan(exp) else
+        how = (f"{'input ' if exp.get('space') == 'input' else ''}label scan: a population of "
+               f"{exp['mixture']['weight_seedlike']:.0%} of the label" if found_by_scan(exp) else
                f"seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)}")
         msg = (f" expansion ({exp.get('method', 'classifier')}): removed {exp.get('n_removed', 0)} examples of label "
                f"{exp.get('target')} ({how}{', capped at the max share' if exp.get('capped') else ''})")

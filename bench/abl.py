@@ -72,7 +72,7 @@ CPU = torch.device("cpu")
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
-            "expansion_scan_separation", "retrain_epochs")
+            "expansion_scan_separation", "retrain_epochs", "expansion_input_separation")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -125,6 +125,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before its wide-separation route existed (off)
             **({"expansion_scan_separation": args.scan_separation}
                if args.abl_mode == "retrain" and args.scan_method == "contrastive" and args.scan_separation else {}),
+            # nor before the input scan existed (off)
+            **({"expansion_input_separation": args.input_separation}
+               if args.abl_mode == "retrain" and args.input_separation else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -285,6 +288,7 @@ class Bench:
                       "expansion_scan_share": a.scan_share if a.abl_mode == "retrain" else None,
                       "expansion_scan_method": a.scan_method if a.abl_mode == "retrain" else None,
                       "expansion_scan_separation": a.scan_separation if a.abl_mode == "retrain" else None,
+                      "expansion_input_separation": a.input_separation if a.abl_mode == "retrain" else None,
                       "retrain_epochs": a.retrain_epochs if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
@@ -700,6 +704,8 @@ def main() -> None:
                     help="retrain mode's label scan: spectral (Tran et al.) or contrastive (abl/expansion.py)")
     ap.add_argument("--scan-separation", type=float, default=ABLConfig.expansion_scan_separation,
                     help="retrain mode's contrastive scan: also take a label split this far apart (0 = off)")
+    ap.add_argument("--input-separation", type=float, default=ABLConfig.expansion_input_separation,
+                    help="retrain mode: scan every label's raw inputs first and take a split this far apart (0 = off)")
     ap.add_argument("--retrain-epochs", default=ABLConfig.retrain_epochs, choices=list(RETRAIN_SCHEDULES),
                     help="retrain mode's clean stage: a whole schedule, or --epochs minus the isolation epochs run")
     ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,

@@ -49,6 +49,8 @@ def method_of(r: dict[str, Any]) -> str:
     method = r["settings"].get("expansion_method", "classifier")
     if not found_by_scan(r["expansion"]):
         return method
+    if r["expansion"].get("space") == "input":
+        return f"{method} → input label scan"
     return f"{method} → {r['expansion'].get('scan_method', 'spectral')} label scan"
 
 

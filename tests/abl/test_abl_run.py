@@ -244,7 +244,7 @@ def test_retrain_mode_removes_the_backdoor_and_says_so(poisoned_digits, two_thre
     # a 15% held-out split holds about 25 poisoned copies, enough for the held-out probe to confirm the removal (the
     # default 2% holds 3 here, and the verdict could only say removed-unconfirmed)
     cfg = ABLConfig(isolation_epochs=2, clean_epochs=6, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
-                    eval_every=0, expansion_max_share=0.8, holdout=0.15)
+                    eval_every=0, expansion_max_share=0.8, holdout=0.15, expansion_input_separation=0.0)
     res = run_abl(d.model(), d.images, d.labels, cfg, evaluate=d.evaluate, poison_indices=d.poison, quiet=True)
     rep = res.report
     stages = [h["stage"] for h in res.history]
@@ -286,7 +286,8 @@ def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_pois
     # no split is ever that clear: the seed never expands, nor does the spectral scan find anything (the contrastive
     # scan's variance-ratio route ignores the separation, and finds this poison: test_contrastive_scan_in_the_pipeline)
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
-                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral")
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0)
     res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     exp = res.report["expansion"]
     assert not exp["expanded"] and exp["method"] == "spectral"
@@ -361,7 +362,8 @@ def test_isolation_extends_until_a_separate_population_is_found(small_poisoned, 
         return sum(h["stage"] == "isolation" for h in res.history)
 
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=1, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
-                    eval_every=0, expansion_separation=50.0, isolation_extra_epochs=2, expansion_scan_method="spectral")
+                    eval_every=0, expansion_separation=50.0, isolation_extra_epochs=2, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0)
     assert ABLConfig.for_mode("paper").isolation_extra_epochs == 0
     assert ABLConfig.for_mode("unlearn").isolation_extra_epochs == 0
 
@@ -407,9 +409,36 @@ def test_contrastive_scan_in_the_pipeline(small_poisoned, monkeypatch):
     monkeypatch.setattr(abl_mod, "expansion_features", no_second_pass)
     d = small_poisoned
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
-                    eval_every=0, expansion_separation=50.0)
+                    eval_every=0, expansion_separation=50.0, expansion_input_separation=0.0)
     assert cfg.expansion_scan_method == "contrastive"
     res = run_abl(d.model(), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     exp = res.report["expansion"]
     assert exp["method"] == "spectral-scan" and exp["scan_method"] == "contrastive" and exp["target"] == 0
     assert np.isin(res.removed, d.poison).mean() >= 0.9 and np.isin(d.poison, res.removed).mean() >= 0.8
+
+
+def test_input_scan_replaces_the_model_based_outcome(small_poisoned, monkeypatch):
+    """The default: after the isolation epochs the raw inputs of every label are scanned; the BadNets patch splits
+    label 0, so exactly the poison outside the held-out split is removed and probed, and the model-based outcome goes
+    in the report; an input scan that finds nothing leaves that outcome, with the scan in its report."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.report import summary_lines
+
+    d = small_poisoned
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0)
+    assert cfg.expansion_input_separation == 10.0
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    exp = res.report["expansion"]
+    assert exp["space"] == "input" and exp["method"] == "spectral-scan" and exp["target"] == 0
+    np.testing.assert_array_equal(res.removed, np.setdiff1d(d.poison, res.holdout))
+    np.testing.assert_array_equal(res.isolated, res.removed)  # the scan's core is what the final model is probed on
+    assert exp["recall"] == 1.0 and exp["removed_clean"] == 0 and "seed" in exp and "labels" not in exp["seed"]
+    assert any("raw inputs found a separate population" in e for e in res.report["verdict"]["evidence"])
+    assert any("input label scan" in line for line in summary_lines(res.report))
+
+    real = abl_mod.scan_inputs
+    monkeypatch.setattr(abl_mod, "scan_inputs", lambda *a, **k: real(*a, **{**k, "min_separation": 1e9}))
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    exp = res.report["expansion"]
+    assert "space" not in exp and exp["input_scan"]["expanded"] is False and exp["input_scan"]["space"] == "input"

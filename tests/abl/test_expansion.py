@@ -9,8 +9,10 @@ import torch
 from abl_guard.abl.expansion import (
     ashman_d,
     expand_seed,
+    input_features,
     penultimate_features,
     pooled_features,
+    scan_inputs,
     scan_labels,
     spectral_scores,
 )
@@ -284,3 +286,47 @@ def test_contrastive_scan_finds_nothing_in_clean_data():
     feats, labels, _ = _shared_subtypes(0.0, shift=0.0)
     exp = scan_labels(feats, labels, np.arange(len(labels)), method="contrastive")
     assert not exp.report["expanded"] and exp.target == -1 and "variance ratio" in exp.report["reason"]
+
+
+def test_input_features_scale_flatten_and_pool_large_images():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    f = input_features(small)
+    assert f.dtype == np.float32 and f.shape == (5, 64)
+    np.testing.assert_allclose(f, small.reshape(5, -1) / 255.0, rtol=0, atol=1e-7)
+    big = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)  # 12,288 values: 2x2 blocks give 3,072
+    g = input_features(big, chunk=2)
+    assert g.shape == (3, 32 * 32 * 3)
+    block = big[1, 2:4, 6:8, 2].astype(np.float64).mean() / 255.0
+    assert g[1].reshape(32, 32, 3)[1, 3, 2] == pytest.approx(block, abs=1e-6)
+    with pytest.raises(ValueError, match="N, H, W, C"):
+        input_features(big[0])
+
+
+@pytest.mark.parametrize("attack", ["badnets", "blend", "sig"])
+def test_input_scan_finds_fixed_pattern_poison_without_a_model(digits_train, attack):
+    """5% of the 8x8 digits poisoned into label 0: its raw inputs split at D 78-117 (clean labels at 6.7 at most)."""
+    from abl_guard.attacks import make_attack
+
+    p = make_attack(attack, rate=0.05, target=0, seed=0).poison(digits_train.images, digits_train.labels, 10)
+    pool = np.arange(len(p.labels))
+    exp = scan_inputs(p.images, p.labels, pool)
+    rep = exp.report
+    assert rep["expanded"] and rep["space"] == "input" and exp.target == 0 and rep["mixture"]["separation"] >= 10
+    np.testing.assert_array_equal(exp.removed, np.sort(p.poison_indices))  # every poison, no clean image
+    np.testing.assert_array_equal(exp.core, exp.removed)
+    # the held-out examples are never removed
+    held = p.poison_indices[:20]
+    assert not np.isin(scan_inputs(p.images, p.labels, np.setdiff1d(pool, held)).removed, held).any()
+
+
+def test_input_scan_finds_nothing_in_clean_data_nor_in_one_outlier(digits_train):
+    """Clean digits: one label's split isolates a single outlier image at D 28; the minimum component keeps it out."""
+    pool = np.arange(len(digits_train.labels))
+    exp = scan_inputs(digits_train.images, digits_train.labels, pool)
+    rep = exp.report
+    assert not rep["expanded"] and exp.target == -1 and "raw inputs" in rep["reason"]
+    assert max(r["separation"] for r in rep["labels"]) > 10  # the outlier
+    assert max(r["separation"] for r in rep["labels"] if r["minority"] * r["n"] >= 10) < 10
+    assert scan_inputs(digits_train.images, digits_train.labels, pool, min_minority=0.0,
+                       min_minority_count=0).report["expanded"]
