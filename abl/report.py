@@ -172,21 +172,18 @@ def expected_held_out_poison(report: dict[str, Any]) -> float | None:
     return est * guard["n_holdout"] / exp["n_pool"]
 
 
-def count_contradicts(report: dict[str, Any]) -> tuple[float, float, float] | None:
-    """``(expected, excess, sd)`` when the seed's capped expansion claims more poison than its label's count shows.
+def count_shortfall(report: dict[str, Any]) -> tuple[float, float, float] | None:
+    """``(expected, excess, sd)`` when the removal claims more poison than its label's held-out count shows.
 
     All-to-one dirty-label poison adds its copies to the target label, so a random held-out split holds the removal's
     estimate of poisoned copies (:func:`expected_held_out_poison`) *on top of* a clean class's count. When the split's
-    excess of the seed's label falls :data:`COUNT_SHORTFALL_SD` binomial sd or more short of that estimate, the removed
-    population did not add to its label: a clean sub-type (clean data seed 1: 59 expected, 18 found, 4.0 sd short;
-    every seed-path removal of a backdoor measured 0.5 sd short or better, ``docs/abl.md#the-count-check``). Only a
-    seed expansion capped at the max share (a large population: a clean sub-type, or much poison) after which the label
-    scan found nothing: clean-label poison, which adds nothing to its label, is the scan's to find. Like the held-out
-    probe it reads the other labels' median count as a clean class's share, so it assumes roughly balanced classes.
-    None when it does not apply or the counts agree."""
+    excess of the removal's label falls :data:`COUNT_SHORTFALL_SD` binomial sd or more short of that estimate, the
+    removed population did not add to its label: a clean sub-type, or clean-label poison (images of the target class).
+    Like the held-out probe it reads the other labels' median count as a clean class's share, so it assumes roughly
+    balanced classes. None when nothing was removed, the held-out split's suspect is another label, or the counts
+    agree."""
     exp, guard = report.get("expansion", {}), report.get("unlearning", {}).get("guard", {})
-    if (found_by_scan(exp) or not exp.get("capped") or "scan" not in exp
-            or guard.get("suspected_target") != exp.get("target")):
+    if not exp.get("expanded") or guard.get("suspected_target") != exp.get("target"):
         return None
     expected, counts = expected_held_out_poison(report), held_out_excess(guard)
     if expected is None or counts is None or expected - counts[0] < COUNT_SHORTFALL_SD * counts[1]:
@@ -194,9 +191,39 @@ def count_contradicts(report: dict[str, Any]) -> tuple[float, float, float] | No
     return expected, counts[0], counts[1]
 
 
+def count_contradicts(report: dict[str, Any]) -> tuple[float, float, float] | None:
+    """:func:`count_shortfall` of a seed expansion capped at the max share (a large population: a clean sub-type, or
+    much poison) after which the label scan found nothing: then the population is a clean sub-type (clean data seed
+    1: 59 expected, 18 found, 4.0 sd short; every seed-path removal of a backdoor measured 0.5 sd short or better,
+    ``docs/abl.md#the-count-check``). Clean-label poison, which adds nothing to its label either, is the scans' to
+    find."""
+    exp = report.get("expansion", {})
+    if found_by_scan(exp) or not exp.get("capped") or "scan" not in exp:
+        return None
+    return count_shortfall(report)
+
+
+def clean_label_find(report: dict[str, Any]) -> tuple[float, float, float] | None:
+    """:func:`count_shortfall` of the input scan's find (:func:`abl_guard.abl.expansion.scan_inputs`): a
+    fixed-pattern population that adds nothing to its label is clean-label poison (SIG 5%: 60 expected, 3 found;
+    clean labels never split that far in raw pixels, ``docs/abl.md#input-space-label-scan``)."""
+    exp = report.get("expansion", {})
+    if not (found_by_scan(exp) and exp.get("space") == "input"):
+        return None
+    return count_shortfall(report)
+
+
 def found_by_scan(exp: dict[str, Any]) -> bool:
     """Whether an expansion report is the label scan's find (:func:`abl_guard.abl.expansion.scan_labels`)."""
     return exp.get("method") == SCAN_METHOD and bool(exp.get("expanded"))
+
+
+def _count_line(short: tuple[float, float, float], target: Any) -> str:
+    expected, excess, sd = short
+    return (f"count check: the removal's estimate puts about {expected:.0f} poisoned copies of label {target} in the "
+            f"held-out split, but it holds {excess:.0f} more of that label than a clean class's share "
+            f"({(expected - excess) / sd:.1f} sd short): the removed population did not add to its label as all-to-one "
+            "dirty-label poison does, ")
 
 
 def expansion_evidence(exp: dict[str, Any]) -> str:
@@ -231,10 +258,11 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     most :data:`PROBE_CLEAN` and the held-out probe was read (below the firing level), ``removed-unconfirmed`` when
     the seed probe is that low but the held-out probe cannot be read (at 1% poison: about 12 poisoned copies in 1,200),
     ``not-found`` also when a capped seed expansion claims poison its label's held-out count does not show
-    (:func:`count_contradicts`: a clean sub-type), else ``likely-present`` (with a clean-label attack, whose poison
-    really is of the target class, the seed probe cannot tell, and the evidence says so). When the label scan (not the
-    seed) found the suspected poison, the target is the scanned label and the seed probe reads the scanned population's
-    core.
+    (:func:`count_contradicts`: a clean sub-type), ``removed-unconfirmed`` also when the input scan's find is such a
+    population (:func:`clean_label_find`: clean-label poison), else ``likely-present`` (with a clean-label attack,
+    whose poison really is of the target class, the seed probe cannot tell, and the evidence says so). When a label
+    scan (not the seed) found the suspected poison, the target is the scanned label and the seed probe reads the
+    scanned population's core.
     ``held_out_probe``: the probe's value, None when it was not read. Measured against the attack's ASR in
     ``docs/abl.md#retrain-mode-measured``.
     """
@@ -281,11 +309,13 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
                         "(Trojan 1%: ASR 30.7%, probe 14%)")
     elif (short := count_contradicts(report)) is not None:
         status = "not-found"
-        evidence.append(f"count check: the removal's estimate puts about {short[0]:.0f} poisoned copies of label "
-                        f"{target} in the held-out split, but it holds {short[1]:.0f} more of that label than a clean "
-                        f"class's share ({(short[0] - short[1]) / short[2]:.1f} sd short): the removed population did "
-                        "not add to its label as all-to-one poison does, so it is a clean sub-type, and the label scan "
-                        "found no other population" + NOT_PROOF)
+        evidence.append(_count_line(short, target) + "so it is a clean sub-type, and the label scan found no other "
+                        "population" + NOT_PROOF)
+    elif (short := clean_label_find(report)) is not None:
+        status = "removed-unconfirmed"
+        evidence.append(_count_line(short, target) + "so the removed fixed-pattern population is clean-label poison "
+                        "(images of the target class, which a clean model still calls the target): no probe can tell "
+                        "whether any of it left behind still fires")
     else:
         status = "likely-present"
         evidence.append("a clean model predicts a triggered image's own content; if the poison is clean-label (images "

@@ -203,3 +203,33 @@ def test_count_check_calls_a_capped_clean_sub_type_not_found():
     rep = _capped_seed_on_clean_data(1065)
     del rep["expansion"]["scan"]
     assert count_contradicts(rep) is None
+
+
+def test_an_input_scan_find_its_label_count_does_not_show_is_clean_label_poison():
+    """SIG 5% seed 0 (bench/results/abl_retrain_r05_sig_input.json): the input scan removed 2,939 sine-overlaid
+    T-shirts (D 25.7; ASR 58.89% -> 0.12%) and a clean model still calls 43% of them T-shirts, so the core probe
+    cannot tell; the held-out split holds 3 more T-shirts than a class's share where 60 were estimated."""
+    from abl_guard.abl.config import ABLConfig
+    from abl_guard.abl.report import clean_label_find, count_contradicts, verdict
+
+    rep = _report(0.48, 0.43, expanded=False)
+    rep["expansion"] = {"method": "spectral-scan", "space": "input", "expanded": True, "target": 0,
+                        "n_removed": 2939, "estimated_poison": 2939.0, "n_pool": 58_800, "n_seed": 0,
+                        "n_expanded": 2939, "mixture": {"weight_seedlike": 0.4997, "separation": 25.7},
+                        "seed": rep["expansion"]}
+    rep["unlearning"]["guard"] = {"n_holdout": 1200, "n_nontarget": 1078, "target_prior": 0.09916666666666667,
+                                  "suspected_target": 0, "final": {"target_rate": 0.0717}}
+    expected, excess, _ = clean_label_find(rep)
+    assert expected == pytest.approx(2939 * 1200 / 58_800, rel=1e-9) and excess == pytest.approx(3.0, abs=1e-9)
+    assert count_contradicts(rep) is None  # a scan's find, not a capped seed
+    v = verdict(rep, ABLConfig())
+    assert v["status"] == "removed-unconfirmed" and v["target"] == 0
+    assert any("raw inputs found a separate population of 50% of label 0" in e for e in v["evidence"])
+    assert any("clean-label poison" in e and "5.5 sd short" in e for e in v["evidence"])
+    # the model-based label scan's find is not read this way (a clean sub-type can split features that far)
+    rep["expansion"]["space"] = "features"
+    assert clean_label_find(rep) is None and verdict(rep, ABLConfig())["status"] == "likely-present"
+    # a dirty-label find adds its copies to the label (Trojan 1% seed 2: 12 expected, 24 found): no shortfall
+    rep["expansion"].update(space="input", n_removed=587, estimated_poison=587.0)
+    rep["unlearning"]["guard"].update(n_nontarget=1057, target_prior=0.0991666)
+    assert clean_label_find(rep) is None
