@@ -75,6 +75,9 @@ def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
     capped = ", capped" if e.get("capped") else ""
     if r["settings"].get("retrain_epochs", "full") != "full":
         capped += f", retrain {r['history_stages'].count('clean')} epochs"
+    sep = r["settings"].get("expansion_scan_separation")
+    if sep is not None and sep != 5.0:  # the wide route's threshold other than the default (runs before it: none)
+        capped += f", scan separation {sep:g}"
     return (f"| {x['attack']} | {100 * x['rate']:g}% | {x['seed']} | {x['method']}{capped} "
             f"| {r['history_stages'].count('isolation')} | {iso['n_isolated']} ({100 * iso['precision']:.0f}%) "
             f"| {e.get('missed_poison', '—')} / {e.get('removed_clean', '—')} "
