@@ -304,9 +304,12 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         status = "removed"
     elif probe is not None and probe <= PROBE_CLEAN:
         status = "removed-unconfirmed"
-        evidence.append("the held-out split cannot confirm it: too few poisoned copies are held out to read whether "
-                        "they still fire, and a backdoor left partly in place can read the same on the probe above "
-                        "(Trojan 1%: ASR 30.7%, probe 14%)")
+        short = clean_label_find(report)
+        evidence.append("the held-out split cannot confirm it: " + (
+            _count_line(short, target) + "so it is clean-label poison, whose held-out copies carry their own label"
+            if short is not None else
+            "too few poisoned copies are held out to read whether they still fire, and a backdoor left partly in place "
+            "can read the same on the probe above (Trojan 1%: ASR 30.7%, probe 14%)"))
     elif (short := count_contradicts(report)) is not None:
         status = "not-found"
         evidence.append(_count_line(short, target) + "so it is a clean sub-type, and the label scan found no other "

@@ -226,6 +226,13 @@ def test_an_input_scan_find_its_label_count_does_not_show_is_clean_label_poison(
     assert v["status"] == "removed-unconfirmed" and v["target"] == 0
     assert any("raw inputs found a separate population of 50% of label 0" in e for e in v["evidence"])
     assert any("clean-label poison" in e and "5.5 sd short" in e for e in v["evidence"])
+    # label-consistent 5% (abl_retrain_r05_lc_input.json): the core probe reads 9%; the evidence says why the held-out
+    # split cannot confirm it
+    rep["unlearning"]["isolated_accuracy_after"] = 0.09
+    v = verdict(rep, ABLConfig())
+    assert v["status"] == "removed-unconfirmed"
+    assert any("clean-label poison, whose held-out copies carry their own label" in e for e in v["evidence"])
+    rep["unlearning"]["isolated_accuracy_after"] = 0.43
     # the model-based label scan's find is not read this way (a clean sub-type can split features that far)
     rep["expansion"]["space"] = "features"
     assert clean_label_find(rep) is None and verdict(rep, ABLConfig())["status"] == "likely-present"
