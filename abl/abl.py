@@ -201,6 +201,8 @@ class _Stages:
     #: the pool's pooled features from the last isolation pass (retrain mode, one process), for the expansion and
     #: the label scan of the same model: ``(pool, features)``, a row per pool entry
     pool_features: tuple[np.ndarray, np.ndarray] | None = None
+    #: the input-space label scan of the pool, ``(pool, Expansion)``, once computed (it needs no model)
+    input_scan: tuple[np.ndarray, Expansion] | None = None
 
     def isolation(self, pool: np.ndarray, opt: torch.optim.Optimizer, poison_indices: np.ndarray | None) -> None:
         """Stage 1: LGA training on the pool, then the isolation of ``D_b`` at ``T_te``."""
@@ -229,10 +231,14 @@ class _Stages:
 
         auto = cfg.isolation_stop == "auto"
         extra = cfg.isolation_extra_epochs if auto and cfg.retrain else 0
-        self._epochs("isolation", 0, cfg.isolation_epochs + extra, batches, opt, lga, stop=learned if auto else None)
+        skip = run.epoch == 0 and self._input_scan_first(pool)  # a fixed-pattern population: no isolation epochs
+        self._epochs("isolation", 0, 0 if skip else cfg.isolation_epochs + extra, batches, opt, lga,
+                     stop=learned if auto else None)
         del batches
         self._end("isolation")
-        if found:  # stopped before T_te: concentrated, and the seed expanded (perhaps capped: then scanned)
+        if skip:  # the untrained model's losses only fill the isolation record; the input scan's find decides
+            iso, exp = self._isolate(pool)
+        elif found:  # stopped before T_te: concentrated, and the seed expanded (perhaps capped: then scanned)
             iso, exp = found[0][0], self._scan_if_needed(pool, found[0][1])
         else:
             iso, exp = self._final_outcome(pool, at_te, extended)
@@ -242,7 +248,8 @@ class _Stages:
                                                    iso.scores, iso.candidates)
         extra_run = max(0, run.epoch - cfg.isolation_epochs)
         run.report["isolation"].update(epoch=run.epoch, stop=cfg.isolation_stop, stopped_early=bool(found),
-                                       extra_epochs=extra_run, extension_found=bool(extra_run and _separate(exp)))
+                                       extra_epochs=extra_run, extension_found=bool(extra_run and _separate(exp)),
+                                       skipped=bool(skip))
         write_isolation_artifacts(self.out, self.images, self.labels, iso.losses, iso.scores, iso.isolated, pool,
                                   poison_indices, run.report)
         if exp is not None:
@@ -351,6 +358,29 @@ class _Stages:
         seed_exp.report["scan"] = scan.report
         return seed_exp
 
+    def _input_scan(self, pool: np.ndarray) -> Expansion:
+        """The input-space label scan of the pool (:func:`scan_inputs`; model-free, so computed once per run)."""
+        cfg = self.run.cfg
+        if self.input_scan is None or not np.array_equal(self.input_scan[0], pool):
+            t0 = time.perf_counter()
+            scan = scan_inputs(self.images, self.labels, pool, min_separation=cfg.expansion_input_separation,
+                               min_posterior=cfg.expansion_posterior, max_share=cfg.expansion_max_share,
+                               random_state=cfg.seed)
+            self.run.add_time("expansion", time.perf_counter() - t0)
+            self.input_scan = (pool, scan)
+        return self.input_scan[1]
+
+    def _input_scan_first(self, pool: np.ndarray) -> bool:
+        """Retrain mode with ``input_scan="first"``: whether the input scan finds a population before any isolation
+        epoch (then the epochs are skipped)."""
+        cfg = self.run.cfg
+        if not (cfg.retrain and cfg.expansion_input_separation and cfg.input_scan == "first"):
+            return False
+        found = bool(self._input_scan(pool).report["expanded"])
+        if found:
+            log.info("ABL: the input scan found a separate population; the isolation epochs are skipped")
+        return found
+
     def _prefer_input_scan(self, pool: np.ndarray, exp: Expansion | None) -> Expansion | None:
         """Retrain mode: a label whose raw inputs split into two far-apart populations (:func:`scan_inputs`, a
         fixed-pattern trigger) replaces the model-based outcome, which goes in its report; otherwise the input scan
@@ -358,11 +388,7 @@ class _Stages:
         cfg = self.run.cfg
         if exp is None or not cfg.expansion_input_separation:
             return exp
-        t0 = time.perf_counter()
-        scan = scan_inputs(self.images, self.labels, pool, min_separation=cfg.expansion_input_separation,
-                           min_posterior=cfg.expansion_posterior, max_share=cfg.expansion_max_share,
-                           random_state=cfg.seed)
-        self.run.add_time("expansion", time.perf_counter() - t0)
+        scan = self._input_scan(pool)
         if not scan.report["expanded"]:
             exp.report["input_scan"] = scan.report
             return exp

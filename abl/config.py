@@ -26,6 +26,8 @@ EXPANSION_METHODS = ("spectral", "classifier")
 SCAN_METHODS = ("spectral", "contrastive")
 #: retrain mode's clean-stage length: a whole schedule, or what is left of it after the isolation epochs
 RETRAIN_SCHEDULES = ("full", "remaining")
+#: when retrain mode's input-space label scan runs: before the isolation epochs (a find skips them) or after them
+INPUT_SCAN_ORDERS = ("first", "last")
 
 #: what each ``mode`` changes from the dataclass defaults (which are ``retrain``'s); explicit knobs win over it
 PRESETS: dict[str, dict[str, Any]] = {
@@ -51,7 +53,8 @@ def _knob(default: Any, help: str, **extra: Any) -> Any:
 #: the string knobs and their allowed values (validated first, in this order)
 _CHOICES = {"mode": MODES, "isolation_stop": ISOLATION_STOPS, "expansion_method": EXPANSION_METHODS,
             "expansion_scan_method": SCAN_METHODS, "retrain_epochs": RETRAIN_SCHEDULES,
-            "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES, "isolation_labels": ISOLATION_LABELS,
+            "input_scan": INPUT_SCAN_ORDERS, "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES,
+            "isolation_labels": ISOLATION_LABELS,
             "unlearning": UNLEARNING_MODES, "unlearning_ascent": ASCENT_FORMS, "unlearning_bn": BN_MODES}
 
 
@@ -119,6 +122,10 @@ class ABLConfig:
                                               "instead of the model-based outcome — fixed-pattern triggers split "
                                               "at 24-298, clean labels at 2.8 at most on Fashion-MNIST; 0 = off "
                                               "(docs/abl.md#input-space-label-scan).")
+    input_scan: str = _knob("first", "retrain mode's input-space label scan — first: before the isolation epochs, and "
+                            "a find skips them (ABL then costs about one training schedule); last: after them, the "
+                            "isolation running whatever the scan finds (docs/abl.md#input-space-label-scan).",
+                            choices=INPUT_SCAN_ORDERS)
     retrain_epochs: str = _knob("full", "retrain mode's clean stage — full: a whole schedule of its own (--epochs), "
                                 "so ABL trains the isolation epochs more than plain training; remaining: --epochs "
                                 "minus the isolation epochs run, the lr milestones scaled to it, so ABL trains as "
@@ -171,7 +178,7 @@ class ABLConfig:
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
-                 "expansion_input_separation", "retrain_epochs", "isolation_extra_epochs",
+                 "expansion_input_separation", "input_scan", "retrain_epochs", "isolation_extra_epochs",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 

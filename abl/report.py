@@ -218,6 +218,13 @@ def found_by_scan(exp: dict[str, Any]) -> bool:
     return exp.get("method") == SCAN_METHOD and bool(exp.get("expanded"))
 
 
+def _isolation_line(iso: dict[str, Any], share: float, target: Any) -> str:
+    if iso.get("skipped"):
+        return "isolation skipped: the scan of the raw inputs found a separate population before it"
+    return (f"isolation after {iso.get('epoch', '?')} epoch(s): {share:.0%} of the lowest-scoring "
+            f"{iso.get('n_candidates', '?')} examples carry label {target}")
+
+
 def _count_line(short: tuple[float, float, float], target: Any) -> str:
     expected, excess, sd = short
     return (f"count check: the removal's estimate puts about {expected:.0f} poisoned copies of label {target} in the "
@@ -272,8 +279,7 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     evidence: list[str] = []
     share = float(iso.get("isolated_majority_fraction", 0.0))
     target = iso.get("isolated_majority_label")
-    evidence.append(f"isolation after {iso.get('epoch', '?')} epoch(s): {share:.0%} of the lowest-scoring "
-                    f"{iso.get('n_candidates', '?')} examples carry label {target}")
+    evidence.append(_isolation_line(iso, share, target))
     scanned = found_by_scan(exp)
     if scanned:  # the label scan (not the seed) found the suspected target
         target = exp["target"]
@@ -333,6 +339,8 @@ def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
     """
     out: list[str] = []
     iso = report.get("isolation", {})
+    if iso.get("skipped"):  # no isolation epoch ran (the input scan found the poison first): nothing to judge there
+        iso = {}
     un = report.get("unlearning", {})
     gap = iso.get("score_gap_log10", iso.get("loss_gap_log10", float("inf")))
     if gap < 1.0:

@@ -61,7 +61,12 @@ from abl_guard.abl.abl import (  # noqa: E402
     run_abl,
     unlearning_epoch,
 )
-from abl_guard.abl.config import EXPANSION_METHODS, RETRAIN_SCHEDULES, SCAN_METHODS  # noqa: E402
+from abl_guard.abl.config import (  # noqa: E402
+    EXPANSION_METHODS,
+    INPUT_SCAN_ORDERS,
+    RETRAIN_SCHEDULES,
+    SCAN_METHODS,
+)
 from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
 from abl_guard.abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
@@ -72,7 +77,7 @@ CPU = torch.device("cpu")
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
-            "expansion_scan_separation", "retrain_epochs", "expansion_input_separation")
+            "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -128,6 +133,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before the input scan existed (off)
             **({"expansion_input_separation": args.input_separation}
                if args.abl_mode == "retrain" and args.input_separation else {}),
+            # nor before the input scan could run first (it ran after the isolation epochs)
+            **({"input_scan": args.input_scan}
+               if args.abl_mode == "retrain" and args.input_separation and args.input_scan != "last" else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -289,6 +297,7 @@ class Bench:
                       "expansion_scan_method": a.scan_method if a.abl_mode == "retrain" else None,
                       "expansion_scan_separation": a.scan_separation if a.abl_mode == "retrain" else None,
                       "expansion_input_separation": a.input_separation if a.abl_mode == "retrain" else None,
+                      "input_scan": a.input_scan if a.abl_mode == "retrain" else None,
                       "retrain_epochs": a.retrain_epochs if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
@@ -706,6 +715,8 @@ def main() -> None:
                     help="retrain mode's contrastive scan: also take a label split this far apart (0 = off)")
     ap.add_argument("--input-separation", type=float, default=ABLConfig.expansion_input_separation,
                     help="retrain mode: scan every label's raw inputs first and take a split this far apart (0 = off)")
+    ap.add_argument("--input-scan", default=ABLConfig.input_scan, choices=list(INPUT_SCAN_ORDERS),
+                    help="retrain mode: the input scan before the isolation epochs (a find skips them) or after them")
     ap.add_argument("--retrain-epochs", default=ABLConfig.retrain_epochs, choices=list(RETRAIN_SCHEDULES),
                     help="retrain mode's clean stage: a whole schedule, or --epochs minus the isolation epochs run")
     ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,

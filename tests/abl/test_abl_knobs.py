@@ -181,6 +181,7 @@ ABL_FLAGS = {
     "expansion_scan_method": ("--abl-expansion-scan-method", "spectral", "spectral"),
     "expansion_scan_separation": ("--abl-expansion-scan-separation", "0", 0.0),
     "expansion_input_separation": ("--abl-expansion-input-separation", "0", 0.0),
+    "input_scan": ("--abl-input-scan", "last", "last"),
     "retrain_epochs": ("--abl-retrain-epochs", "remaining", "remaining"),
     "expansion_posterior": ("--abl-expansion-posterior", "0.1", 0.1),
     "expansion_scan_share": ("--abl-expansion-scan-share", "0", 0.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -267,7 +268,7 @@ def test_retrain_on_the_remaining_schedule_trains_as_many_epochs_as_plain_traini
     d = small_poisoned
     cfg = ABLConfig(isolation_epochs=2, isolation_stop="fixed", clean_epochs=5, lr_milestones=(3,), lr_gamma=0.1,
                     isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0,
-                    retrain_epochs="remaining")
+                    retrain_epochs="remaining", input_scan="last")
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     clean = [h for h in res.history if h["stage"] == "clean"]
     assert sum(h["stage"] == "isolation" for h in res.history) == 2 and len(clean) == 3
@@ -418,17 +419,24 @@ def test_contrastive_scan_in_the_pipeline(small_poisoned, monkeypatch):
 
 
 def test_input_scan_replaces_the_model_based_outcome(small_poisoned, monkeypatch):
-    """The default: after the isolation epochs the raw inputs of every label are scanned; the BadNets patch splits
-    label 0, so exactly the poison outside the held-out split is removed and probed, and the model-based outcome goes
-    in the report; an input scan that finds nothing leaves that outcome, with the scan in its report."""
+    """The default: before the isolation epochs the raw inputs of every label are scanned; the BadNets patch splits
+    label 0, so the epochs are skipped and exactly the poison outside the held-out split is removed and probed, the
+    (untrained) model-based outcome in the report; with ``input_scan="last"`` the isolation runs first and the same
+    poison is removed; an input scan that finds nothing leaves the model-based outcome, with the scan in its
+    report."""
     import abl_guard.abl.abl as abl_mod
     from abl_guard.abl.report import summary_lines
 
     d = small_poisoned
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
-                    eval_every=0)
-    assert cfg.expansion_input_separation == 10.0
+                    eval_every=0, retrain_epochs="remaining")
+    assert cfg.expansion_input_separation == 10.0 and cfg.input_scan == "first"
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    stages = [h["stage"] for h in res.history]
+    assert "isolation" not in stages and stages.count("clean") == 2  # nothing to subtract from the schedule
+    assert res.report["isolation"]["skipped"] is True and res.report["isolation"]["epoch"] == 0
+    assert res.report["verdict"]["evidence"][0].startswith("isolation skipped")
+    assert not any("isolation" in w for w in res.report["warnings"])
     exp = res.report["expansion"]
     assert exp["space"] == "input" and exp["method"] == "spectral-scan" and exp["target"] == 0
     np.testing.assert_array_equal(res.removed, np.setdiff1d(d.poison, res.holdout))
@@ -436,6 +444,10 @@ def test_input_scan_replaces_the_model_based_outcome(small_poisoned, monkeypatch
     assert exp["recall"] == 1.0 and exp["removed_clean"] == 0 and "seed" in exp and "labels" not in exp["seed"]
     assert any("raw inputs found a separate population" in e for e in res.report["verdict"]["evidence"])
     assert any("input label scan" in line for line in summary_lines(res.report))
+    last = run_abl(d.model(width=8), d.images, d.labels, replace(cfg, input_scan="last"), poison_indices=d.poison,
+                   quiet=True)
+    assert [h["stage"] for h in last.history].count("isolation") >= 1 and not last.report["isolation"]["skipped"]
+    np.testing.assert_array_equal(last.removed, res.removed)
 
     real = abl_mod.scan_inputs
     monkeypatch.setattr(abl_mod, "scan_inputs", lambda *a, **k: real(*a, **{**k, "min_separation": 1e9}))
