@@ -366,22 +366,25 @@ def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
     return out
 
 
+def _stage_line(name: str, s: dict[str, Any], skipped: bool) -> str:
+    if name == "isolation" and skipped:
+        return f"{name:>10}: skipped (the input scan found a separate population first)"
+    parts = [f"{name:>10}:"]
+    if "clean_accuracy" in s:
+        parts.append(f"CA {100 * s['clean_accuracy']:.2f}%")
+    if "attack_success_rate" in s:
+        parts.append(f"ASR {100 * s['attack_success_rate']:.2f}%")
+    parts.append(f"({s.get('seconds', 0.0):.0f}s)")
+    return " ".join(parts)
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A short human summary of an ABL report (for the CLI)."""
-    lines = []
-    for name in ("isolation", "clean", "unlearning"):
-        s = report.get("stages", {}).get(name)
-        if s is None:
-            continue
-        parts = [f"{name:>10}:"]
-        if "clean_accuracy" in s:
-            parts.append(f"CA {100 * s['clean_accuracy']:.2f}%")
-        if "attack_success_rate" in s:
-            parts.append(f"ASR {100 * s['attack_success_rate']:.2f}%")
-        parts.append(f"({s.get('seconds', 0.0):.0f}s)")
-        lines.append(" ".join(parts))
+    skipped = bool(report.get("isolation", {}).get("skipped"))
+    lines = [_stage_line(name, s, skipped) for name in ("isolation", "clean", "unlearning")
+             if (s := report.get("stages", {}).get(name)) is not None]
     iso = report.get("isolation", {})
-    if iso:
+    if iso and not skipped:
         msg = (f"isolated {iso['n_isolated']} of {iso['n_pool']} (majority label {iso['isolated_majority_label']}, "
                f"{iso['isolated_majority_fraction']:.0%}; loss gap {iso['loss_gap_log10']:.1f} decades)")
         if iso.get("n_returned"):

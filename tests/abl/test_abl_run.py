@@ -444,6 +444,7 @@ def test_input_scan_replaces_the_model_based_outcome(small_poisoned, monkeypatch
     assert exp["recall"] == 1.0 and exp["removed_clean"] == 0 and "seed" in exp and "labels" not in exp["seed"]
     assert any("raw inputs found a separate population" in e for e in res.report["verdict"]["evidence"])
     assert any("input label scan" in line for line in summary_lines(res.report))
+    assert any("isolation: skipped" in line for line in summary_lines(res.report))
     last = run_abl(d.model(width=8), d.images, d.labels, replace(cfg, input_scan="last"), poison_indices=d.poison,
                    quiet=True)
     assert [h["stage"] for h in last.history].count("isolation") >= 1 and not last.report["isolation"]["skipped"]
