@@ -334,7 +334,7 @@ class Bench:
             "isolation": {k: iso.get(k) for k in ("n_isolated", "precision", "recall", "max_recall", "auroc",
                                                   "loss_gap_log10", "isolated_majority_fraction",
                                                   "poison_loss_median", "clean_loss_median", "n_candidates",
-                                                  "candidate_precision", "n_returned")},
+                                                  "candidate_precision", "n_returned", "skipped")},
             "unlearning": {k: un.get(k) for k in ("epochs_run", "selected_epoch", "rejected_epochs",
                                                   "isolated_accuracy_before", "isolated_accuracy_after",
                                                   "trajectory", "guard")},
@@ -579,11 +579,20 @@ def stored_report(r: dict[str, Any]) -> dict[str, Any]:
     pool size get it back from the isolation's candidates (the isolation ratio of the pool)."""
     cfg = ABLConfig.for_mode("retrain")
     iso = {**r["isolation"], "isolated_majority_label": r["expansion"].get("target"),
-           "epoch": r["history_stages"].count("isolation")}
+           "epoch": r["history_stages"].count("isolation"), "skipped": isolation_skipped(r)}
     exp = dict(r["expansion"])
     if "n_pool" not in exp and iso.get("n_candidates"):
         exp["n_pool"] = round(iso["n_candidates"] / cfg.isolation_ratio)
     return {"isolation": iso, "expansion": exp, "unlearning": r["unlearning"]}
+
+
+def isolation_skipped(r: dict[str, Any]) -> bool:
+    """Whether a stored run skipped its isolation epochs (the input scan found the poison first); runs stored before
+    the flag was recorded: no isolation epoch and the input scan's find."""
+    flag = r["isolation"].get("skipped")
+    if flag is not None:
+        return bool(flag)
+    return r["history_stages"].count("isolation") == 0 and r["expansion"].get("space") == "input"
 
 
 def row_verdict(r: dict[str, Any]) -> dict[str, Any]:
