@@ -235,17 +235,26 @@ def _contrastive_directions(feats: np.ndarray, labels: np.ndarray, pool: np.ndar
     from scipy.linalg import eigh
 
     d = feats.shape[1]
-    scatter, dof = {}, {}
-    for y in label_set:
+
+    def scatter(y: int) -> np.ndarray:
         x = feats[pool[labels[pool] == y]]
         xc = x - x.mean(0)
-        scatter[int(y)], dof[int(y)] = xc.T @ xc, len(x) - 1
-    total, total_dof = sum(scatter.values()), sum(dof.values())
+        return xc.T @ xc
+
+    # two passes (the total, then each label's own again) so that only a few d x d matrices are held at once: with
+    # raw 32x32x3 inputs (d = 3,072) and 43 labels, one per label would take 3 GB
+    total: Any = 0
+    dof = {}
+    for y in label_set:
+        total = total + scatter(int(y))
+        dof[int(y)] = int((labels[pool] == y).sum()) - 1
+    total_dof = sum(dof.values())
     out = {}
-    for y in scatter:
-        others = (total - scatter[y]) / max(total_dof - dof[y], 1)
+    for y in dof:
+        own = scatter(y)
+        others = (total - own) / max(total_dof - dof[y], 1)
         ref = others + ridge * max(float(np.trace(others)) / d, 1e-12) * np.eye(d)
-        lam, vec = eigh(scatter[y] / max(dof[y], 1), ref, subset_by_index=[d - 1, d - 1])
+        lam, vec = eigh(own / max(dof[y], 1), ref, subset_by_index=[d - 1, d - 1])
         out[y] = (vec[:, 0], float(lam[0]))
     return out
 
