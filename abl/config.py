@@ -116,11 +116,11 @@ class ABLConfig:
                                              "when its two components are at least this far apart (Ashman's D), "
                                              "whatever their shares — clean labels reached 4.0 at most; 0 = off "
                                              "(docs/abl.md#wide-separation-route).")
-    expansion_input_separation: float = _knob(10.0, "retrain mode: after the isolation epochs, scan every label's "
-                                              "raw inputs the contrastive way (no model); a label whose two "
+    expansion_input_separation: float = _knob(10.0, "retrain mode: scan every label's raw inputs the contrastive "
+                                              "way (no model; when: --abl-input-scan); a label whose two "
                                               "components are at least this far apart (Ashman's D) is removed "
                                               "instead of the model-based outcome — fixed-pattern triggers split "
-                                              "at 24-298, clean labels at 2.8 at most on Fashion-MNIST; 0 = off "
+                                              "at 19.5-317, clean labels at 2.82 at most on Fashion-MNIST; 0 = off "
                                               "(docs/abl.md#input-space-label-scan).")
     input_scan: str = _knob("first", "retrain mode's input-space label scan — first: before the isolation epochs, and "
                             "a find skips them (ABL then costs about one training schedule); last: after them, the "

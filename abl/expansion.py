@@ -393,10 +393,10 @@ def scan_inputs(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, min
     — the direction along which it varies most relative to the other labels' pooled within-class covariance — with
     no model at all. Only the wide-separation route applies (a label qualifies when its two components are at least
     ``min_separation`` apart, Ashman's D, and its suspect component holds at least ``min_minority`` of it and
-    ``min_minority_count`` examples): on Fashion-MNIST's raw pixels clean labels split at D <= 2.8 and BadNets,
-    Blend, Trojan and SIG poison at 1-10% at D 24-298; on the 8x8 digits clean labels reach 6.7, and one outlier image
-    alone 28 (hence the minimum component); warping triggers (WaNet) do not split (D about 2). Not in ABL, nor in Tran
-    et al. (who scan features): measured in ``docs/abl.md#input-space-label-scan``."""
+    ``min_minority_count`` examples): on Fashion-MNIST's raw pixels clean labels split at D <= 2.82 and BadNets,
+    Blend and Trojan poison at 1-10% and SIG at 1-5% at D 19.5-317; on the 8x8 digits clean labels reach 6.7, and
+    one outlier image alone 28 (hence the minimum component); warping triggers (WaNet) do not split (D about 2). Not
+    in ABL, nor in Tran et al. (who scan features): measured in ``docs/abl.md#input-space-label-scan``."""
     exp = scan_labels(input_features(images), labels, pool, max_weight=0.0, min_posterior=min_posterior,
                       max_share=max_share, random_state=random_state, method="contrastive", min_ratio=np.inf,
                       min_wide_separation=min_separation, min_minority=min_minority,
