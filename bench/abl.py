@@ -488,7 +488,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
         iso = [r["isolation"] for r in abl]
         # ABL's overhead over the same number of plain training epochs, timed inside one run (isolation + clean
         # stage epochs are ordinary training epochs; the rest is the loss ranking, unlearning and its guard)
-        ratio = [f"{t['total'] / (t['isolation'] + t['clean']):.2f}"
+        ratio = [f"{t['total'] / (t.get('isolation', 0.0) + t['clean']):.2f}"
                  for t in (r["seconds_by_stage"] for r in sorted(abl, key=lambda r: r["seed"]))]
         kept = [str(r["unlearning"].get("selected_epoch", "?")) for r in sorted(abl, key=lambda r: r["seed"])]
         n_un = abl[0]["unlearning"]["epochs_run"] if abl else 0
@@ -595,6 +595,16 @@ def isolation_skipped(r: dict[str, Any]) -> bool:
     return r["history_stages"].count("isolation") == 0 and r["expansion"].get("space") == "input"
 
 
+def seed_cells(r: dict[str, Any], fmt: str = ".0f", unit: str = "%") -> str:
+    """The T_te and isolated-seed cells of a retrain-mode row; a skipped isolation (the input scan found the poison
+    first) has neither."""
+    iso = r["isolation"]
+    if isolation_skipped(r):
+        return "0 (skipped) | —"
+    return (f"{r['history_stages'].count('isolation')} | {iso['n_isolated']} "
+            f"({format(100 * iso['precision'], fmt)}{unit})")
+
+
 def row_verdict(r: dict[str, Any]) -> dict[str, Any]:
     """The verdict the current ``report.verdict`` gives on a stored run's report fields (so that a table rendered
     later uses the current rule; the verdict recorded at run time stays in the JSON under ``verdict``)."""
@@ -635,10 +645,9 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack in attacks:
         for r in sorted((r for r in abl if r["attack"] == attack), key=lambda r: r["seed"]):
-            e, iso = r["expansion"], r["isolation"]
+            e = r["expansion"]
             sep = e.get("mixture", {}).get("separation", float("nan"))
-            out.append(f"| {attack} | {r['seed']} | {r['history_stages'].count('isolation')} "
-                       f"| {iso['n_isolated']} ({100 * iso['precision']:.1f}) | {r['n_removed']} "
+            out.append(f"| {attack} | {r['seed']} | {seed_cells(r, '.1f', '')} | {r['n_removed']} "
                        f"| {100 * e.get('recall', float('nan')):.2f} | {e.get('missed_poison', '—')} "
                        f"| {e.get('removed_clean', '—')} | {sep:.1f} | {verdict_cell(r)} "
                        f"| {100 * r['clean_accuracy']:.2f} | {100 * r['attack_success_rate']:.2f} "

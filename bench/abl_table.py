@@ -64,14 +64,6 @@ def floors_of(paths: list[Path]) -> dict[tuple[str, int], float]:
     return out
 
 
-def seed_cells(r: dict[str, Any]) -> str:
-    """The T_te and isolated-seed cells; a skipped isolation (the input scan found the poison first) has neither."""
-    iso = r["isolation"]
-    if _bench_abl.isolation_skipped(r):
-        return "0 (skipped) | —"
-    return f"{r['history_stages'].count('isolation')} | {iso['n_isolated']} ({100 * iso['precision']:.0f}%)"
-
-
 def pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
@@ -87,7 +79,7 @@ def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
     if sep is not None and sep != 5.0:  # the wide route's threshold other than the default (runs before it: none)
         capped += f", scan separation {sep:g}"
     return (f"| {x['attack']} | {100 * x['rate']:g}% | {x['seed']} | {x['method']}{capped} "
-            f"| {seed_cells(r)} "
+            f"| {_bench_abl.seed_cells(r)} "
             f"| {e.get('missed_poison', '—')} / {e.get('removed_clean', '—')} "
             f"| {pct(n.get('clean_accuracy'))} → {pct(r['clean_accuracy'])} "
             f"| {pct(n.get('attack_success_rate'))} → {pct(r['attack_success_rate'])} "
