@@ -392,9 +392,10 @@ class _Stages:
         if not scan.report["expanded"]:
             exp.report["input_scan"] = scan.report
             return exp
-        seed = exp.report.get("seed", exp.report) if found_by_scan(exp.report) else exp.report
+        scanned = found_by_scan(exp.report)
+        seed = exp.report.get("seed", exp.report) if scanned else exp.report
         scan.report["seed"] = {k: v for k, v in seed.items() if k not in ("labels", "scan")}
-        if found_by_scan(exp.report):
+        if scanned:
             scan.report["feature_scan"] = {k: v for k, v in exp.report.items() if k != "seed"}
         return scan
 

@@ -207,15 +207,17 @@ def clean_label_find(report: dict[str, Any]) -> tuple[float, float, float] | Non
     """:func:`count_shortfall` of the input scan's find (:func:`abl_guard.abl.expansion.scan_inputs`): a
     fixed-pattern population that adds nothing to its label is clean-label poison (SIG 5%: 60 expected, 3 found;
     clean labels never split that far in raw pixels, ``docs/abl.md#input-space-label-scan``)."""
-    exp = report.get("expansion", {})
-    if not (found_by_scan(exp) and exp.get("space") == "input"):
-        return None
-    return count_shortfall(report)
+    return count_shortfall(report) if found_by_input_scan(report.get("expansion", {})) else None
 
 
 def found_by_scan(exp: dict[str, Any]) -> bool:
     """Whether an expansion report is the label scan's find (:func:`abl_guard.abl.expansion.scan_labels`)."""
     return exp.get("method") == SCAN_METHOD and bool(exp.get("expanded"))
+
+
+def found_by_input_scan(exp: dict[str, Any]) -> bool:
+    """Whether an expansion report is the input-space scan's find (:func:`abl_guard.abl.expansion.scan_inputs`)."""
+    return found_by_scan(exp) and exp.get("space") == "input"
 
 
 def _isolation_line(iso: dict[str, Any], share: float, target: Any) -> str:
@@ -236,7 +238,7 @@ def _count_line(short: tuple[float, float, float], target: Any) -> str:
 def expansion_evidence(exp: dict[str, Any]) -> str:
     """The verdict's line on what was removed: the input scan's, the label scan's or the seed's expansion."""
     mix = exp.get("mixture", {})
-    if found_by_scan(exp) and exp.get("space") == "input":
+    if found_by_input_scan(exp):
         return (f"a scan of every label's raw inputs found a separate population of {mix['weight_seedlike']:.0%} of "
                 f"label {exp['target']} (separation {mix['separation']:.1f}: a fixed-pattern trigger): "
                 f"{exp['n_removed']} examples removed instead of the model-based outcome")
@@ -402,7 +404,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                        f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
     exp = report.get("expansion", {})
     if exp:
-        how = (f"{'input ' if exp.get('space') == 'input' else ''}label scan: a population of "
+        how = (f"{'input ' if found_by_input_scan(exp) else ''}label scan: a population of "
                f"{exp['mixture']['weight_seedlike']:.0%} of the label" if found_by_scan(exp) else
                f"seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)}")
         msg = (f" expansion ({exp.get('method', 'classifier')}): removed {exp.get('n_removed', 0)} examples of label "

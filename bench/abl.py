@@ -69,6 +69,7 @@ from abl_guard.abl.config import (  # noqa: E402
 )
 from abl_guard.abl.experiment import ExperimentConfig, PreparedData, make_evaluator, prepare_data  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
+from abl_guard.abl.report import found_by_input_scan  # noqa: E402
 from abl_guard.abl.train import ArrayBatches, TrainConfig, make_optimizer, set_seed, train_plain  # noqa: E402
 from abl_guard.attacks import REGISTRY  # noqa: E402
 
@@ -592,7 +593,7 @@ def isolation_skipped(r: dict[str, Any]) -> bool:
     flag = r["isolation"].get("skipped")
     if flag is not None:
         return bool(flag)
-    return r["history_stages"].count("isolation") == 0 and r["expansion"].get("space") == "input"
+    return r["history_stages"].count("isolation") == 0 and found_by_input_scan(r["expansion"])
 
 
 def seed_cells(r: dict[str, Any], fmt: str = ".0f", unit: str = "%") -> str:

@@ -52,8 +52,9 @@ def one(attack: str, rate: float, seed: int, holdout: float, separation: float) 
             "removed_poison": hit, "removed_clean": int(len(exp.removed) - hit), "seconds": round(secs, 1),
             "target_split": next((r for r in rows if r["label"] == 0), None) if rate > 0 else None,
             "max_clean_separation": max(r["separation"] for r in clean_rows),
-            "max_clean_separation_counted": max(r["separation"] for r in clean_rows
-                                                if r["minority"] * r["n"] >= 10 and r["minority"] >= 0.01),
+            "max_clean_separation_counted": max(r["separation"] for r in clean_rows  # scan_inputs' minimum component
+                                                if r["minority"] * r["n"] >= exp.report["min_minority_count"]
+                                                and r["minority"] >= exp.report["min_minority"]),
             "labels": rows}
 
 
