@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from .expansion import (
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
 from .report import (
+    HELD_OUT_FIRING,
     expansion_report,
     failure_warnings,
     found_by_scan,
@@ -87,7 +88,7 @@ from .train import (
     select_device,
     train_one_epoch,
 )
-from .unlearning import cycle_batches, estimated_accuracy, guard_metrics, unlearn, unlearning_epoch
+from .unlearning import cycle_batches, estimated_accuracy, guard_metrics, guard_record, unlearn, unlearning_epoch
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +419,11 @@ class _Stages:
     def unlearning(self, holdout: np.ndarray) -> None:
         """Stage 3: unlearning ``D_b`` behind the guard, then the failure warnings and the total time."""
         run = self.run
-        unlearn(run, self.images, self.labels, run.isolated, holdout)
+        residual = self._residual(holdout)
+        if residual is None:
+            unlearn(run, self.images, self.labels, run.isolated, holdout)
+        else:
+            unlearn(run, self.images, self.labels, run.isolated, holdout, cfg=residual, ascend=run.removed)
         run.pending_rng.clear()
         self._end("unlearning")
         run.report["verdict"] = verdict(run.report, run.cfg)
@@ -428,6 +433,37 @@ class _Stages:
         run.stage = "done"
         run.report["seconds"]["total"] = sum(v for k, v in run.report["seconds"].items() if k != "total")
         run.snapshot("done", 0, None, None)
+
+    def _residual(self, holdout: np.ndarray) -> ABLConfig | None:
+        """Retrain mode's residual unlearning: when the retrained model's own evidence says the backdoor is still
+        there — the held-out probe fires on it: poison the removal missed taught it again (the seed probe alone,
+        which cannot tell clean-label poison, does not start it) — the unlearning stage runs on the *removed* set
+        (joint, complementary-label ascent, ``residual_*`` epochs and lr) behind the usual guard, with the isolated
+        core as its probe; otherwise None (no unlearning, as before). Decided once and recorded in
+        ``report["unlearning"]["residual"]``, so a resumed run decides alike."""
+        run, cfg = self.run, self.run.cfg
+        if not (cfg.retrain and cfg.residual_unlearning_epochs and not cfg.unlearning_epochs and len(run.removed)):
+            return None
+        un = run.report.setdefault("unlearning", {})
+        if "guard" not in un:
+            un.update(guard_record(run, self.images[run.isolated], self.labels[run.isolated], self.images[holdout],
+                                   self.labels[holdout]))
+        if "residual" not in un:
+            before = {**un, "isolated_accuracy_after": un["isolated_accuracy_before"]}
+            now = verdict({**run.report, "unlearning": before}, cfg)
+            fires = now["held_out_probe"] is not None and now["held_out_probe"] >= HELD_OUT_FIRING
+            un["residual"] = {"ran": fires, "verdict_before": now["status"],
+                              "held_out_probe_before": now.get("held_out_probe"),
+                              "epochs": cfg.residual_unlearning_epochs, "lr": cfg.residual_unlearning_lr,
+                              "n_unlearned": int(len(run.removed))}
+            if un["residual"]["ran"]:
+                log.warning("ABL: the retrained model still fires on the held-out poison (probe %.2f); unlearning "
+                            "the %d removed examples from it", now.get("held_out_probe") or float("nan"),
+                            len(run.removed))
+        if not un["residual"]["ran"]:
+            return None
+        return replace(cfg, unlearning_epochs=cfg.residual_unlearning_epochs, unlearning_lr=cfg.residual_unlearning_lr,
+                       unlearning="joint", unlearning_ascent="complement", unlearning_bound=0.0)
 
     def _epochs(self, name: str, first_epoch: int, n_epochs: int, batches: ArrayBatches,
                 optimizer: torch.optim.Optimizer, loss_fn: LossFn, stop: Callable[[], bool] | None = None,

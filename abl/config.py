@@ -34,13 +34,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "retrain": {},
     # the first release's default: isolation, clean stage on the same model, guarded joint unlearning
     "unlearn": {"isolation_labels": "all", "isolation_stop": "fixed", "unlearning_epochs": 5,
-                "isolation_extra_epochs": 0},
+                "isolation_extra_epochs": 0, "residual_unlearning_epochs": 0},
     # every default the paper's (Li et al. 2021): raw-loss ranking of p = 1% at T_te, every isolated example
     # unlearned with the unbounded L_GGA for 5 epochs at lr 5e-4 (official code), no held-out guard
     "paper": {"isolation_labels": "all", "isolation_stop": "fixed", "isolation_score": "loss", "lga": "flooding",
               "isolation_ratio": 0.01, "unlearning": "joint", "unlearning_bound": 0.0,
               "unlearning_ascent": "negated-ce", "unlearning_epochs": 5, "unlearning_lr": 5e-4,
-              "unlearning_bn": "train", "holdout": 0.0, "isolation_extra_epochs": 0},
+              "unlearning_bn": "train", "holdout": 0.0, "isolation_extra_epochs": 0,
+              "residual_unlearning_epochs": 0},
 }
 
 
@@ -138,6 +139,13 @@ class ABLConfig:
                                         "found the outcome at T_te stands. 0 = off (default: with 2 it removed "
                                         "Blend 1% in two more seeds but also a clean sub-type of clean data, "
                                         "docs/abl.md#isolation-extension).")
+    residual_unlearning_epochs: int = _knob(5, "retrain mode: when the retrained model's own evidence says the "
+                                            "backdoor is still there (verdict likely-present: the held-out probe "
+                                            "fires), unlearn the removed set from it for this many epochs — joint, "
+                                            "complementary-label ascent, behind the unlearning guard. 0 = off "
+                                            "(docs/abl.md#residual-unlearning). [default: 5 in retrain mode, "
+                                            "else 0]", cli_default=None)
+    residual_unlearning_lr: float = _knob(2e-3, "retrain mode: the residual unlearning's learning rate.")
     clean_epochs: int = 80
     lr: float = 0.1
     lr_milestones: tuple[int, ...] = ()
@@ -179,6 +187,7 @@ class ABLConfig:
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
                  "expansion_input_separation", "input_scan", "retrain_epochs", "isolation_extra_epochs",
+                 "residual_unlearning_epochs", "residual_unlearning_lr",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -199,6 +208,7 @@ class ABLConfig:
             (self.isolation_epochs < 1, "isolation_epochs (T_te) must be >= 1"),
             (self.isolation_extra_epochs < 0, "isolation_extra_epochs must be >= 0 (0 = off)"),
             (self.clean_epochs < 0 or self.unlearning_epochs < 0, "clean_epochs and unlearning_epochs must be >= 0"),
+            (self.residual_unlearning_epochs < 0, "residual_unlearning_epochs must be >= 0 (0 = off)"),
             (not 0.0 < self.isolation_ratio < 1.0, f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}"),
             (not 0.0 <= self.holdout < 0.5, f"holdout must be in [0, 0.5), got {self.holdout}"),
             (self.unlearning_bound < 0, "unlearning_bound must be >= 0 (0 = unbounded ascent)"),
@@ -209,7 +219,8 @@ class ABLConfig:
             (not 0.0 <= self.expansion_scan_share < 0.5, "expansion_scan_share must be in [0, 0.5) (0 = off)"),
             (self.expansion_scan_separation < 0, "expansion_scan_separation must be >= 0 (0 = off)"),
             (self.expansion_input_separation < 0, "expansion_input_separation must be >= 0 (0 = off)"),
-            (self.lr <= 0 or self.unlearning_lr <= 0, "learning rates must be > 0"),
+            (self.lr <= 0 or self.unlearning_lr <= 0 or self.residual_unlearning_lr <= 0,
+             "learning rates must be > 0"),
             (self.batch_size < 1 or self.eval_every < 0, "batch_size must be >= 1 and eval_every >= 0"),
         ]
 

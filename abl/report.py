@@ -256,6 +256,16 @@ def expansion_evidence(exp: dict[str, Any]) -> str:
     return f"the seed was not expanded: {exp.get('reason', '')}"
 
 
+def _residual_lines(un: dict[str, Any]) -> list[str]:
+    """The evidence line of retrain mode's residual unlearning when it ran (``abl.py``'s ``_Stages._residual``)."""
+    res = un.get("residual") or {}
+    if not res.get("ran"):
+        return []
+    return [f"the retrained model still fired (held-out probe {res['held_out_probe_before']:.2f}), so the "
+            f"{res['n_unlearned']} removed examples were unlearned from it: epoch {un.get('selected_epoch', 0)} of "
+            f"{un.get('epochs_run', 0)} kept by the guard"]
+
+
 def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     """Whether the backdoor is gone, with the evidence, from quantities available without ground truth.
 
@@ -302,6 +312,7 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         evidence.append(f"held-out probe {held:.2f}: the final model predicts label {target} for "
                         f"{held:.0%} of the held-out split's excess of that label (0: a clean model, 1: the poison "
                         "still fires)")
+    evidence += _residual_lines(un)
     if held is not None and held >= HELD_OUT_FIRING:
         status = "likely-present"
     elif share < cfg.isolation_concentration and not exp.get("expanded"):

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import BN_MODES
+from .config import BN_MODES, ABLConfig
 from .losses import ascent_term
+from .report import held_out_probe
 from .state import ABLRun, model_state
 from .train import ArrayBatches, accuracy, make_optimizer, predict_logits
 
@@ -121,12 +122,19 @@ def estimated_accuracy(metrics: dict[str, float], prior: float) -> float:
     return float((1.0 - prior) * metrics["nontarget_accuracy"] + prior * recall)
 
 
+def held_out_firing(guard: dict[str, Any], metrics: dict[str, float]) -> float:
+    """:func:`report.held_out_probe` of a model whose held-out metrics are ``metrics``, clipped to [0, 1] (1 when the
+    split's excess of the label is too small to read: nothing to rank by)."""
+    v = held_out_probe({**guard, "final": metrics})
+    return 1.0 if v is None else float(min(1.0, max(0.0, v)))
+
+
 def _rank(iso_acc: float, est_acc: float, epoch: int) -> tuple[float, int]:
     """Selection key, smaller is better: higher estimated accuracy minus the ASR probe, then the later epoch."""
     return (-round(est_acc - iso_acc, 4), -epoch)
 
 
-def _guard_record(run: ABLRun, iso_images: np.ndarray, iso_labels: np.ndarray, hold_x: np.ndarray,
+def guard_record(run: ABLRun, iso_images: np.ndarray, iso_labels: np.ndarray, hold_x: np.ndarray,
                   hold_y: np.ndarray) -> dict[str, Any]:
     """The unlearning report before the first epoch: the guard's suspected target, prior and baseline."""
     target = int(np.bincount(iso_labels).argmax()) if len(iso_labels) else -1
@@ -164,6 +172,7 @@ class _Unlearner:
     """The unlearning loop's state: data, optimiser, batches and the best passing epoch so far."""
 
     run: ABLRun
+    cfg: ABLConfig
     iso_images: np.ndarray
     iso_labels: np.ndarray
     hold_x: np.ndarray
@@ -173,6 +182,15 @@ class _Unlearner:
     clean_batches: ArrayBatches | None
     best_model: dict[str, torch.Tensor]
     best_key: tuple[float, int]
+    #: rank epochs by the held-out probe instead of the isolated set (residual unlearning: the ascent set *is* the
+    #: probed population, so only held-out copies of the poison say whether the backdoor still generalises)
+    held_out: bool = False
+
+    def probe(self, g: dict[str, float], iso_acc: float) -> float:
+        """The selection's ASR probe for an epoch whose held-out metrics are ``g``."""
+        if not self.held_out:
+            return iso_acc
+        return held_out_firing(self.un["guard"], g)
 
     @property
     def un(self) -> dict[str, Any]:
@@ -191,7 +209,7 @@ class _Unlearner:
 
     def epoch(self, e: int) -> None:
         """Unlearning epoch ``e`` (0-based): train, check the guard, record, keep it if it is the best so far."""
-        run, cfg, un = self.run, self.run.cfg, self.un
+        run, cfg, un = self.run, self.cfg, self.un
         guard = un["guard"]
         t0 = time.perf_counter()
         clean = None
@@ -214,13 +232,15 @@ class _Unlearner:
                                g["nontarget_accuracy"], "guard_target_rate": g["target_rate"],
                                "guard_estimated_accuracy": g["estimated_accuracy"], "isolated_accuracy": iso_acc,
                                "guard_rejected": reasons}
+        if self.held_out:
+            rec["held_out_probe"] = self.probe(g, iso_acc)
         if run.evaluate is not None:  # always: unlearning epochs are few and their CA / ASR path is the point
             rec.update(run.evaluate(run.model))
         run.history.append(rec)
         un["trajectory"].append({k: v for k, v in rec.items() if k not in ("stage", "lr")})
         if reasons:
             un["rejected_epochs"].append(e + 1)
-        key = _rank(iso_acc, g["estimated_accuracy"], e + 1)
+        key = _rank(self.probe(g, iso_acc), g["estimated_accuracy"], e + 1)
         keep = not guard["enabled"] or (not reasons and key < self.best_key)
         if distributed.broadcast_scalar(float(keep)):  # rank 0's decision, so every rank keeps the same epoch
             self.best_model, self.best_key = model_state(run.model), key
@@ -233,7 +253,8 @@ class _Unlearner:
                      {"best_model": self.best_model, "best_key_json": json.dumps(self.best_key)})
 
 
-def unlearn(run: ABLRun, images: np.ndarray, labels: np.ndarray, isolated: np.ndarray, holdout: np.ndarray) -> None:
+def unlearn(run: ABLRun, images: np.ndarray, labels: np.ndarray, isolated: np.ndarray, holdout: np.ndarray,
+            cfg: ABLConfig | None = None, ascend: np.ndarray | None = None) -> None:
     """Unlearning epochs on the isolated set; the guard then keeps the best epoch that passed it.
 
     An epoch *passes* the guard unless (a) accuracy on held-out non-target examples is more than ``max_ca_drop`` below
@@ -248,24 +269,32 @@ def unlearn(run: ABLRun, images: np.ndarray, labels: np.ndarray, isolated: np.nd
     highest estimated accuracy minus the fraction of isolated examples still predicted as their own labels (the ASR
     probe; ties: the later epoch). Without a held-out split the last epoch is kept. Results go to
     ``run.report["unlearning"]``; a run resumed inside this stage continues from its saved epoch.
+
+    ``cfg`` overrides the run's unlearning settings (retrain mode's residual unlearning); ``ascend``, when given, is
+    the set the ascent runs on (the removed set): ``isolated`` is then only probed (the verdict's seed probe), and
+    the selection reads the held-out probe instead (:func:`held_out_firing`: the held-out copies of the poison were
+    never trained on, so they say whether the backdoor still generalises).
     """
-    cfg, model, device = run.cfg, run.model, run.device
+    cfg, model, device = cfg or run.cfg, run.model, run.device
     iso_images, iso_labels = images[isolated], labels[isolated]
     hold_x, hold_y = images[holdout], labels[holdout]
+    ascent_set = isolated if ascend is None else ascend
     un = run.report.setdefault("unlearning", {})
     if "guard" not in un:
-        un.update(_guard_record(run, iso_images, iso_labels, hold_x, hold_y))
+        un.update(guard_record(run, iso_images, iso_labels, hold_x, hold_y))
     guard = un["guard"]
-    batches = ArrayBatches(iso_images, iso_labels, device, cfg.batch_size, augment="none", seed=cfg.seed + 2)
+    batches = ArrayBatches(images[ascent_set], labels[ascent_set], device, cfg.batch_size, augment="none",
+                           seed=cfg.seed + 2)
     clean_batches = None
     if cfg.unlearning == "joint":
-        rest = np.setdiff1d(np.setdiff1d(np.arange(len(labels)), holdout), isolated)
+        rest = np.setdiff1d(np.setdiff1d(np.arange(len(labels)), holdout), ascent_set)
         clean_batches = ArrayBatches(images, labels, device, cfg.batch_size, augment=cfg.augment, seed=cfg.seed + 3,
                                      indices=rest)
-    loop = _Unlearner(run, iso_images, iso_labels, hold_x, hold_y,
+    before = (held_out_firing(guard, guard["baseline"]) if ascend is not None else un["isolated_accuracy_before"])
+    loop = _Unlearner(run, cfg, iso_images, iso_labels, hold_x, hold_y,
                       make_optimizer(model, cfg.unlearning_lr, cfg.momentum, cfg.weight_decay), batches, clean_batches,
-                      model_state(model),
-                      _rank(un["isolated_accuracy_before"], guard["baseline"]["estimated_accuracy"], 0))
+                      model_state(model), _rank(before, guard["baseline"]["estimated_accuracy"], 0),
+                      held_out=ascend is not None)
     start = loop.resume(run.saved_for("unlearning"))
     run.restore_rng(batches)
     for e in range(start, cfg.unlearning_epochs):

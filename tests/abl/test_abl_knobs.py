@@ -187,6 +187,8 @@ ABL_FLAGS = {
     "expansion_scan_share": ("--abl-expansion-scan-share", "0", 0.0),
     "expansion_separation": ("--abl-expansion-separation", "3", 3.0),
     "expansion_max_share": ("--abl-expansion-max-share", "0.7", 0.7),
+    "residual_unlearning_epochs": ("--abl-residual-unlearning-epochs", "3", 3),
+    "residual_unlearning_lr": ("--abl-residual-unlearning-lr", "0.004", 0.004),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),
     "unlearning_bound": ("--abl-unlearning-bound", "0", 0.0),
     "unlearning_ascent": ("--abl-unlearning-ascent", "complement", "complement"),
@@ -207,7 +209,8 @@ def test_every_abl_knob_has_a_cli_option_with_the_config_default():
     for knob in ABLConfig.ABL_KNOBS:
         p = opts[f"abl_{knob}"]
         # the knobs whose default depends on --abl-mode show none on the command line (ABLConfig resolves them)
-        per_mode = ("isolation_epochs", "isolation_stop", "isolation_labels", "unlearning_epochs")
+        per_mode = ("isolation_epochs", "isolation_stop", "isolation_labels", "unlearning_epochs",
+                    "residual_unlearning_epochs")
         default = None if knob in per_mode else getattr(ABLConfig(), knob)
         assert p.default == default, knob
 

@@ -455,3 +455,50 @@ def test_input_scan_replaces_the_model_based_outcome(small_poisoned, monkeypatch
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     exp = res.report["expansion"]
     assert "space" not in exp and exp["input_scan"]["expanded"] is False and exp["input_scan"]["space"] == "input"
+
+
+def test_residual_unlearning_runs_when_the_retrained_model_still_fires(poisoned_digits, monkeypatch, two_threads):
+    """Retrain mode: an input scan that removes only half of the BadNets poison leaves the rest to teach the fresh
+    model the backdoor again; the held-out probe then fires, so the removed half is unlearned from the retrained
+    model (joint, complementary-label ascent, behind the guard), which lowers the attack success, and the verdict says
+    so. With ``residual_unlearning_epochs=0`` the retrained model is kept as it is."""
+    import abl_guard.abl.abl as abl_mod
+
+    real = abl_mod.scan_inputs
+
+    def half_found(*a, **k):  # the real scan's find, every other example dropped
+        e = real(*a, **k)
+        assert e.report["expanded"]
+        e.removed, e.core = e.removed[::2], e.core[::2]
+        e.report.update(n_removed=len(e.removed), n_expanded=len(e.removed), estimated_poison=float(len(e.removed)))
+        return e
+
+    monkeypatch.setattr(abl_mod, "scan_inputs", half_found)
+    d = poisoned_digits
+    # a 25% held-out split holds about 36 poisoned copies: enough for the held-out probe to be read on 1,437 images
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=8, isolation_ratio=0.05, lr=0.05, lr_milestones=(6,),
+                    batch_size=32, device="cpu", eval_every=0, holdout=0.25)
+    assert cfg.residual_unlearning_epochs == 5 and cfg.unlearning_epochs == 0
+    assert all(ABLConfig.for_mode(m).residual_unlearning_epochs == 0 for m in ("unlearn", "paper"))
+    res = run_abl(d.model(), d.images, d.labels, cfg, evaluate=d.evaluate, poison_indices=d.poison, quiet=True)
+    rep, un = res.report, res.report["unlearning"]
+    trained_on = np.setdiff1d(d.poison, res.holdout)
+    assert rep["expansion"]["target"] == 0 and 0.4 <= np.isin(trained_on, res.removed).mean() <= 0.6
+    retrained = rep["stages"]["clean"]["attack_success_rate"]
+    assert retrained > 0.5  # the half left in place taught the backdoor again
+    assert un["residual"]["ran"] is True and un["residual"]["verdict_before"] == "likely-present"
+    assert un["residual"]["held_out_probe_before"] >= 0.5 and un["residual"]["n_unlearned"] == len(res.removed)
+    assert un["epochs_run"] == 5 and [h["stage"] for h in res.history].count("unlearning") == 5
+    final = rep["stages"]["unlearning"]
+    assert final["attack_success_rate"] < retrained - 0.3 and un["selected_epoch"] >= 1
+    # the selection reads the held-out probe (the ascent set itself is no evidence): it falls with the ASR
+    probes = [t["held_out_probe"] for t in un["trajectory"]]
+    assert probes[un["selected_epoch"] - 1] < 0.5 <= un["residual"]["held_out_probe_before"]
+    assert final["clean_accuracy"] > rep["stages"]["clean"]["clean_accuracy"] - 0.05
+    assert any("were unlearned from it" in e for e in rep["verdict"]["evidence"])
+
+    off = run_abl(d.model(), d.images, d.labels, replace(cfg, residual_unlearning_epochs=0), evaluate=d.evaluate,
+                  poison_indices=d.poison, quiet=True)
+    assert "residual" not in off.report["unlearning"] and off.report["unlearning"]["epochs_run"] == 0
+    assert off.report["verdict"]["status"] == "likely-present"
+    assert off.report["stages"]["unlearning"]["attack_success_rate"] == pytest.approx(retrained, abs=1e-9)
