@@ -338,7 +338,7 @@ class Bench:
                                                   "candidate_precision", "n_returned", "skipped")},
             "unlearning": {k: un.get(k) for k in ("epochs_run", "selected_epoch", "rejected_epochs",
                                                   "isolated_accuracy_before", "isolated_accuracy_after",
-                                                  "trajectory", "guard")},
+                                                  "trajectory", "guard", "residual")},
             "warnings": rep["warnings"], "n_poisoned": int(len(data.poison_indices)),
         }
 

@@ -45,8 +45,9 @@ import torch
 from _common import cpu_name, write_markdown_keeping_notes
 from detect import DETECTORS, export, metrics, rank_scores, train_cached, triggered_successes
 
-from abl_guard.abl.data import load_dataset
+from abl_guard.abl.data import load_dataset, pad_to
 from abl_guard.abl.experiment import ExperimentConfig
+from abl_guard.abl.models import model_taps
 from abl_guard.abl.train import TrainConfig
 from abl_guard.attacks import make_attack
 from abl_guard.attacks.adversarial import predict, quantize, run_attack
@@ -67,12 +68,26 @@ ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
                     ("odds", "odds", {}, "sensitivity"),
                     ("odds (paper noise, 8 draws)", "odds", {"noise": "paper", "n_samples": 8}, "sensitivity"),
                     # Sun et al.'s k-NN one layer earlier: the pooled last conv block
-                    ("knn (pool)", "knn", {"tap": "pool"}, "feature"),
+                    # (by position, so the row exists on any model: the small CNN's "pool", WRN's block3)
+                    ("knn (pool)", "knn", {"tap": "@-2"}, "feature"),
                     # Sastry & Oore's Gram-matrix deviations: the default (first-order Gram) and the paper's 10 orders
                     ("gram", "gram", {}, "activation"),
                     ("gram (paper powers)", "gram", {"powers": 10}, "activation"),
                     # Lee et al.'s Mahalanobis at the model's first tap (an early conv block, by position)
                     ("mahalanobis (first tap)", "mahalanobis", {"tap": "@0"}, "feature")]
+
+
+def adapt_rows(taps: dict[str, str]) -> None:
+    """Point rows that name the small CNN's ``pool`` tap at ``penultimate`` on a model without one (WRN / PreAct: their
+    pooled features feed the classifier directly, so mutation there fuzzes the classifier as on the small CNN's
+    pool it fuzzes both dense layers). Changes :data:`ROWS` in place; the record lists the taps used."""
+    if "pool" in taps:
+        return
+    for i, (row, kind, params, lens) in enumerate(ROWS):
+        if params.get("tap") == "pool":
+            ROWS[i] = (row, kind, {**params, "tap": "penultimate"}, lens)
+
+
 TRAIN = {"epochs": 9, "lr": 0.05, "lr_milestones": (5, 8)}
 FPR = 0.01
 #: the five-detector guard of issue 16, and one with every lens and STRIP
@@ -124,22 +139,31 @@ ADVERSARIAL: list[tuple[str, str, dict[str, Any], str]] = [
 
 
 def ood_sets(test_x: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
-    """uint8 (N, 28, 28, 1) out-of-distribution sets built from what ships here (no downloads)."""
+    """uint8 (N, H, W, 1) out-of-distribution sets, the size of ``test_x``, built from what ships here (no downloads).
+
+    The digits are upscaled to the Fashion-MNIST image (28x28) and placed like it (zero-padded when the model's input
+    is padded), so a padded model sees the same content as the small CNN does.
+    """
     from PIL import Image
     from sklearn.datasets import load_digits
 
     rng = np.random.default_rng(seed)
+    size = test_x.shape[1]
     digits = load_digits().images[:n]  # 0..16, 8x8
     up = np.stack([np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR))
                    for d in digits])[..., None]
+    if size > 28:  # as abl.data.pad_to places the test images
+        a, b = (size - 28) // 2, size - 28 - (size - 28) // 2
+        up = np.pad(up, ((0, 0), (a, b), (a, b), (0, 0)))
     base = test_x[rng.choice(len(test_x), n, replace=False)].astype(np.float64)
     noisy = np.clip(base + rng.normal(0, 0.4 * 255, base.shape), 0, 255).astype(np.uint8)
     return {
         "ood: digits upscaled": up.astype(np.uint8),
-        "ood: uniform noise": rng.integers(0, 256, (n, 28, 28, 1)).astype(np.uint8),
+        "ood: uniform noise": rng.integers(0, 256, (n, size, size, 1)).astype(np.uint8),
         "ood: fmnist + noise sd 0.4": noisy,
         "ood: fmnist inverted": (255 - base).astype(np.uint8),
-        "ood: constant images": np.repeat(np.linspace(0, 255, 256).astype(np.uint8), 28 * 28).reshape(256, 28, 28, 1),
+        "ood: constant images": np.repeat(np.linspace(0, 255, 256).astype(np.uint8),
+                                          size * size).reshape(256, size, size, 1),
     }
 
 
@@ -243,7 +267,8 @@ class TorchGuardScore(torch.nn.Module):
                 continue
             if kind == "knn":
                 tap, bank, k = state
-                f = act[tap].flatten(1).double()
+                a = act[tap]  # conv maps are globally average-pooled, as detectors.base.flatten_features does
+                f = (a.mean(dim=(2, 3)) if a.ndim == 4 else a.flatten(1)).double()
                 q = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 out.append(torch.cdist(q, bank).kthvalue(k, dim=1).values)
                 continue
@@ -560,10 +585,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detect_converged"))
+    ap.add_argument("--arch", default="small-cnn", help="small-cnn (the default), wrn-16-1 or preact-resnet18")
+    ap.add_argument("--pad", type=int, default=None, help="zero-pad the images to this size (32 for the ResNets)")
+    ap.add_argument("--train-limit", type=int, default=None, help="train on a random subset of this many images")
+    ap.add_argument("--epochs", type=int, default=TRAIN["epochs"])
+    ap.add_argument("--lr", type=float, default=TRAIN["lr"])
+    ap.add_argument("--lr-milestones", default=",".join(map(str, TRAIN["lr_milestones"])))
+    ap.add_argument("--augment", default="none", help="training augmentation: none, crop, crop-flip")
     ap.add_argument("--smoke", action="store_true",
                     help="plumbing check: a 1-epoch model on 3,000 images, tiny sets, results under /tmp")
     args = ap.parse_args()
-    train, train_limit = dict(TRAIN), None
+    milestones = tuple(int(v) for v in args.lr_milestones.split(",") if v.strip())
+    train, train_limit = {"epochs": args.epochs, "lr": args.lr, "lr_milestones": milestones}, args.train_limit
     if args.smoke:
         train, train_limit = {"epochs": 1, "lr": 0.05, "lr_milestones": ()}, 3000
         args.n_trig, args.n_adv, args.n_cw, args.n_ood, args.n_adaptive = 60, 40, 4, 50, 40
@@ -574,22 +607,27 @@ def main() -> None:
     t_start = time.perf_counter()
 
     test = load_dataset("fashion-mnist", "test")
+    if args.pad:
+        test = pad_to(test, args.pad)
     spec, k = test.spec, test.spec.num_classes
     perm = np.random.default_rng(args.seed).permutation(len(test))
     parts = np.split(perm, np.cumsum([2000, 1000, 1000, 1000]))
     splits = {n: (test.images[i], test.labels[i]) for n, i in zip(("fit", "cal", "val", "eval"), parts)}
     src_x, src_y = test.images[parts[4]], test.labels[parts[4]]
     train_cfg = TrainConfig(epochs=train["epochs"], lr=train["lr"], lr_milestones=train["lr_milestones"],
-                            seed=args.seed, device="cpu")
+                            seed=args.seed, device="cpu", augment=args.augment)
     runs = []
     adversarial_on = {a.strip() for a in args.adversarial_on.split(",")}
     for attack_name in [a.strip() for a in args.attacks.split(",") if a.strip()]:
         t0 = time.perf_counter()
         cfg = ExperimentConfig(dataset="fashion-mnist", attack=attack_name, attack_params={"rate": 0.1, "target": 0},
-                               defense="none", train=train_cfg, train_limit=train_limit, test_limit=2000)
-        run_dir = Path(args.work) / f"{attack_name}-none"
+                               defense="none", train=train_cfg, train_limit=train_limit, test_limit=2000,
+                               arch=args.arch, pad=args.pad)
+        run_dir = Path(args.work) / (f"{attack_name}-none" if args.arch == "small-cnn" else
+                                     f"{attack_name}-{args.arch}-none")
         model, rec = train_cached(cfg, run_dir)
         torch.set_num_threads(args.threads)  # training resets torch's thread count
+        adapt_rows(model_taps(model))
         attack = make_attack(attack_name, seed=args.seed, rate=0.1, target=0)
         trig, asr = triggered_successes(model, attack, src_x, src_y, k, args.n_trig)
         trig_name = f"triggered ({attack_name})"
@@ -623,7 +661,8 @@ def main() -> None:
                      "seconds": time.perf_counter() - t0})
     record = {"command": "python bench/detect_converged.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(),
               "threads": args.threads, "torch": torch.__version__,
-              "train": {**train, "train_size": train_limit or 60000},
+              "arch": args.arch, "pad": args.pad,
+              "train": {**train, "train_size": train_limit or 60000, "augment": args.augment},
               "splits": {"fit": 2000, "cal": 1000, "val": 1000, "eval": 1000, "source": int(len(src_x))},
               "detectors": [{"row": r, "detector": d, "params": p, "lens": lens} for r, d, p, lens in ROWS],
               "guards": [{"row": g, "members": m, "combine": c, "tails": t} for g, m, c, t in GUARDS],
