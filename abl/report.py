@@ -114,8 +114,10 @@ def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray |
 
 #: the seed-probe rate at or below which a retrained model is judged free of the isolated backdoor
 PROBE_CLEAN = 0.2
-#: the held-out probe (:func:`held_out_probe`) at or above which the backdoor is judged to be still firing
-HELD_OUT_FIRING = 0.5
+#: the held-out probe (:func:`held_out_probe`) at or above which the backdoor is judged to be still firing: every
+#: stored removal (ASR <= 3.4%) read 0.05-0.28, the partial ones (ASR 19-29%) 0.33-0.51
+#: (docs/abl.md#residual-unlearning)
+HELD_OUT_FIRING = 0.3
 #: binomial standard deviations by which the held-out split's count of the seed's label must fall short of the
 #: removal's poison estimate for the removed population to be judged a clean sub-type (:func:`count_contradicts`)
 COUNT_SHORTFALL_SD = 3.0

@@ -92,6 +92,11 @@ def test_verdict_trusts_the_held_out_probe_over_the_seed_probe():
     assert v["status"] == "likely-present" and any("held-out probe 0.92" in e for e in v["evidence"])
     rep["unlearning"]["guard"]["final"] = {"target_rate": 0.095}
     assert verdict(rep, ABLConfig())["status"] == "removed"
+    # a partial removal (WaNet 5%, ASR 21%: probe 0.42) fires; the removals stored read 0.28 at most
+    rep["unlearning"]["guard"]["final"] = {"target_rate": 0.09 + 0.42 * 0.12}
+    assert verdict(rep, ABLConfig())["status"] == "likely-present"
+    rep["unlearning"]["guard"]["final"] = {"target_rate": 0.09 + 0.28 * 0.12}
+    assert verdict(rep, ABLConfig())["status"] == "removed"
     low = _report(0.5, 1.0)  # not concentrated, yet the held-out poison fires
     low["unlearning"]["guard"] = {**rep["unlearning"]["guard"], "final": {"target_rate": 0.2}}
     assert verdict(low, ABLConfig())["status"] == "likely-present"

@@ -463,6 +463,7 @@ def test_residual_unlearning_runs_when_the_retrained_model_still_fires(poisoned_
     model (joint, complementary-label ascent, behind the guard), which lowers the attack success, and the verdict says
     so. With ``residual_unlearning_epochs=0`` the retrained model is kept as it is."""
     import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.report import HELD_OUT_FIRING
 
     real = abl_mod.scan_inputs
 
@@ -487,13 +488,13 @@ def test_residual_unlearning_runs_when_the_retrained_model_still_fires(poisoned_
     retrained = rep["stages"]["clean"]["attack_success_rate"]
     assert retrained > 0.5  # the half left in place taught the backdoor again
     assert un["residual"]["ran"] is True and un["residual"]["verdict_before"] == "likely-present"
-    assert un["residual"]["held_out_probe_before"] >= 0.5 and un["residual"]["n_unlearned"] == len(res.removed)
+    assert un["residual"]["n_unlearned"] == len(res.removed)
     assert un["epochs_run"] == 5 and [h["stage"] for h in res.history].count("unlearning") == 5
     final = rep["stages"]["unlearning"]
     assert final["attack_success_rate"] < retrained - 0.3 and un["selected_epoch"] >= 1
     # the selection reads the held-out probe (the ascent set itself is no evidence): it falls with the ASR
     probes = [t["held_out_probe"] for t in un["trajectory"]]
-    assert probes[un["selected_epoch"] - 1] < 0.5 <= un["residual"]["held_out_probe_before"]
+    assert probes[un["selected_epoch"] - 1] < HELD_OUT_FIRING <= un["residual"]["held_out_probe_before"]
     assert final["clean_accuracy"] > rep["stages"]["clean"]["clean_accuracy"] - 0.05
     assert any("were unlearned from it" in e for e in rep["verdict"]["evidence"])
 
