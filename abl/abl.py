@@ -67,10 +67,13 @@ from .expansion import (
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
 from .report import (
+    COUNT_SHORTFALL_SD,
     HELD_OUT_FIRING,
     expansion_report,
     failure_warnings,
     found_by_scan,
+    held_out_counts,
+    held_out_shortfall,
     isolation_report,
     rank_auroc,
     summary_lines,
@@ -355,9 +358,30 @@ class _Stages:
         run.add_time("expansion", time.perf_counter() - t0)
         scan.report["seed"] = {k: v for k, v in seed_exp.report.items() if k != "labels"}
         if scan.report["expanded"]:
-            return scan
+            return self._union_if_short(pool, seed_exp, scan)
         seed_exp.report["scan"] = scan.report
         return seed_exp
+
+    def _union_if_short(self, pool: np.ndarray, seed_exp: Expansion, scan: Expansion) -> Expansion:
+        """A capped seed expansion replaced by the scan's find in the same label, where the held-out split holds
+        more of that label than the scan's own poison estimate by :data:`COUNT_SHORTFALL_SD` sd or more: the label
+        holds more poison than the scan took (WaNet at 5-10%: the poison is 30-50% of the label, the scan's component
+        at most ``expansion_scan_share``), so the capped expansion was poison too and both are removed. A clean
+        sub-type adds nothing to its label's held-out count (the count check of the verdict), so it stays refused."""
+        if not (seed_exp.report.get("capped") and seed_exp.target == scan.target):
+            return scan
+        counts = held_out_counts(self.labels, pool, scan.target)
+        short = held_out_shortfall(counts, scan.report, len(scan.removed), len(pool))
+        if short is None or short < COUNT_SHORTFALL_SD:
+            return scan
+        removed = np.union1d(scan.removed, seed_exp.removed)
+        est = max(float(scan.report.get("estimated_poison", 0.0)), float(seed_exp.report.get("estimated_poison", 0.0)))
+        scan.report.update(union_with_seed={"short_sd": short, "n_scan": int(len(scan.removed)),
+                                            "n_seed_expansion": int(len(seed_exp.removed))},
+                           n_removed=int(len(removed)), estimated_poison=est)
+        log.info("ABL: the held-out split holds %.1f sd more of label %d than the scan took; the capped seed "
+                 "expansion is removed too (%d examples)", short, scan.target, len(removed))
+        return replace(scan, removed=removed)
 
     def _input_scan(self, pool: np.ndarray) -> Expansion:
         """The input-space label scan of the pool (:func:`scan_inputs`; model-free, so computed once per run)."""

@@ -135,6 +135,28 @@ def held_out_excess(guard: dict[str, Any]) -> tuple[float, float] | None:
     return float(n - n_non - prior * n), float(np.sqrt(n * prior * (1.0 - prior)))
 
 
+def held_out_counts(labels: np.ndarray, pool: np.ndarray, target: int) -> dict[str, Any]:
+    """The held-out split's counts as the unlearning guard records them (``n_holdout``, ``n_nontarget``,
+    ``target_prior``: the other labels' median share), for :func:`held_out_excess` before any model exists."""
+    hold = np.setdiff1d(np.arange(len(labels)), pool)
+    y = labels[hold]
+    others = np.bincount(y[y != target]) if len(y) else np.zeros(0, np.int64)
+    prior = float(np.median(others[others > 0]) / len(y)) if (others > 0).any() else float("nan")
+    return {"n_holdout": int(len(y)), "n_nontarget": int((y != target).sum()), "target_prior": prior}
+
+
+def held_out_shortfall(counts: dict[str, Any], exp: dict[str, Any], n_removed: int, n_pool: int) -> float | None:
+    """By how many sd the held-out split's excess of the label exceeds the poison a removal estimates
+    (``estimated_poison``, at most ``n_removed``, scaled to the split): positive when the label holds more poison
+    than the removal took. None without a split."""
+    got = held_out_excess(counts)
+    if got is None or not n_pool or got[1] <= 0:
+        return None
+    excess, sd = got
+    expected = min(float(exp.get("estimated_poison", np.inf)), float(n_removed)) * counts["n_holdout"] / n_pool
+    return float((excess - expected) / sd)
+
+
 def held_out_probe(guard: dict[str, Any], min_excess: int = 10, expected_poison: float | None = None) -> float | None:
     """How much of the held-out split's excess of the suspected target label the final model predicts as that label.
 
@@ -249,8 +271,12 @@ def expansion_evidence(exp: dict[str, Any]) -> str:
         why = (f"the isolated seed's expansion in label {seed.get('target')} was capped at the max share (a large "
                "population: a clean sub-type, or much poison)" if seed.get("expanded") else
                f"the isolated seed did not expand ({seed.get('reason', 'no second population')})")
+        union = exp.get("union_with_seed")
+        took = (f"{exp['n_removed']} examples removed instead" if not union else
+                f"it and the capped expansion removed, {exp['n_removed']} examples, because the held-out split holds "
+                f"{union['short_sd']:.1f} sd more of the label than the scan's find explains")
         return (f"{why}; a scan of every label found a separate population of {mix['weight_seedlike']:.0%} of label "
-                f"{exp['target']} (separation {mix['separation']:.1f}): {exp['n_removed']} examples removed instead")
+                f"{exp['target']} (separation {mix['separation']:.1f}): {took}")
     if exp.get("expanded"):
         return (f"the seed of {exp['n_seed']} grew to {exp['n_removed']} removed examples of label {exp['target']} "
                 f"({exp['n_target_label']} in the label; estimated poison "

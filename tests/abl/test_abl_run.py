@@ -503,3 +503,51 @@ def test_residual_unlearning_runs_when_the_retrained_model_still_fires(poisoned_
     assert "residual" not in off.report["unlearning"] and off.report["unlearning"]["epochs_run"] == 0
     assert off.report["verdict"]["status"] == "likely-present"
     assert off.report["stages"]["unlearning"]["attack_success_rate"] == pytest.approx(retrained, abs=1e-9)
+
+
+def test_capped_expansion_is_kept_when_the_held_out_count_says_the_scan_took_too_little(poisoned_digits, monkeypatch):
+    """A capped seed expansion replaced by a scan's find in the same label: when the held-out split holds more of the
+    label than the find's poison estimate by 3 sd or more (a third of the poison found here), both are removed;
+    when the find explains the count (all of the poison), the scan's find alone is."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.expansion import Expansion
+
+    d = poisoned_digits
+    real_expand = abl_mod.expand_seed
+    seen: dict[str, np.ndarray] = {}
+
+    def capped_expand(*args, **kw):
+        e = real_expand(*args, **{**kw, "min_separation": 0.0})
+        e.report.update(expanded=True, capped=True)
+        seen["seed"] = e.removed
+        return e
+
+    def found(share):
+        def scan(features, labels, pool, **kw):
+            p = np.intersect1d(d.poison, pool)
+            p = p[: int(len(p) * share)]
+            return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
+                             {"method": "spectral-scan", "expanded": True, "target": 0, "n_removed": len(p),
+                              "n_seed": 0, "n_expanded": len(p), "estimated_poison": float(len(p)),
+                              "mixture": {"weight_seedlike": 0.1, "separation": 3.0}}, p)
+        return scan
+
+    monkeypatch.setattr(abl_mod, "expand_seed", capped_expand)
+    monkeypatch.setattr(abl_mod, "scan_labels", found(1 / 3))
+    # a 25% held-out split: about 36 poisoned copies, a class's count sd about 5.4
+    cfg = ABLConfig(isolation_epochs=1, isolation_stop="fixed", clean_epochs=1, isolation_ratio=0.05, lr=0.05,
+                    batch_size=64, device="cpu", eval_every=0, holdout=0.25, expansion_input_separation=0.0,
+                    residual_unlearning_epochs=0)
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    exp = res.report["expansion"]
+    third = np.intersect1d(d.poison, np.setdiff1d(np.arange(len(d.labels)), res.holdout))
+    third = third[: len(third) // 3]
+    assert exp["method"] == "spectral-scan" and exp["union_with_seed"]["short_sd"] >= 3.0
+    np.testing.assert_array_equal(res.removed, np.union1d(third, seen["seed"]))
+    assert any("capped expansion removed" in e for e in res.report["verdict"]["evidence"])
+
+    monkeypatch.setattr(abl_mod, "scan_labels", found(1.0))
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert "union_with_seed" not in res.report["expansion"]
+    np.testing.assert_array_equal(res.removed, np.intersect1d(d.poison, np.setdiff1d(np.arange(len(d.labels)),
+                                                                                     res.holdout)))
