@@ -67,7 +67,6 @@ from .expansion import (
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
 from .report import (
-    COUNT_SHORTFALL_SD,
     HELD_OUT_FIRING,
     expansion_report,
     failure_warnings,
@@ -364,15 +363,16 @@ class _Stages:
 
     def _union_if_short(self, pool: np.ndarray, seed_exp: Expansion, scan: Expansion) -> Expansion:
         """A capped seed expansion replaced by the scan's find in the same label, where the held-out split holds
-        more of that label than the scan's own poison estimate by :data:`COUNT_SHORTFALL_SD` sd or more: the label
+        more of that label than the scan's own poison estimate by ``expansion_union_sd`` sd or more: the label
         holds more poison than the scan took (WaNet at 5-10%: the poison is 30-50% of the label, the scan's component
         at most ``expansion_scan_share``), so the capped expansion was poison too and both are removed. A clean
         sub-type adds nothing to its label's held-out count (the count check of the verdict), so it stays refused."""
-        if not (seed_exp.report.get("capped") and seed_exp.target == scan.target):
+        need = self.run.cfg.expansion_union_sd
+        if not (need and seed_exp.report.get("capped") and seed_exp.target == scan.target):
             return scan
         counts = held_out_counts(self.labels, pool, scan.target)
         short = held_out_shortfall(counts, scan.report, len(scan.removed), len(pool))
-        if short is None or short < COUNT_SHORTFALL_SD:
+        if short is None or short < need:
             return scan
         removed = np.union1d(scan.removed, seed_exp.removed)
         est = max(float(scan.report.get("estimated_poison", 0.0)), float(seed_exp.report.get("estimated_poison", 0.0)))

@@ -139,6 +139,11 @@ class ABLConfig:
                                         "found the outcome at T_te stands. 0 = off (default: with 2 it removed "
                                         "Blend 1% in two more seeds but also a clean sub-type of clean data, "
                                         "docs/abl.md#isolation-extension).")
+    expansion_union_sd: float = _knob(3.0, "retrain mode: when the label scan's find replaces a capped seed "
+                                      "expansion in the same label and the held-out split holds this many sd more "
+                                      "of the label than the find's poison estimate, remove both (the label holds "
+                                      "more poison than the scan took). 0 = off "
+                                      "(docs/abl.md#capped-expansion-kept-by-the-count).")
     residual_unlearning_epochs: int = _knob(5, "retrain mode: when the retrained model's own evidence says the "
                                             "backdoor is still there (verdict likely-present: the held-out probe "
                                             "fires), unlearn the removed set from it for this many epochs — joint, "
@@ -187,7 +192,7 @@ class ABLConfig:
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
                  "expansion_input_separation", "input_scan", "retrain_epochs", "isolation_extra_epochs",
-                 "residual_unlearning_epochs", "residual_unlearning_lr",
+                 "expansion_union_sd", "residual_unlearning_epochs", "residual_unlearning_lr",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -209,6 +214,7 @@ class ABLConfig:
             (self.isolation_extra_epochs < 0, "isolation_extra_epochs must be >= 0 (0 = off)"),
             (self.clean_epochs < 0 or self.unlearning_epochs < 0, "clean_epochs and unlearning_epochs must be >= 0"),
             (self.residual_unlearning_epochs < 0, "residual_unlearning_epochs must be >= 0 (0 = off)"),
+            (self.expansion_union_sd < 0, "expansion_union_sd must be >= 0 (0 = off)"),
             (not 0.0 < self.isolation_ratio < 1.0, f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}"),
             (not 0.0 <= self.holdout < 0.5, f"holdout must be in [0, 0.5), got {self.holdout}"),
             (self.unlearning_bound < 0, "unlearning_bound must be >= 0 (0 = unbounded ascent)"),

@@ -546,6 +546,11 @@ def test_capped_expansion_is_kept_when_the_held_out_count_says_the_scan_took_too
     np.testing.assert_array_equal(res.removed, np.union1d(third, seen["seed"]))
     assert any("capped expansion removed" in e for e in res.report["verdict"]["evidence"])
 
+    off = run_abl(d.model(width=8), d.images, d.labels, replace(cfg, expansion_union_sd=0.0), poison_indices=d.poison,
+                  quiet=True)
+    assert "union_with_seed" not in off.report["expansion"]
+    np.testing.assert_array_equal(off.removed, third)
+
     monkeypatch.setattr(abl_mod, "scan_labels", found(1.0))
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     assert "union_with_seed" not in res.report["expansion"]
