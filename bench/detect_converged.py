@@ -676,10 +676,15 @@ def main() -> None:
 
 def render(r: dict[str, Any]) -> str:
     rows = [d["row"] for d in r["detectors"]] + [g["row"] for g in r["guards"]]
+    arch = {"small-cnn": "small CNN"}.get(r.get("arch", "small-cnn"), r.get("arch", "small-cnn"))
+    pad = f" zero-padded to {r['pad']}×{r['pad']}" if r.get("pad") else ""
+    n = r["train"]["train_size"]
+    size = f"all {n:,}" if n >= 60000 else f"a random {n:,} of the 60,000"
+    aug = f" ({r['train']['augment']} augmentation)" if r["train"].get("augment", "none") != "none" else ""
     lines = ["# Detectors and guards on a converged model", "",
              f"`{r['command']}` — {r['cpu']}, {r['threads']} thread(s), torch {r['torch']}; wall "
              f"{r['wall_seconds'] / 60:.1f} min.", "",
-             f"Fashion-MNIST, small CNN trained on all {r['train']['train_size']:,} training images, "
+             f"Fashion-MNIST{pad}, {arch} trained on {size} training images{aug}, "
              f"{r['train']['epochs']} epochs, SGD lr {r['train']['lr']} (÷10 at epochs "
              f"{', '.join(map(str, r['train']['lr_milestones']))}); test splits fit / calibration / validation / "
              f"evaluation {r['splits']['fit']} / {r['splits']['cal']} / {r['splits']['val']} / {r['splits']['eval']}, "
