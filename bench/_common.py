@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -25,3 +26,13 @@ def write_markdown_keeping_notes(path: str | Path, text: str) -> None:
     if md.exists() and NOTES_MARK in md.read_text():
         notes = md.read_text().split(NOTES_MARK, 1)[1]
     md.write_text(text.rstrip("\n") + "\n" + ("\n" + NOTES_MARK + notes if notes else ""))
+
+
+def write_results(out: str | Path, record: dict, markdown: str) -> Path:
+    """Write ``out``.json (the record) and ``out``.md (its rendering), creating the folder; returns the .md path."""
+    base = Path(out)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    base.with_suffix(".md").write_text(markdown)
+    print(f"-> {base.with_suffix('.md')}")
+    return base.with_suffix(".md")

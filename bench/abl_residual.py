@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import cpu_name
+from _common import cpu_name, write_results
 
 from abl_guard.abl.abl import ABLConfig, run_abl
 from abl_guard.abl.experiment import ExperimentConfig, make_evaluator, prepare_data
@@ -115,11 +115,7 @@ def main() -> None:
               "n_removed": int(len(res.removed)), "removed_poison": int(np.isin(res.removed, poison).sum()),
               "n_poison": int(len(poison)), "retrained": base, "variants": rows,
               "wall_seconds": time.perf_counter() - t_start}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    out.with_suffix(".md").write_text(render(record))
-    print(f"-> {out.with_suffix('.md')}")
+    write_results(args.out, record, render(record))
 
 
 def rerender(path: str) -> None:

@@ -14,7 +14,6 @@ Writes bench/results/attacks.json and bench/results/attacks.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, write_results  # noqa: E402
 
 from abl_guard.abl.data import load_dataset  # noqa: E402
 from abl_guard.abl.models import build_model  # noqa: E402
@@ -148,11 +147,7 @@ def main() -> None:
         "clean": {"clean_accuracy": clean_ca, "train_seconds": clean_seconds},
         "backdoor": rows, "adversarial": adv,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    out.with_suffix(".md").write_text(render(record))
-    print(f"-> {out.with_suffix('.md')}")
+    write_results(args.out, record, render(record))
 
 
 def render(r: dict) -> str:
