@@ -145,12 +145,14 @@ def held_out_counts(labels: np.ndarray, pool: np.ndarray, target: int) -> dict[s
     return {"n_holdout": int(len(y)), "n_nontarget": int((y != target).sum()), "target_prior": prior}
 
 
-def held_out_shortfall(counts: dict[str, Any], exp: dict[str, Any], n_removed: int, n_pool: int) -> float | None:
+def held_out_shortfall(counts: dict[str, Any], exp: dict[str, Any], n_removed: int, n_pool: int,
+                       min_excess: int = 10) -> float | None:
     """By how many sd the held-out split's excess of the label exceeds the poison a removal estimates
     (``estimated_poison``, at most ``n_removed``, scaled to the split): positive when the label holds more poison
-    than the removal took. None without a split."""
+    than the removal took. None without a split, or when the excess is under ``min_excess`` examples (as
+    :func:`held_out_probe`: a split of a few dozen examples says nothing)."""
     got = held_out_excess(counts)
-    if got is None or not n_pool or got[1] <= 0:
+    if got is None or not n_pool or got[1] <= 0 or got[0] < min_excess:
         return None
     excess, sd = got
     expected = min(float(exp.get("estimated_poison", np.inf)), float(n_removed)) * counts["n_holdout"] / n_pool
