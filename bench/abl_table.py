@@ -78,6 +78,10 @@ def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
     sep = r["settings"].get("expansion_scan_separation")
     if sep is not None and sep != 5.0:  # the wide route's threshold other than the default (runs before it: none)
         capped += f", scan separation {sep:g}"
+    if e.get("union_with_seed"):  # the count-checked union (docs/abl.md#capped-expansion-kept-by-the-count)
+        capped += " ∪ capped seed expansion"
+    if ((r.get("unlearning") or {}).get("residual") or {}).get("ran"):  # docs/abl.md#residual-unlearning
+        capped += f", residual unlearning (epoch {r['unlearning'].get('selected_epoch', 0)} kept)"
     return (f"| {x['attack']} | {100 * x['rate']:g}% | {x['seed']} | {x['method']}{capped} "
             f"| {_bench_abl.seed_cells(r)} "
             f"| {e.get('missed_poison', '—')} / {e.get('removed_clean', '—')} "
