@@ -90,7 +90,14 @@ from .train import (
     select_device,
     train_one_epoch,
 )
-from .unlearning import cycle_batches, estimated_accuracy, guard_metrics, guard_record, unlearn, unlearning_epoch
+from .unlearning import (
+    cycle_batches,
+    estimated_accuracy,
+    guard_metrics,
+    unlearn,
+    unlearning_epoch,
+    unlearning_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +377,7 @@ class _Stages:
         need = self.run.cfg.expansion_union_sd
         if not (need and seed_exp.report.get("capped") and seed_exp.target == scan.target):
             return scan
-        counts = held_out_counts(self.labels, pool, scan.target)
+        counts = held_out_counts(self.labels[np.setdiff1d(np.arange(len(self.labels)), pool)], scan.target)
         short = held_out_shortfall(counts, scan.report, len(scan.removed), len(pool))
         if short is None or short < need:
             return scan
@@ -468,22 +475,18 @@ class _Stages:
         run, cfg = self.run, self.run.cfg
         if not (cfg.retrain and cfg.residual_unlearning_epochs and not cfg.unlearning_epochs and len(run.removed)):
             return None
-        un = run.report.setdefault("unlearning", {})
-        if "guard" not in un:
-            un.update(guard_record(run, self.images[run.isolated], self.labels[run.isolated], self.images[holdout],
-                                   self.labels[holdout]))
+        un = unlearning_report(run, self.images, self.labels, run.isolated, holdout)
         if "residual" not in un:
             before = {**un, "isolated_accuracy_after": un["isolated_accuracy_before"]}
             now = verdict({**run.report, "unlearning": before}, cfg)
-            fires = now["held_out_probe"] is not None and now["held_out_probe"] >= HELD_OUT_FIRING
-            un["residual"] = {"ran": fires, "verdict_before": now["status"],
-                              "held_out_probe_before": now.get("held_out_probe"),
+            held = now["held_out_probe"]
+            un["residual"] = {"ran": held is not None and held >= HELD_OUT_FIRING, "verdict_before": now["status"],
+                              "held_out_probe_before": held,
                               "epochs": cfg.residual_unlearning_epochs, "lr": cfg.residual_unlearning_lr,
                               "n_unlearned": int(len(run.removed))}
             if un["residual"]["ran"]:
                 log.warning("ABL: the retrained model still fires on the held-out poison (probe %.2f); unlearning "
-                            "the %d removed examples from it", now.get("held_out_probe") or float("nan"),
-                            len(run.removed))
+                            "the %d removed examples from it", held, len(run.removed))
         if not un["residual"]["ran"]:
             return None
         return replace(cfg, unlearning_epochs=cfg.residual_unlearning_epochs, unlearning_lr=cfg.residual_unlearning_lr,

@@ -135,11 +135,9 @@ def held_out_excess(guard: dict[str, Any]) -> tuple[float, float] | None:
     return float(n - n_non - prior * n), float(np.sqrt(n * prior * (1.0 - prior)))
 
 
-def held_out_counts(labels: np.ndarray, pool: np.ndarray, target: int) -> dict[str, Any]:
-    """The held-out split's counts as the unlearning guard records them (``n_holdout``, ``n_nontarget``,
-    ``target_prior``: the other labels' median share), for :func:`held_out_excess` before any model exists."""
-    hold = np.setdiff1d(np.arange(len(labels)), pool)
-    y = labels[hold]
+def held_out_counts(y: np.ndarray, target: int) -> dict[str, Any]:
+    """The held-out split's counts (labels ``y``) that :func:`held_out_excess` reads: ``n_holdout``, ``n_nontarget``
+    and ``target_prior``, the other labels' median share (NaN without them)."""
     others = np.bincount(y[y != target]) if len(y) else np.zeros(0, np.int64)
     prior = float(np.median(others[others > 0]) / len(y)) if (others > 0).any() else float("nan")
     return {"n_holdout": int(len(y)), "n_nontarget": int((y != target).sum()), "target_prior": prior}

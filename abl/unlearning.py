@@ -26,7 +26,7 @@ from torch import nn
 from . import distributed
 from .config import BN_MODES, ABLConfig
 from .losses import ascent_term
-from .report import held_out_probe
+from .report import held_out_counts, held_out_probe
 from .state import ABLRun, model_state
 from .train import ArrayBatches, accuracy, make_optimizer, predict_logits
 
@@ -134,12 +134,21 @@ def _rank(iso_acc: float, est_acc: float, epoch: int) -> tuple[float, int]:
     return (-round(est_acc - iso_acc, 4), -epoch)
 
 
-def guard_record(run: ABLRun, iso_images: np.ndarray, iso_labels: np.ndarray, hold_x: np.ndarray,
+def unlearning_report(run: ABLRun, images: np.ndarray, labels: np.ndarray, isolated: np.ndarray,
+                      holdout: np.ndarray) -> dict[str, Any]:
+    """``run.report["unlearning"]``, with the guard's record (:func:`_guard_record`) filled in on first use."""
+    un = run.report.setdefault("unlearning", {})
+    if "guard" not in un:
+        un.update(_guard_record(run, images[isolated], labels[isolated], images[holdout], labels[holdout]))
+    return un
+
+
+def _guard_record(run: ABLRun, iso_images: np.ndarray, iso_labels: np.ndarray, hold_x: np.ndarray,
                   hold_y: np.ndarray) -> dict[str, Any]:
     """The unlearning report before the first epoch: the guard's suspected target, prior and baseline."""
     target = int(np.bincount(iso_labels).argmax()) if len(iso_labels) else -1
-    others = np.bincount(hold_y[hold_y != target]) if len(hold_y) else np.zeros(0, np.int64)
-    prior = float(np.median(others[others > 0]) / len(hold_y)) if (others > 0).any() else float("nan")
+    counts = held_out_counts(hold_y, target)
+    prior = counts["target_prior"]
     base = guard_metrics(run.model, hold_x, hold_y, target, run.device)
     enabled = bool(len(hold_y)) and not np.isnan(base["nontarget_accuracy"])
     if not enabled:
@@ -147,7 +156,7 @@ def guard_record(run: ABLRun, iso_images: np.ndarray, iso_labels: np.ndarray, ho
     elif len(hold_y) < 200:
         log.warning("ABL: the clean-accuracy guard has only %d held-out examples", len(hold_y))
     return {
-        "guard": {"n_holdout": int(len(hold_y)), "n_nontarget": int((hold_y != target).sum()),
+        "guard": {"n_holdout": counts["n_holdout"], "n_nontarget": counts["n_nontarget"],
                   "suspected_target": target, "max_ca_drop": run.cfg.max_ca_drop, "enabled": enabled,
                   "baseline": {**base, "estimated_accuracy": estimated_accuracy(base, prior)},
                   "target_prior": prior},
@@ -232,15 +241,16 @@ class _Unlearner:
                                g["nontarget_accuracy"], "guard_target_rate": g["target_rate"],
                                "guard_estimated_accuracy": g["estimated_accuracy"], "isolated_accuracy": iso_acc,
                                "guard_rejected": reasons}
+        probe = self.probe(g, iso_acc)
         if self.held_out:
-            rec["held_out_probe"] = self.probe(g, iso_acc)
+            rec["held_out_probe"] = probe
         if run.evaluate is not None:  # always: unlearning epochs are few and their CA / ASR path is the point
             rec.update(run.evaluate(run.model))
         run.history.append(rec)
         un["trajectory"].append({k: v for k, v in rec.items() if k not in ("stage", "lr")})
         if reasons:
             un["rejected_epochs"].append(e + 1)
-        key = _rank(self.probe(g, iso_acc), g["estimated_accuracy"], e + 1)
+        key = _rank(probe, g["estimated_accuracy"], e + 1)
         keep = not guard["enabled"] or (not reasons and key < self.best_key)
         if distributed.broadcast_scalar(float(keep)):  # rank 0's decision, so every rank keeps the same epoch
             self.best_model, self.best_key = model_state(run.model), key
@@ -279,9 +289,7 @@ def unlearn(run: ABLRun, images: np.ndarray, labels: np.ndarray, isolated: np.nd
     iso_images, iso_labels = images[isolated], labels[isolated]
     hold_x, hold_y = images[holdout], labels[holdout]
     ascent_set = isolated if ascend is None else ascend
-    un = run.report.setdefault("unlearning", {})
-    if "guard" not in un:
-        un.update(guard_record(run, iso_images, iso_labels, hold_x, hold_y))
+    un = unlearning_report(run, images, labels, isolated, holdout)
     guard = un["guard"]
     batches = ArrayBatches(images[ascent_set], labels[ascent_set], device, cfg.batch_size, augment="none",
                            seed=cfg.seed + 2)
