@@ -267,3 +267,130 @@ class KNNDistance(Detector):
         # bundles written before the tap was resolved at fit name it only in the parameters (then always set)
         self.tap_ = str(state["tap"][0]) if "tap" in state else (self.tap or PENULTIMATE)
         self.bank_ = bank
+
+
+@register
+class DeepKNN(Detector):
+    """Deep k-nearest neighbours (Papernot & McDaniel, arXiv 1803.04765, 2018): do the nearest clean neighbours agree
+    on a label at every layer?
+
+    Fit: per tap, the activations of the clean reference (true labels) are L2-normalised and centred on their mean —
+    the paper's cosine neighbourhoods — and kept as the bank (a seeded subsample of ``max_bank``). Score: the ``k``
+    nearest bank points at each tap vote with their labels; the nonconformity of label ``j`` is the number of
+    neighbours over all taps whose label is not ``j`` (the paper's alpha), and the score is the smallest nonconformity
+    over labels, so the guard's calibration p-value is the paper's credibility (the p-value of the DkNN's own
+    prediction). ``k = 75`` and the layers (every hidden layer plus the logits) are the paper's; ``taps=None`` reads
+    every tap of the model and ``logits``.
+
+    Deviations (measured in ``bench/results/detect_converged_dknn.md``): convolutional taps are globally
+    average-pooled, as Lee et al.'s layer-wise Mahalanobis does, so the bank stays small enough to ship in a bundle
+    (``pool=False`` flattens them as the paper does); the search is exact (float64) instead of locality-sensitive
+    hashing; and the calibration scores are this minimum on clean inputs rather than the true label's nonconformity,
+    so the threshold holds the false-positive rate on exactly the statistic scored at test time.
+    """
+
+    name = "dknn"
+    tail_kinds = {"high": "inconsistent-layers"}
+
+    def __init__(self, taps: Sequence[str] | None = None, k: int = 75, max_bank: int | None = 10000,
+                 seed: int = 0, pool: bool = True, chunk_size: int = 256) -> None:
+        super().__init__(chunk_size)
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        self.taps = parse_taps(taps)
+        self.k = int(k)
+        self.max_bank = None if max_bank is None else int(max_bank)
+        self.seed = int(seed)
+        self.pool = bool(pool)
+        self.taps_: list[str] | None = None
+        self.banks_: list[np.ndarray] | None = None
+        self.centers_: list[np.ndarray] | None = None
+        self.bank_labels_: np.ndarray | None = None
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return tuple(self.taps_) if self.taps_ is not None else ("logits",)
+
+    def _resolve(self, reference: Observations, model: ModelFn | None) -> list[str]:
+        if self.taps is None:
+            return [*resolve_taps(None, reference, model, "DeepKNN"), "logits"]
+        hidden = [t for t in self.taps if t != "logits"]
+        resolved = iter(resolve_taps(hidden, reference, model, "DeepKNN") if hidden else [])
+        return [t if t == "logits" else next(resolved) for t in self.taps]
+
+    def _features(self, obs: Observations, tap: str) -> np.ndarray:
+        feats = flatten_features(self._get(obs, tap), pool=self.pool).astype(np.float64)
+        return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+    def fit(self, reference: Observations, labels: np.ndarray | None = None,
+            model: ModelFn | None = None) -> DeepKNN:
+        if labels is None:
+            raise ValueError("DeepKNN.fit needs the reference labels (the neighbours vote with them)")
+        self.taps_ = self._resolve(reference, model)
+        reference = with_taps(reference, [t for t in self.taps_ if t != "logits"], model, "DeepKNN")
+        labels = np.asarray(labels)
+        n = len(self._get(reference, self.taps_[0]))
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+            raise ValueError(f"labels must be {n} non-negative integers, got shape {labels.shape} {labels.dtype}")
+        idx = subsample(n, self.max_bank, self.seed)
+        if len(idx) < self.k:
+            raise ValueError(f"k={self.k} needs at least {self.k} bank inputs, got {len(idx)}")
+        self.banks_, self.centers_ = [], []
+        for t in self.taps_:
+            feats = self._features(reference, t)[idx]
+            center = feats.mean(axis=0)
+            # rounded to float32 as the bundle stores it, so a reloaded guard scores exactly as the fitted one
+            self.banks_.append((feats - center).astype(np.float32).astype(np.float64))
+            self.centers_.append(center)
+        self.bank_labels_ = labels[idx].astype(np.int64)
+        return self
+
+    def neighbour_counts(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
+        """``(N, classes)``: how many of the ``k`` nearest neighbours at each tap, summed over taps, have each label."""
+        self._check_fitted("banks_", "centers_", "bank_labels_", "taps_")
+        assert self.banks_ is not None and self.centers_ is not None and self.bank_labels_ is not None
+        assert self.taps_ is not None
+        batch = with_taps(batch, [t for t in self.taps_ if t != "logits"], model, "DeepKNN")
+        n_cls = int(self.bank_labels_.max()) + 1
+        n = len(self._get(batch, self.taps_[0]))
+        counts = np.zeros((n, n_cls), np.int64)
+        for t, bank, center in zip(self.taps_, self.banks_, self.centers_):
+            feats = self._features(batch, t)
+            if feats.shape[1] != bank.shape[1]:
+                raise ValueError(f"{t!r} has {feats.shape[1]} features, fitted on {bank.shape[1]}")
+            bank_sq = np.einsum("ij,ij->i", bank, bank)
+            for s in self._chunks(n):
+                q = feats[s] - center
+                # ||q - b||^2 up to the per-row constant ||q||^2, in float64 so near-ties resolve the same way
+                # whatever the batch shape
+                d = bank_sq[None, :] - 2.0 * (q @ bank.T)
+                nn_idx = np.argpartition(d, self.k - 1, axis=1)[:, : self.k]
+                lab = self.bank_labels_[nn_idx]
+                rows = np.repeat(np.arange(s.start, s.stop), self.k)
+                np.add.at(counts, (rows, lab.ravel()), 1)
+        return counts
+
+    def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
+        assert self.taps_ is not None or self.banks_ is None
+        counts = self.neighbour_counts(batch, model)
+        total = self.k * len(self.taps_ or [])
+        return (total - counts.max(axis=1)).astype(np.float64)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        self._check_fitted("banks_", "centers_", "bank_labels_", "taps_")
+        assert self.banks_ is not None and self.centers_ is not None and self.bank_labels_ is not None
+        state = {"labels": self.bank_labels_, "taps": taps_state(self.taps_ or [])}
+        for i, (b, c) in enumerate(zip(self.banks_, self.centers_)):
+            state[f"bank{i}"] = b.astype(np.float32)
+            state[f"center{i}"] = c
+        return state
+
+    def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.taps_ = [str(t) for t in state["taps"]]
+        labels = np.asarray(state["labels"], np.int64)
+        banks = [np.asarray(state[f"bank{i}"], np.float64) for i in range(len(self.taps_))]
+        centers = [np.asarray(state[f"center{i}"], np.float64) for i in range(len(self.taps_))]
+        if not self.taps_ or any(b.ndim != 2 or len(b) != len(labels) or len(b) < self.k for b in banks) \
+                or any(c.shape != (b.shape[1],) for b, c in zip(banks, centers)) or (labels < 0).any():
+            raise ValueError(f"dknn state does not hold {len(self.taps_)} banks of >= k={self.k} labelled rows")
+        self.banks_, self.centers_, self.bank_labels_ = banks, centers, labels

@@ -1,4 +1,4 @@
-"""Feature-space lens: Mahalanobis (one tap and several), k-NN distance — checked against scikit-learn."""
+"""Feature-space lens: Mahalanobis (one tap and several), k-NN distance, deep k-NN — checked against scikit-learn."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
-from abl_guard.detectors import KNNDistance, LayerMahalanobis, Mahalanobis, NotFittedError, make_detector
+from abl_guard.detectors import DeepKNN, KNNDistance, LayerMahalanobis, Mahalanobis, NotFittedError, make_detector
 
 
 def _clusters(n=400, d=6, k=3, seed=0, spread=4.0):
@@ -86,3 +86,90 @@ def test_knn_errors():
         det.score({"penultimate": np.ones((2, 5))})
     with pytest.raises(KeyError, match="penultimate"):
         det.score({"logits": np.ones((2, 4))})
+
+
+def _dknn_want(obs_fit, y, obs_test, taps, k):
+    """The paper's nonconformity by scikit-learn: per tap, normalise, centre on the bank mean, k nearest neighbours
+    (Euclidean), count labels; the score is (taps x k) minus the largest label count."""
+    counts = np.zeros((len(obs_test[taps[0]]), int(y.max()) + 1), int)
+    for t in taps:
+        f = obs_fit[t].reshape(len(obs_fit[t]), -1).astype(np.float64)
+        q = obs_test[t].reshape(len(obs_test[t]), -1).astype(np.float64)
+        f /= np.linalg.norm(f, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        c = f.mean(0)
+        idx = NearestNeighbors(n_neighbors=k).fit(f - c).kneighbors(q - c)[1]
+        for i, row in enumerate(idx):
+            counts[i] += np.bincount(y[row], minlength=counts.shape[1])
+    return len(taps) * k - counts.max(1)
+
+
+def test_dknn_matches_the_papers_nonconformity_by_sklearn():
+    x, y = _clusters(n=300, d=8)
+    rng = np.random.default_rng(4)
+    conv = (rng.normal(size=(300, 3, 2, 2)) + y[:, None, None, None]).astype(np.float32)
+    fit = {"block": conv, "penultimate": x, "logits": x[:, :3] * 2}
+    test_x, _ = _clusters(n=40, d=8, seed=5)
+    test = {"block": (rng.normal(size=(40, 3, 2, 2)) + 1).astype(np.float32), "penultimate": test_x,
+            "logits": test_x[:, :3] * 2}
+    det = DeepKNN(taps=["block", "penultimate", "logits"], k=7, max_bank=None, pool=False, chunk_size=9).fit(fit, y)
+    assert det.requires == ("block", "penultimate", "logits")
+    got = det.score(test)
+    np.testing.assert_array_equal(got, _dknn_want(fit, y, test, ["block", "penultimate", "logits"], 7))
+    # pool=True reads a conv tap by its channel means
+    pooled = DeepKNN(taps=["block"], k=7, max_bank=None).fit(fit, y)
+    np.testing.assert_array_equal(pooled.score(test), _dknn_want({"block": conv.mean((2, 3))}, y,
+                                                                {"block": test["block"].mean((2, 3))}, ["block"], 7))
+    # scores are integers in [0, taps * k]; the bank's own points sit in agreeing neighbourhoods
+    assert set(np.unique(got)) <= set(range(0, 22))
+    assert np.median(det.score(fit)) < np.median(got)
+
+
+def test_dknn_flags_inputs_whose_layers_disagree():
+    """An input that looks like class 0 at the first tap and class 1 at the second (what an adversarial example or
+    a trigger does to the layers) scores above every consistent input."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (3, 6))
+    y = rng.integers(0, 3, 600)
+    obs = {"a": centres[y] + rng.normal(size=(600, 6)), "b": centres[y][:, ::-1] + rng.normal(size=(600, 6))}
+    det = DeepKNN(taps=["a", "b"], k=20).fit(obs, y)
+    yt = rng.integers(0, 3, 100)
+    clean = {"a": centres[yt] + rng.normal(size=(100, 6)), "b": centres[yt][:, ::-1] + rng.normal(size=(100, 6))}
+    mixed = {"a": centres[np.zeros(20, int)] + rng.normal(size=(20, 6)),
+             "b": centres[np.ones(20, int)][:, ::-1] + rng.normal(size=(20, 6))}
+    assert det.score(mixed).min() > det.score(clean).max()
+    np.testing.assert_array_equal(det.score(mixed), 20.0)
+
+
+def test_dknn_taps_default_to_every_tap_and_logits_and_the_state_round_trips():
+    x, y = _clusters(n=200, d=6)
+    obs = {"input": np.zeros((200, 1, 2, 2), np.float32), "block1": x[:, :4], "penultimate": x,
+           "logits": x[:, :3]}
+    det = DeepKNN(k=5, max_bank=150, seed=2).fit(obs, y)
+    assert det.taps_ == ["block1", "penultimate", "logits"]
+    assert len(det.bank_labels_) == 150
+    back = DeepKNN.from_state(det.get_params(), det.state_dict())
+    np.testing.assert_array_equal(back.score(obs), det.score(obs))
+    # the batch shape does not change a score (float64 search)
+    one = np.concatenate([det.score({k: v[i:i + 1] for k, v in obs.items()}) for i in range(0, 200, 7)])
+    np.testing.assert_array_equal(one, det.score(obs)[::7])
+    bad = det.state_dict()
+    bad["labels"] = bad["labels"][:10]
+    with pytest.raises(ValueError, match="dknn state"):
+        DeepKNN.from_state(det.get_params(), bad)
+
+
+def test_dknn_errors():
+    x, y = _clusters(n=30, d=4)
+    obs = {"penultimate": x, "logits": x[:, :3]}
+    with pytest.raises(NotFittedError):
+        DeepKNN().score(obs)
+    with pytest.raises(ValueError, match="labels"):
+        DeepKNN().fit(obs)
+    with pytest.raises(ValueError, match="k=75"):
+        DeepKNN().fit(obs, y)
+    with pytest.raises(ValueError, match="no tap 'nope'"):
+        DeepKNN(taps=["nope"], k=3).fit(obs, y)
+    det = DeepKNN(k=3).fit(obs, y)
+    with pytest.raises(ValueError, match="features"):
+        det.score({"penultimate": np.ones((2, 5)), "logits": np.ones((2, 3))})
