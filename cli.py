@@ -620,6 +620,16 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
               help="First image of the split to use.")
 @click.option("--count", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Number of clean images to use.")
+@click.option("--fit-data", "fit_paths", multiple=True, metavar="PATH",
+              help="Clean inputs the detectors learn from, instead of the first --fractions part of the calibration "
+                   "images: e.g. the training set, a larger reference (read like --data, labels by --labels; "
+                   "repeatable). The clean images then give only the calibration / validation parts (the last two "
+                   "--fractions) and must be held out from these.")
+@click.option("--fit-split", type=click.Choice(["train", "test"]), default=None,
+              help="The built-in --dataset's split the detectors learn from (as --fit-data).")
+@click.option("--fit-count", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Use the first this many images of --fit-data / --fit-split (they are held in memory with every "
+                   "tap's activations while the detectors fit).")
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True,
               help="Target false-positive rate of the guard.")
 @click.option("--detectors", "detector_names", default="mahalanobis,knn,gram", show_default=True,
@@ -646,7 +656,8 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.pass_context
 def calibrate(ctx: click.Context, model_path: str, data_paths: tuple[str, ...], label_mode: str, dataset: str,
-              data_root: str | None, split: str, start: int, count: int, fpr: float, detector_names: str,
+              data_root: str | None, split: str, start: int, count: int, fit_paths: tuple[str, ...],
+              fit_split: str | None, fit_count: int, fpr: float, detector_names: str,
               detector_params: tuple[str, ...], combine: str, mondrian: bool, fractions: str, seed: int, output: str,
               force: bool) -> None:
     """Fit detectors on clean data and calibrate the guard to a target false-positive rate -> a bundle.
@@ -676,11 +687,42 @@ def calibrate(ctx: click.Context, model_path: str, data_paths: tuple[str, ...], 
             raise click.BadParameter(str(e), param_hint="'--data'") from e
     else:
         clean = _dataset_clean_data(dataset, split, data_root, start, count, meta["input_shape"][1:])
-    manifest = calibrate_bundle(
-        model_path, clean.images, clean.labels, dets, output, fpr=fpr, combine=combine, mondrian=mondrian,
-        seed=seed, overwrite=force, fractions=parts, provenance={"calibration_data": clean.provenance},
-    )
+    fit = _fit_clean_data(model_path, meta, fit_paths, fit_split, fit_count, label_mode, dataset, data_root)
+    provenance = {"calibration_data": clean.provenance, **({"fit_data": fit.provenance} if fit else {})}
+    try:
+        manifest = calibrate_bundle(
+            model_path, clean.images, clean.labels, dets, output, fpr=fpr, combine=combine, mondrian=mondrian,
+            seed=seed, overwrite=force, fractions=parts, provenance=provenance,
+            fit_images=fit.images if fit else None, fit_labels=fit.labels if fit else None,
+        )
+    except ValueError as e:
+        if fit is None or "fit data" not in str(e):
+            raise
+        raise click.BadParameter(str(e), param_hint="'--fit-data' / '--fit-split'") from e
     _echo_calibration(output, fpr, manifest, clean)
+
+
+def _fit_clean_data(model_path: str, meta: dict[str, Any], fit_paths: tuple[str, ...], fit_split: str | None,
+                    fit_count: int, label_mode: str, dataset: str, data_root: str | None) -> CleanData | None:
+    """``--fit-data`` / ``--fit-split``: the clean images the detectors learn from, or None (a part of the
+    calibration images, as before)."""
+    from abl_guard.guard.build import EmptyDataError, read_clean_data
+
+    if fit_paths and fit_split:
+        raise click.UsageError("give --fit-data or --fit-split, not both")
+    if fit_split and dataset == "imagefolder":
+        if data_root is None:
+            raise click.BadParameter("the imagefolder dataset needs --data-root DIR", param_hint="'--data-root'")
+        root = Path(data_root)
+        fit_paths, label_mode = (str(root / fit_split if (root / fit_split).is_dir() else root),), "given"
+    if fit_paths:
+        try:
+            return read_clean_data(model_path, fit_paths, count=fit_count, labels=label_mode, meta=meta)
+        except EmptyDataError as e:
+            raise click.BadParameter(str(e), param_hint="'--fit-data'") from e
+    if fit_split:
+        return _dataset_clean_data(dataset, fit_split, data_root, 0, fit_count, meta["input_shape"][1:])
+    return None
 
 
 def _calibration_detectors(detector_names: str, detector_params: tuple[str, ...]) -> list[Detector]:
@@ -754,6 +796,9 @@ def _echo_calibration(output: str, fpr: float, manifest: dict[str, Any], clean: 
                + ("clean accuracy n/a (predicted labels)" if predicted == n else
                   f"clean accuracy {v['clean_accuracy']:.2%}"
                   + (f" ({predicted} of {n} labels predicted)" if predicted else "")))
+    if cal["split"].get("fit_from") == "fit_images":
+        click.echo(f"detectors fitted on {cal['split']['fit']} separate clean images; calibrated on "
+                   f"{cal['split']['calibration']}, validated on {cal['split']['validation']}")
     if clean.provenance.get("skipped_unreadable"):
         click.echo(f"skipped {clean.provenance['skipped_unreadable']} unreadable inputs: "
                    f"{clean.provenance['skipped_reasons']}", err=True)

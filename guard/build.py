@@ -100,6 +100,30 @@ def _split(n: int, fractions: Sequence[float], seed: int) -> tuple[np.ndarray, n
     return perm[:a], perm[a:b], perm[b : b + sizes[2]]
 
 
+def _split_held_out(n: int, fractions: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """With a separate fit reference: calibration / validation parts of the ``n`` held-out images from the last two
+    of ``fractions`` (counts taken as they are; fractions rescaled to sum to 1)."""
+    f = [float(v) for v in fractions]
+    if len(f) != 3 or min(f) <= 0:
+        raise ValueError(f"fractions must be three positive numbers, got {fractions}")
+    if all(v.is_integer() and v >= 1 for v in f) and sum(f) > 3:  # counts
+        n_cal, n_val = int(f[1]), int(f[2])
+        if n_cal + n_val > n:
+            raise ValueError(f"calibration / validation sizes {n_cal} + {n_val} exceed the {n} images given")
+    else:
+        n_cal = int(round(f[1] / (f[1] + f[2]) * n))
+        n_val = n - n_cal
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[:n_cal], perm[n_cal : n_cal + n_val]
+
+
+def _overlap(fit_x: np.ndarray, held_out: np.ndarray) -> int:
+    """How many held-out images are byte-identical to a fit image (a fit bank holding calibration inputs would set
+    the threshold on distances to themselves)."""
+    seen = {row.tobytes() for row in np.ascontiguousarray(fit_x).reshape(len(fit_x), -1)}
+    return sum(row.tobytes() in seen for row in np.ascontiguousarray(held_out).reshape(len(held_out), -1))
+
+
 def _check_options(detectors: Sequence[Detector], combine: str, fpr: float) -> None:
     if not detectors:
         raise ValueError("at least one detector is needed")
@@ -288,12 +312,17 @@ def calibrate_bundle(
     overwrite: bool = False,
     provenance: Mapping[str, Any] | None = None,
     providers: Sequence[str] | None = None,
+    fit_images: np.ndarray | None = None,
+    fit_labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Fit ``detectors`` on clean labelled images, calibrate the guard to ``fpr`` and write a bundle.
 
     ``fractions`` split the images into fit / calibration / validation parts (seeded permutation; three fractions
-    summing to 1, or three counts). ``mondrian`` calibrates per predicted class. ``out_dir`` ending in ``.zip``
-    writes a single-file archive instead of a directory. Returns the manifest.
+    summing to 1, or three counts). With ``fit_images`` / ``fit_labels`` (e.g. the training set: a larger reference
+    than the held-out data, as the k-NN and Mahalanobis papers use) the detectors learn from those instead and
+    ``images`` are split into calibration / validation parts by the last two fractions; held-out images identical to
+    a fit image are refused beyond 1% (they would bias the threshold). ``mondrian`` calibrates per predicted class.
+    ``out_dir`` ending in ``.zip`` writes a single-file archive instead of a directory. Returns the manifest.
     """
     _check_options(detectors, combine, fpr)
     model = OnnxModel(model_path, providers=providers)
@@ -301,17 +330,33 @@ def calibrate_bundle(
     labels = np.asarray(labels, np.int64)
     if labels.shape != (len(x),):
         raise ValueError(f"{len(labels)} labels for {len(x)} images")
-    fit_idx, cal_idx, val_idx = _split(len(x), fractions, seed)
-    _check_split(len(x), (fit_idx, cal_idx, val_idx), fpr)
+    if fit_images is None:
+        fit_idx, cal_idx, val_idx = _split(len(x), fractions, seed)
+        _check_split(len(x), (fit_idx, cal_idx, val_idx), fpr)
+        fit_x, fit_y = x[fit_idx], labels[fit_idx]
+    else:
+        fit_x = to_model_input(fit_images, model.input_shape)
+        fit_y = np.asarray(fit_labels, np.int64)
+        if fit_y.shape != (len(fit_x),):
+            raise ValueError(f"{len(fit_y)} fit labels for {len(fit_x)} fit images")
+        cal_idx, val_idx = _split_held_out(len(x), fractions, seed)
+        _check_split(len(x), (fit_x, cal_idx, val_idx), fpr)
+        shared = _overlap(fit_x, x[np.r_[cal_idx, val_idx]])
+        if shared > 0.01 * (len(cal_idx) + len(val_idx)):
+            raise ValueError(f"{shared} of the {len(cal_idx) + len(val_idx)} calibration / validation images are also "
+                             "in the fit data: calibrate on held-out images")
+        if shared:
+            log.warning("%d calibration / validation images are also in the fit data", shared)
 
     stage = _Stage(model, unique_names(detectors), detectors, needed_outputs(detectors))
-    stage.fit(x[fit_idx], labels[fit_idx])
+    stage.fit(fit_x, fit_y)
     cal_scores, cal_pred = stage.score(x[cal_idx])
     cal = _fit_calibrator(stage, cal_scores, cal_pred, combine, fpr, mondrian)
     validation, alarm = _validate(stage, cal, x[val_idx], labels[val_idx], cal_scores, cal_pred)
     calibration = {
         **cal.to_json(), "fpr_target": fpr, "seed": seed, "fractions": [float(f) for f in fractions],
-        "split": {"fit": len(fit_idx), "calibration": len(cal_idx), "validation": len(val_idx)},
+        "split": {"fit": len(fit_x), "calibration": len(cal_idx), "validation": len(val_idx),
+                  "fit_from": "images" if fit_images is None else "fit_images"},
         "predicted_class_counts": np.bincount(cal_pred, minlength=model.num_classes).tolist(),
         "alarm_null": alarm, "validation": validation,
     }

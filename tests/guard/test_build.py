@@ -75,3 +75,61 @@ def test_read_clean_data_reads_like_scan_and_records_provenance(tiny_onnx, digit
     assert clean.predicted == 0
     assert clean.provenance["sources"] == [str(tmp_path / "d.npz")] and clean.provenance["start"] == 5
     assert clean.provenance["inputs"] == 20 and clean.provenance["skipped_unreadable"] == 0
+
+
+def test_split_held_out_gives_calibration_and_validation_parts_only():
+    from abl_guard.guard.build import _split_held_out
+
+    cal, val = _split_held_out(100, (0.5, 0.3, 0.2), seed=1)
+    assert (len(cal), len(val)) == (60, 40)  # the last two fractions, rescaled
+    assert len(np.unique(np.r_[cal, val])) == 100
+    assert [len(p) for p in _split_held_out(100, (5000, 30, 20), seed=0)] == [30, 20]  # counts; the fit count unused
+    with pytest.raises(ValueError, match="exceed"):
+        _split_held_out(40, (1, 30, 20), seed=0)
+
+
+def test_calibrate_bundle_fits_the_detectors_on_separate_fit_images(tiny_onnx, digits_train, digits_test, tmp_path):
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import Guard, calibrate_bundle
+
+    knn = make_detector("knn", k=5, max_bank=None)
+    m = calibrate_bundle(tiny_onnx, digits_test.images, digits_test.labels, [knn, make_detector("mahalanobis")],
+                         tmp_path / "b", fpr=0.05, fractions=(0.5, 0.3, 0.2), seed=0,
+                         fit_images=digits_train.images, fit_labels=digits_train.labels)
+    split = m["calibration"]["split"]
+    n_test = len(digits_test.images)
+    assert split == {"fit": len(digits_train.images), "calibration": round(0.6 * n_test),
+                     "validation": n_test - round(0.6 * n_test), "fit_from": "fit_images"}
+    assert knn.bank_.shape[0] == len(digits_train.images)  # the bank is the fit images, all of them
+    g = Guard.load(tmp_path / "b")
+    assert g.inspect_arrays(digits_test.images[:50]).flagged.mean() < 0.5
+    # held-out images that are also fit images would set the threshold on distances to themselves
+    with pytest.raises(ValueError, match="also in the fit data"):
+        calibrate_bundle(tiny_onnx, digits_train.images[:300], digits_train.labels[:300], [make_detector("knn", k=5)],
+                         tmp_path / "c", fpr=0.05, fit_images=digits_train.images, fit_labels=digits_train.labels)
+    with pytest.raises(ValueError, match="fit labels"):
+        calibrate_bundle(tiny_onnx, digits_test.images, digits_test.labels, [make_detector("knn", k=5)],
+                         tmp_path / "d", fpr=0.05, fit_images=digits_train.images, fit_labels=digits_train.labels[:9])
+
+
+def test_cli_calibrate_fit_data(tiny_onnx, digits_train, digits_test, tmp_path):
+    import json
+
+    from abl_guard.cli import main
+
+    np.savez(tmp_path / "fit.npz", images=digits_train.images, labels=digits_train.labels)
+    np.savez(tmp_path / "cal.npz", images=digits_test.images, labels=digits_test.labels)
+    base = ["calibrate", str(tiny_onnx), "--data", str(tmp_path / "cal.npz"), "--detectors", "mahalanobis,knn:k=5",
+            "--fpr", "0.05"]
+    r = CliRunner().invoke(main, [*base, "--fit-data", str(tmp_path / "fit.npz"), "--fit-count", "500",
+                                  "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert "fitted on 500 separate clean images" in r.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["calibration"]["split"]["fit"] == 500
+    assert manifest["provenance"]["fit_data"]["sources"] == [str(tmp_path / "fit.npz")]
+    r = CliRunner().invoke(main, [*base, "--fit-data", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "also in the fit data" in r.output and not (tmp_path / "c").exists()
+    r = CliRunner().invoke(main, [*base, "--fit-data", str(tmp_path / "fit.npz"), "--fit-split", "train",
+                                  "-o", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "not both" in r.output
