@@ -356,7 +356,7 @@ def calibrate_bundle(
     calibration = {
         **cal.to_json(), "fpr_target": fpr, "seed": seed, "fractions": [float(f) for f in fractions],
         "split": {"fit": len(fit_x), "calibration": len(cal_idx), "validation": len(val_idx),
-                  "fit_from": "images" if fit_images is None else "fit_images"},
+                  **({} if fit_images is None else {"fit_from": "fit_images"})},
         "predicted_class_counts": np.bincount(cal_pred, minlength=model.num_classes).tolist(),
         "alarm_null": alarm, "validation": validation,
     }
