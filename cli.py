@@ -630,6 +630,10 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
 @click.option("--fit-count", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Use the first this many images of --fit-data / --fit-split (they are held in memory with every "
                    "tap's activations while the detectors fit).")
+@click.option("--fit-memory", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              metavar="GIB",
+              help="Most memory (GiB) the fit pass may hold in images and every tap's activations; beyond it the "
+                   "detectors fit on a random subset of the fit images that stays within it (a warning says so).")
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True,
               help="Target false-positive rate of the guard.")
 @click.option("--detectors", "detector_names", default="mahalanobis,knn,gram", show_default=True,
@@ -657,7 +661,7 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
 @click.pass_context
 def calibrate(ctx: click.Context, model_path: str, data_paths: tuple[str, ...], label_mode: str, dataset: str,
               data_root: str | None, split: str, start: int, count: int, fit_paths: tuple[str, ...],
-              fit_split: str | None, fit_count: int, fpr: float, detector_names: str,
+              fit_split: str | None, fit_count: int, fit_memory: float, fpr: float, detector_names: str,
               detector_params: tuple[str, ...], combine: str, mondrian: bool, fractions: str, seed: int, output: str,
               force: bool) -> None:
     """Fit detectors on clean data and calibrate the guard to a target false-positive rate -> a bundle.
@@ -694,6 +698,7 @@ def calibrate(ctx: click.Context, model_path: str, data_paths: tuple[str, ...], 
             model_path, clean.images, clean.labels, dets, output, fpr=fpr, combine=combine, mondrian=mondrian,
             seed=seed, overwrite=force, fractions=parts, provenance=provenance,
             fit_images=fit.images if fit else None, fit_labels=fit.labels if fit else None,
+            fit_memory=int(fit_memory * 2**30),
         )
     except ValueError as e:
         if fit is None or "fit data" not in str(e):
@@ -796,9 +801,13 @@ def _echo_calibration(output: str, fpr: float, manifest: dict[str, Any], clean: 
                + ("clean accuracy n/a (predicted labels)" if predicted == n else
                   f"clean accuracy {v['clean_accuracy']:.2%}"
                   + (f" ({predicted} of {n} labels predicted)" if predicted else "")))
-    if cal["split"].get("fit_from") == "fit_images":
-        click.echo(f"detectors fitted on {cal['split']['fit']} separate clean images; calibrated on "
-                   f"{cal['split']['calibration']}, validated on {cal['split']['validation']}")
+    split = cal["split"]
+    if split.get("fit_from") == "fit_images":
+        click.echo(f"detectors fitted on {split['fit']} separate clean images; calibrated on "
+                   f"{split['calibration']}, validated on {split['validation']}")
+    if "fit_offered" in split:
+        click.echo(f"detectors fitted on a random {split['fit']} of {split['fit_offered']} fit images to stay "
+                   "within --fit-memory", err=True)
     if clean.provenance.get("skipped_unreadable"):
         click.echo(f"skipped {clean.provenance['skipped_unreadable']} unreadable inputs: "
                    f"{clean.provenance['skipped_reasons']}", err=True)

@@ -143,6 +143,25 @@ def _check_split(n: int, parts: Sequence[np.ndarray], fpr: float) -> None:
                          f"need at least {need} in the calibration part")
 
 
+#: bytes the fit pass may hold in taps, logits and images at once (``calibrate --fit-memory``)
+FIT_MEMORY = 4 << 30
+
+
+def _fit_subset(model: OnnxModel, x: np.ndarray, labels: np.ndarray, memory: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x, labels`` when one forward pass over all of them (every output, plus the images) stays within ``memory``
+    bytes, else a seeded random subset of the most images that does, in their original order, with a warning."""
+    if len(x) <= 1:
+        return x, labels
+    per = x[0].nbytes + sum(a.nbytes for a in model.run(x[:1], None).values())
+    most = max(1, int(memory // max(per, 1)))
+    if len(x) <= most:
+        return x, labels
+    log.warning("the fit pass holds %.1f MiB per image: fitting on a random %d of the %d fit images to stay within "
+                "%.1f GiB (raise it with --fit-memory)", per / 2**20, most, len(x), memory / 2**30)
+    keep = np.sort(np.random.default_rng(0).choice(len(x), most, replace=False))
+    return x[keep], labels[keep]
+
+
 @dataclass
 class _Stage:
     """What every step shares: the model, the detectors under their unique names, the outputs they read."""
@@ -152,16 +171,20 @@ class _Stage:
     detectors: Sequence[Detector]
     outputs: list[str]
 
-    def fit(self, x: np.ndarray, labels: np.ndarray) -> None:
-        """Fit every detector on one forward pass over the fit part. The pass yields every tap, since a detector
-        built with ``taps=None`` picks its taps only in ``fit`` (and would otherwise run the model again for them);
-        afterwards the stage reads just the taps the fitted detectors resolved."""
+    def fit(self, x: np.ndarray, labels: np.ndarray, memory: int = FIT_MEMORY) -> int:
+        """Fit every detector on one forward pass over the fit part; returns how many images it used. The pass yields
+        every tap, since a detector built with ``taps=None`` picks its taps only in ``fit`` (and would otherwise run
+        the model again for them); afterwards the stage reads just the taps the fitted detectors resolved. All of
+        them are held at once, so when ``len(x)`` images' taps would take more than ``memory`` bytes the fit uses a
+        seeded random subset that fits (a 224-pixel ResNet's taps take megabytes per image)."""
+        x, labels = _fit_subset(self.model, x, labels, memory)
         obs = observe(self.model, x, None)
         for name, det in zip(self.names, self.detectors):
             log.info("fitting %s on %d clean inputs", name, len(x))
             det.fit(obs, labels, self.model)
         self._drop_duplicates()
         self.outputs = needed_outputs(self.detectors)
+        return len(x)
 
     def _drop_duplicates(self) -> None:
         """A detector whose taps resolved to the same configuration as an earlier one's (the default's
@@ -314,6 +337,7 @@ def calibrate_bundle(
     providers: Sequence[str] | None = None,
     fit_images: np.ndarray | None = None,
     fit_labels: np.ndarray | None = None,
+    fit_memory: int = FIT_MEMORY,
 ) -> dict[str, Any]:
     """Fit ``detectors`` on clean labelled images, calibrate the guard to ``fpr`` and write a bundle.
 
@@ -321,7 +345,9 @@ def calibrate_bundle(
     summing to 1, or three counts). With ``fit_images`` / ``fit_labels`` (e.g. the training set: a larger reference
     than the held-out data, as the k-NN and Mahalanobis papers use) the detectors learn from those instead and
     ``images`` are split into calibration / validation parts by the last two fractions; held-out images identical to
-    a fit image are refused beyond 1% (they would bias the threshold). ``mondrian`` calibrates per predicted class.
+    a fit image are refused beyond 1% (they would bias the threshold). The fit pass holds every tap of every fit
+    image at once: beyond ``fit_memory`` bytes it uses a random subset (logged; the manifest's split records both
+    counts). ``mondrian`` calibrates per predicted class.
     ``out_dir`` ending in ``.zip`` writes a single-file archive instead of a directory. Returns the manifest.
     """
     _check_options(detectors, combine, fpr)
@@ -349,14 +375,15 @@ def calibrate_bundle(
             log.warning("%d calibration / validation images are also in the fit data", shared)
 
     stage = _Stage(model, unique_names(detectors), detectors, needed_outputs(detectors))
-    stage.fit(fit_x, fit_y)
+    n_fit = stage.fit(fit_x, fit_y, fit_memory)
     cal_scores, cal_pred = stage.score(x[cal_idx])
     cal = _fit_calibrator(stage, cal_scores, cal_pred, combine, fpr, mondrian)
     validation, alarm = _validate(stage, cal, x[val_idx], labels[val_idx], cal_scores, cal_pred)
     calibration = {
         **cal.to_json(), "fpr_target": fpr, "seed": seed, "fractions": [float(f) for f in fractions],
-        "split": {"fit": len(fit_x), "calibration": len(cal_idx), "validation": len(val_idx),
-                  **({} if fit_images is None else {"fit_from": "fit_images"})},
+        "split": {"fit": n_fit, "calibration": len(cal_idx), "validation": len(val_idx),
+                  **({} if fit_images is None else {"fit_from": "fit_images"}),
+                  **({} if n_fit == len(fit_x) else {"fit_offered": len(fit_x)})},
         "predicted_class_counts": np.bincount(cal_pred, minlength=model.num_classes).tolist(),
         "alarm_null": alarm, "validation": validation,
     }

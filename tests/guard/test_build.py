@@ -133,3 +133,35 @@ def test_cli_calibrate_fit_data(tiny_onnx, digits_train, digits_test, tmp_path):
     r = CliRunner().invoke(main, [*base, "--fit-data", str(tmp_path / "fit.npz"), "--fit-split", "train",
                                   "-o", str(tmp_path / "d")])
     assert r.exit_code == 2 and "not both" in r.output
+    # a budget of a few kilobytes keeps only a few hundred of the 500 fit images, and says so
+    r = CliRunner().invoke(main, [*base, "--fit-data", str(tmp_path / "fit.npz"), "--fit-count", "500",
+                                  "--fit-memory", "0.00002", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    split = json.loads((tmp_path / "e" / "manifest.json").read_text())["calibration"]["split"]
+    assert split["fit_offered"] == 500 and 0 < split["fit"] < 500
+    assert f"fitted on a random {split['fit']} of 500 fit images" in r.output
+
+
+def test_fit_pass_stays_within_its_memory_budget(tiny_onnx, digits_train, digits_test, tmp_path, caplog):
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import calibrate_bundle
+    from abl_guard.guard.model import OnnxModel
+    from abl_guard.guard.preprocess import to_model_input
+
+    model = OnnxModel(tiny_onnx)
+    x = to_model_input(digits_train.images[:1], model.input_shape)
+    per = x[0].nbytes + sum(a.nbytes for a in model.run(x, None).values())
+    knn = make_detector("knn", k=5, max_bank=None)
+    with caplog.at_level("WARNING", logger="abl_guard.guard.build"):
+        m = calibrate_bundle(tiny_onnx, digits_test.images, digits_test.labels, [knn], tmp_path / "b", fpr=0.05,
+                             fit_images=digits_train.images, fit_labels=digits_train.labels, fit_memory=300 * per)
+    split = m["calibration"]["split"]
+    assert split["fit"] == 300 and split["fit_offered"] == len(digits_train.images)
+    assert knn.bank_.shape[0] == 300  # the detector saw only the subset
+    assert "fitting on a random 300" in caplog.text
+    # within the budget nothing is dropped and the manifest says nothing about it
+    m = calibrate_bundle(tiny_onnx, digits_test.images, digits_test.labels, [make_detector("knn", k=5)],
+                         tmp_path / "c", fpr=0.05, fit_images=digits_train.images, fit_labels=digits_train.labels,
+                         fit_memory=len(digits_train.images) * per)
+    assert m["calibration"]["split"]["fit"] == len(digits_train.images)
+    assert "fit_offered" not in m["calibration"]["split"]
