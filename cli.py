@@ -401,6 +401,10 @@ def train(ctx: click.Context, dataset: str, attack: str, rate: float, target: in
 
         for line in summary_lines(record["abl"]):
             click.echo(line)
+    if "cleansed" in record:
+        c = record["cleansed"]
+        click.echo(f"cleansed training set: {c['n']} images without the {c['n_dropped']} ABL removed or held out -> "
+                   f"{Path(out_dir) / c['file']} (calibrate --fit-data)")
     m = record["metrics"]
     msg = f"CA {100 * m['clean_accuracy']:.2f}%"
     if "attack_success_rate" in m:

@@ -160,7 +160,13 @@ def _defense_abl(model: nn.Module, data: PreparedData, cfg: ExperimentConfig, ou
     result = run_abl(model, data.train.images, data.train.labels, abl_cfg, out_dir=out_dir, evaluate=evaluate,
                      poison_indices=data.poison_indices if data.attack is not None else None, quiet=quiet,
                      resume=cfg.resume, save_stage=save_stage)
-    return result.history, {"abl": result.report}
+    extra: dict[str, Any] = {"abl": result.report}
+    if cfg.save_cleansed and distributed.is_main():
+        # what the final model's clean stage trained on: neither the removed (or unlearned) examples nor the
+        # held-out ones, which no stage screened
+        extra["cleansed"] = write_cleansed(out_dir, data.train, np.union1d(result.removed, result.holdout),
+                                           data.poison_indices if data.attack is not None else np.zeros(0, np.int64))
+    return result.history, extra
 
 
 DEFENSES: dict[str, Defense] = {"none": _defense_none, "abl": _defense_abl}
@@ -219,6 +225,16 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = Fal
     )
     (out / "run.json").write_text(json.dumps(record, indent=2, default=_json_default))
     return record
+
+
+def write_cleansed(out: Path, train: LabelledImages, dropped: np.ndarray, poison_indices: np.ndarray) -> dict[str, Any]:
+    """Write ``cleansed.npz``: the training images without ``dropped`` and return its record (with the poison left in
+    it when the attack is known)."""
+    keep = np.setdiff1d(np.arange(len(train)), dropped)
+    train.subset(keep).save_npz(out / "cleansed.npz")
+    log.info("cleansed.npz: %d of %d training images", len(keep), len(train))
+    return {"file": "cleansed.npz", "n": int(len(keep)), "n_dropped": int(len(train) - len(keep)),
+            "poisoned_left": int(np.isin(poison_indices, keep).sum()) if len(poison_indices) else None}
 
 
 def _json_default(o: Any) -> Any:

@@ -91,6 +91,9 @@ class ExperimentConfig:
     test_limit: int | None = _opt(None, "Use a random subset of this many test images.")
     #: continue an interrupted run from the state in the run directory (not part of the run's identity)
     resume: bool = _opt(False, "Continue an interrupted --defense abl run from its run directory.")
+    #: with --defense abl, write the training images ABL kept (not part of the run's identity)
+    save_cleansed: bool = _opt(False, "With --defense abl: also write cleansed.npz, the training images without the "
+                                      "ones ABL removed or unlearned: a reference for `calibrate --fit-data`.")
     #: torch CPU threads (not part of the run's identity); None = $OMP_NUM_THREADS when set, else the available cores
     threads: int | None = _opt(None, "CPU threads for torch (intra- and inter-op). [default: $OMP_NUM_THREADS when "
                                      "set, else the cores available; under contention fewer threads are faster]")
@@ -104,6 +107,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.resume and self.defense != "abl":
             raise ValueError("--resume is supported for --defense abl only (plain training keeps no resume state)")
+        if self.save_cleansed and self.defense != "abl":
+            raise ValueError("--save-cleansed needs --defense abl (plain training removes nothing)")
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "data_root": self.data_root, "test_data": self.test_data,

@@ -16,7 +16,7 @@ def test_train_abl_writes_the_run_record_and_isolation_artifacts(tmp_path):
     out = tmp_path / "run"
     args = ["-q", "train", "--dataset", "digits", "--defense", "abl", "--abl-mode", "unlearn", "--epochs", "4",
             "--lr", "0.05", "--batch-size", "64", "--abl-isolation-ratio", "0.05", "--abl-unlearning-epochs", "2",
-            "--abl-max-ca-drop", "1.0", "--abl-eval-every", "0", "--device", "cpu", "-o", str(out)]
+            "--abl-max-ca-drop", "1.0", "--abl-eval-every", "0", "--device", "cpu", "--save-cleansed", "-o", str(out)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     for stage in ("isolation", "clean", "unlearning"):
@@ -46,6 +46,15 @@ def test_train_abl_writes_the_run_record_and_isolation_artifacts(tmp_path):
     rest = np.setdiff1d(np.flatnonzero(np.isfinite(scores)), isolated)
     assert scores[isolated].max() <= scores[rest].min()
     assert len((out / "isolated.csv").read_text().splitlines()) == len(isolated) + 1
+    # the cleansed set is what the clean stage trained on: neither the unlearned nor the held-out examples
+    c = rec["cleansed"]
+    n_train, n_held = rec["n_train"], abl["holdout"]["n"]
+    assert c["n"] == n_train - n_held - len(isolated) and c["n_dropped"] == n_held + len(isolated)
+    with np.load(out / "cleansed.npz", allow_pickle=False) as z:
+        assert len(z["images"]) == len(z["labels"]) == c["n"]
+    poisoned = np.load(out / "poison_indices.npy", allow_pickle=False)
+    assert 0 <= c["poisoned_left"] <= len(poisoned) - np.isin(poisoned, isolated).sum()
+    assert f"cleansed training set: {c['n']} images" in r.output
     # stage checkpoints load as ordinary abl-guard checkpoints
     from abl_guard.abl.checkpoint import load_checkpoint
 
@@ -57,6 +66,12 @@ def test_train_abl_writes_the_run_record_and_isolation_artifacts(tmp_path):
     assert r2.exit_code == 0, r2.output
     rec2 = json.loads((out / "run.json").read_text())
     assert rec2["metrics"] == rec["metrics"] and rec2["abl"]["stages"] == abl["stages"]
+
+
+def test_save_cleansed_needs_abl(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--dataset", "digits", "--epochs", "1", "--save-cleansed", "-o",
+                                  str(tmp_path)])
+    assert r.exit_code == 2 and "--defense abl" in r.output
 
 
 def test_resume_needs_abl(tmp_path):
