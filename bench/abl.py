@@ -280,14 +280,26 @@ class Bench:
                 "n_poisoned": int(len(data.poison_indices)), **self.end_to_end(model, data, attack, seed, "none")}
 
     def end_to_end(self, model: torch.nn.Module, data: PreparedData, attack: str, seed: int,
-                   kind: str) -> dict[str, Any]:
+                   kind: str, kept: np.ndarray | None = None) -> dict[str, Any]:
         """``--end-to-end``: the guard (``--guard-detectors``, 1% FPR) calibrated on the first half of the clean test
         images for this model, and the residual attack success on the triggered versions of the other half — the
-        fraction on which the backdoor fires (target predicted) and the guard does not flag — next to the ASR."""
+        fraction on which the backdoor fires (target predicted) and the guard does not flag — next to the ASR. With
+        ``--guard-fit train`` the detectors fit on training images instead: ``kept`` (ABL's cleansed set) or, for no
+        defence, the whole (poisoned) training set — what a user without ABL would have."""
         if not self.args.end_to_end or data.triggered is None:
             return {}
-        return {"end_to_end": guard_residual(model, data, self.args.guard_detectors,
-                                             Path(self.args.work) / f"e2e_{attack}_{seed}_{kind}")}
+        fit = None
+        if self.args.guard_fit == "train":  # the training images the model learned from: ABL's cleansed set
+            keep = np.arange(len(data.train.labels)) if kept is None else kept
+            n = min(len(keep), self.args.guard_fit_count)
+            keep = np.sort(np.random.default_rng(seed).choice(keep, n, replace=False))
+            fit = (data.train.images[keep], data.train.labels[keep])
+        return {"end_to_end": {**guard_residual(model, data, self.args.guard_detectors,
+                                                Path(self.args.work) / f"e2e_{attack}_{seed}_{kind}", fit=fit),
+                               "fit_from": "test" if fit is None else
+                               ("training set (poisoned)" if kept is None else "ABL's cleansed training set"),
+                               "fit_poisoned": None if fit is None else
+                               int(np.isin(data.poison_indices, keep).sum())}}
 
     def abl_config(self, cfg: ExperimentConfig, **over: Any) -> ABLConfig:
         a = self.args
@@ -325,7 +337,10 @@ class Bench:
         iso, un = rep["isolation"], rep["unlearning"]
         final = rep["stages"]["unlearning"]
         return {
-            **self.key(attack, seed, "abl"), **self.end_to_end(model, data, attack, seed, "abl"),
+            **self.key(attack, seed, "abl"),
+            **self.end_to_end(model, data, attack, seed, "abl",
+                              kept=np.setdiff1d(np.arange(len(data.train.labels)),
+                                                np.union1d(res.removed, res.holdout))),
             "expansion": rep.get("expansion"), "verdict": rep.get("verdict"), "n_removed": int(len(res.removed)),
             "history_stages": [h["stage"] for h in res.history],
             "clean_accuracy": final["clean_accuracy"], "attack_success_rate": final["attack_success_rate"],
@@ -387,7 +402,7 @@ class Bench:
 
 
 def guard_residual(model: torch.nn.Module, data: PreparedData, detectors: str, work: Path,
-                   fpr: float = 0.01) -> dict[str, Any]:
+                   fpr: float = 0.01, fit: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Export ``model``, calibrate a guard at ``fpr`` on the first half of the clean test images, and measure the
     triggered test images built from the other half: ASR, flagged share and residual (backdoor fires, guard silent)."""
     from detect import export
@@ -402,7 +417,8 @@ def guard_residual(model: torch.nn.Module, data: PreparedData, detectors: str, w
     onnx_path = export(model, data.train.spec, work / "model.onnx")
     names = [n for n in detectors.split(",") if n]
     calibrate_bundle(onnx_path, data.test.images[:n_cal], data.test.labels[:n_cal],
-                     make_detectors(detectors), work / "bundle", fpr=fpr, overwrite=True)
+                     make_detectors(detectors), work / "bundle", fpr=fpr, overwrite=True,
+                     fit_images=None if fit is None else fit[0], fit_labels=None if fit is None else fit[1])
     guard = Guard.load(work / "bundle")
     trig = data.triggered
     held = trig.indices >= n_cal
@@ -656,6 +672,16 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
     return out
 
 
+def fit_note(have: list[dict[str, Any]]) -> str:
+    """Where the end-to-end guards' detectors were fitted, when not on the test half (``--guard-fit train``)."""
+    fits = sorted({(r["kind"], r["end_to_end"].get("fit_from", "test"), r["end_to_end"].get("fit_poisoned"))
+                   for r in have if r["end_to_end"].get("fit_from", "test") != "test"})
+    if not fits:
+        return ""
+    return " Detectors fitted on training images: " + "; ".join(
+        f"{kind}: {src}, {poisoned} poisoned images in it" for kind, src, poisoned in fits) + "."
+
+
 def end_to_end_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[int]) -> list[str]:
     """The residual attack success through the whole system: no defence, guard only, ABL only, ABL + guard."""
     have = [r for r in rows if "end_to_end" in r and r["seed"] in seeds]
@@ -666,7 +692,8 @@ def end_to_end_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list
            f"Triggered test images (the second half of the test set, source class not the target) on which the "
            f"backdoor fires (the model predicts the target) and the guard (`{det}`, calibrated at 1% FPR on the "
            "first half's clean images, for the same model) does not flag. Mean ± std over seeds; clean flagged % = "
-           "the guard's false-positive rate on the second half's clean images.", "",
+           "the guard's false-positive rate on the second half's clean images."
+           + fit_note(have), "",
            "| attack | seeds | no defence (ASR) | guard only | ABL only (ASR) | ABL + guard | clean flagged % "
            "(none / ABL) |", "|---|---|---|---|---|---|---|"]
     for attack in attacks:
@@ -744,6 +771,10 @@ def main() -> None:
                     help="also calibrate a guard on each model and report the residual attack success through it")
     ap.add_argument("--guard-detectors", default=None,
                     help="the guard of --end-to-end (default: calibrate's default detectors)")
+    ap.add_argument("--guard-fit", default="test", choices=["test", "train"],
+                    help="what the --end-to-end guard's detectors fit on: part of the first half of the test set, or "
+                         "training images (ABL: its cleansed set; no defence: the poisoned training set)")
+    ap.add_argument("--guard-fit-count", type=int, default=10000, help="training images of --guard-fit train")
     ap.add_argument("--skip-clean", action="store_true", help="do not train the clean-data reference model")
     ap.add_argument("--clean-only", action="store_true",
                     help="only the clean-data model of each seed, with its ASR under every --attacks trigger (the "
