@@ -288,18 +288,21 @@ class Bench:
         defence, the whole (poisoned) training set — what a user without ABL would have."""
         if not self.args.end_to_end or data.triggered is None:
             return {}
-        fit = None
-        if self.args.guard_fit == "train":  # the training images the model learned from: ABL's cleansed set
-            keep = np.arange(len(data.train.labels)) if kept is None else kept
-            n = min(len(keep), self.args.guard_fit_count)
-            keep = np.sort(np.random.default_rng(seed).choice(keep, n, replace=False))
-            fit = (data.train.images[keep], data.train.labels[keep])
-        return {"end_to_end": {**guard_residual(model, data, self.args.guard_detectors,
-                                                Path(self.args.work) / f"e2e_{attack}_{seed}_{kind}", fit=fit),
-                               "fit_from": "test" if fit is None else
-                               ("training set (poisoned)" if kept is None else "ABL's cleansed training set"),
-                               "fit_poisoned": None if fit is None else
-                               int(np.isin(data.poison_indices, keep).sum())}}
+        out = {}
+        for source in self.args.guard_fit.split(","):
+            fit, keep = None, None
+            if source == "train":  # the training images the model learned from: ABL's cleansed set
+                keep = np.arange(len(data.train.labels)) if kept is None else kept
+                n = min(len(keep), self.args.guard_fit_count)
+                keep = np.sort(np.random.default_rng(seed).choice(keep, n, replace=False))
+                fit = (data.train.images[keep], data.train.labels[keep])
+            out[source] = {**guard_residual(model, data, self.args.guard_detectors,
+                                            Path(self.args.work) / f"e2e_{attack}_{seed}_{kind}", fit=fit),
+                           "fit_from": "test" if fit is None else
+                           ("training set (poisoned)" if kept is None else "ABL's cleansed training set"),
+                           "fit_poisoned": None if keep is None else int(np.isin(data.poison_indices, keep).sum())}
+        first = next(iter(out.values()))
+        return {"end_to_end": first, **({"end_to_end_by_fit": out} if len(out) > 1 else {})}
 
     def abl_config(self, cfg: ExperimentConfig, **over: Any) -> ABLConfig:
         a = self.args
@@ -699,13 +702,32 @@ def end_to_end_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list
     for attack in attacks:
         none = [r["end_to_end"] for r in have if r["attack"] == attack and r["kind"] == "none"]
         abl = [r["end_to_end"] for r in have if r["attack"] == attack and r["kind"] == "abl"]
-        if not none and not abl:
-            continue
-        out.append(f"| {attack} | {len(none)} / {len(abl)} | {mean_std([e['asr'] for e in none])} "
-                   f"| {mean_std([e['residual'] for e in none])} | {mean_std([e['asr'] for e in abl])} "
-                   f"| {mean_std([e['residual'] for e in abl])} | {mean_std([e['clean_flagged'] for e in none])} / "
-                   f"{mean_std([e['clean_flagged'] for e in abl])} |")
+        if none or abl:
+            out.append(e2e_row(attack, none, abl))
+    by_fit = [r for r in have if "end_to_end_by_fit" in r]
+    if by_fit:
+        out += ["", "The same models with the guard's detectors fitted on each source (`--guard-fit`); poisoned = "
+                "poisoned images in the fit set:", "",
+                "| attack | fit on | poisoned in fit (none / ABL) | no defence (ASR) | guard only | ABL only (ASR) "
+                "| ABL + guard | clean flagged % (none / ABL) |", "|---|---|---|---|---|---|---|---|"]
+        for attack in attacks:
+            for source in by_fit[0]["end_to_end_by_fit"]:
+                none = [r["end_to_end_by_fit"][source] for r in by_fit if r["attack"] == attack and r["kind"] == "none"]
+                abl = [r["end_to_end_by_fit"][source] for r in by_fit if r["attack"] == attack and r["kind"] == "abl"]
+                if none or abl:
+                    poisoned = " / ".join("–" if not e or e[0]["fit_poisoned"] is None else str(e[0]["fit_poisoned"])
+                                         for e in (none, abl))
+                    row = e2e_row(attack, none, abl).split(" | ", 1)[1]
+                    out.append(f"| {attack} | {source} | {poisoned} | {row.split(' | ', 1)[1]}")
     return out
+
+
+def e2e_row(attack: str, none: list[dict[str, Any]], abl: list[dict[str, Any]]) -> str:
+    """One end-to-end table row: seeds, ASR and residual without and with ABL, clean flagged share."""
+    return (f"| {attack} | {len(none)} / {len(abl)} | {mean_std([e['asr'] for e in none])} "
+            f"| {mean_std([e['residual'] for e in none])} | {mean_std([e['asr'] for e in abl])} "
+            f"| {mean_std([e['residual'] for e in abl])} | {mean_std([e['clean_flagged'] for e in none])} / "
+            f"{mean_std([e['clean_flagged'] for e in abl])} |")
 
 
 def main() -> None:
@@ -771,9 +793,10 @@ def main() -> None:
                     help="also calibrate a guard on each model and report the residual attack success through it")
     ap.add_argument("--guard-detectors", default=None,
                     help="the guard of --end-to-end (default: calibrate's default detectors)")
-    ap.add_argument("--guard-fit", default="test", choices=["test", "train"],
-                    help="what the --end-to-end guard's detectors fit on: part of the first half of the test set, or "
-                         "training images (ABL: its cleansed set; no defence: the poisoned training set)")
+    ap.add_argument("--guard-fit", default="test",
+                    help="what the --end-to-end guard's detectors fit on: test (part of the first half of the test "
+                         "set) or train (ABL: its cleansed set; no defence: the poisoned training set); test,train "
+                         "measures both on the same models, the first in the main table")
     ap.add_argument("--guard-fit-count", type=int, default=10000, help="training images of --guard-fit train")
     ap.add_argument("--skip-clean", action="store_true", help="do not train the clean-data reference model")
     ap.add_argument("--clean-only", action="store_true",
