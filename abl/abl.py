@@ -113,6 +113,12 @@ class ABLResult:
     holdout: np.ndarray  # dataset indices never trained on
     losses: np.ndarray  # per-example loss at T_te, NaN for held-out examples
 
+    @property
+    def dropped(self) -> np.ndarray:
+        """Dataset indices the final model's clean stage did not train on: the removed (or unlearned) examples and
+        the held-out ones, which no stage screened (sorted)."""
+        return np.union1d(self.removed, self.holdout)
+
 
 def run_abl(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ABLConfig,
             out_dir: str | Path | None = None, evaluate: Evaluate | None = None,

@@ -162,9 +162,7 @@ def _defense_abl(model: nn.Module, data: PreparedData, cfg: ExperimentConfig, ou
                      resume=cfg.resume, save_stage=save_stage)
     extra: dict[str, Any] = {"abl": result.report}
     if cfg.save_cleansed and distributed.is_main():
-        # what the final model's clean stage trained on: neither the removed (or unlearned) examples nor the
-        # held-out ones, which no stage screened
-        extra["cleansed"] = write_cleansed(out_dir, data.train, np.union1d(result.removed, result.holdout),
+        extra["cleansed"] = write_cleansed(out_dir, data.train, result.dropped,
                                            data.poison_indices if data.attack is not None else np.zeros(0, np.int64))
     return result.history, extra
 

@@ -342,8 +342,7 @@ class Bench:
         return {
             **self.key(attack, seed, "abl"),
             **self.end_to_end(model, data, attack, seed, "abl",
-                              kept=np.setdiff1d(np.arange(len(data.train.labels)),
-                                                np.union1d(res.removed, res.holdout))),
+                              kept=np.setdiff1d(np.arange(len(data.train.labels)), res.dropped)),
             "expansion": rep.get("expansion"), "verdict": rep.get("verdict"), "n_removed": int(len(res.removed)),
             "history_stages": [h["stage"] for h in res.history],
             "clean_accuracy": final["clean_accuracy"], "attack_success_rate": final["attack_success_rate"],
@@ -703,7 +702,7 @@ def end_to_end_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list
         none = [r["end_to_end"] for r in have if r["attack"] == attack and r["kind"] == "none"]
         abl = [r["end_to_end"] for r in have if r["attack"] == attack and r["kind"] == "abl"]
         if none or abl:
-            out.append(e2e_row(attack, none, abl))
+            out.append(e2e_row([attack, f"{len(none)} / {len(abl)}"], none, abl))
     by_fit = [r for r in have if "end_to_end_by_fit" in r]
     if by_fit:
         out += ["", "The same models with the guard's detectors fitted on each source (`--guard-fit`); poisoned = "
@@ -717,14 +716,14 @@ def end_to_end_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list
                 if none or abl:
                     poisoned = " / ".join("–" if not e or e[0]["fit_poisoned"] is None else str(e[0]["fit_poisoned"])
                                          for e in (none, abl))
-                    row = e2e_row(attack, none, abl).split(" | ", 1)[1]
-                    out.append(f"| {attack} | {source} | {poisoned} | {row.split(' | ', 1)[1]}")
+                    out.append(e2e_row([attack, source, poisoned], none, abl))
     return out
 
 
-def e2e_row(attack: str, none: list[dict[str, Any]], abl: list[dict[str, Any]]) -> str:
-    """One end-to-end table row: seeds, ASR and residual without and with ABL, clean flagged share."""
-    return (f"| {attack} | {len(none)} / {len(abl)} | {mean_std([e['asr'] for e in none])} "
+def e2e_row(lead: list[str], none: list[dict[str, Any]], abl: list[dict[str, Any]]) -> str:
+    """One end-to-end table row: the ``lead`` cells, then ASR and residual without and with ABL, clean flagged
+    share."""
+    return (f"| {' | '.join(lead)} | {mean_std([e['asr'] for e in none])} "
             f"| {mean_std([e['residual'] for e in none])} | {mean_std([e['asr'] for e in abl])} "
             f"| {mean_std([e['residual'] for e in abl])} | {mean_std([e['clean_flagged'] for e in none])} / "
             f"{mean_std([e['clean_flagged'] for e in abl])} |")
