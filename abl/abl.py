@@ -276,9 +276,13 @@ class _Stages:
             if self.out is not None and distributed.is_main():
                 np.save(self.out / "removed_indices.npy", run.removed.astype(np.int64))
                 run.report["files"]["removed_indices"] = "removed_indices.npy"
-            reinitialise(run.model, cfg.seed)
             self.pool_features = None
-            opt.state.clear()
+            if cfg.restart == "always" or exp.report.get("expanded"):
+                reinitialise(run.model, cfg.seed)
+                opt.state.clear()
+            else:  # nothing found beyond the seed: a fresh model would only learn the same data again
+                run.report["clean_stage"] = {"continued": True, "from_epoch": int(run.epoch)}
+                log.info("ABL: nothing separate found; the isolation model continues for the rest of the schedule")
         run.stage, run.epoch = "clean", 0
         run.snapshot("clean", 0, opt, None)
 
@@ -444,10 +448,16 @@ class _Stages:
         batches = ArrayBatches(self.images, self.labels, run.device, cfg.batch_size, augment=cfg.augment,
                                seed=cfg.seed + 1, indices=rest)
         # retrain mode: a fresh model on its own schedule (whole, or what the isolation left of it: then its lr
-        # milestones are scaled to it); otherwise the schedule continues after T_te
-        n = cfg.clean_stage_epochs(int(run.report.get("isolation", {}).get("epoch", cfg.isolation_epochs)))
-        self._epochs("clean", 0 if cfg.retrain else cfg.isolation_epochs, n, batches, opt, F.cross_entropy,
-                     length=n if cfg.retrain else None)
+        # milestones are scaled to it), or the isolation model continued when nothing was found; otherwise the
+        # schedule continues after T_te
+        iso_run = int(run.report.get("isolation", {}).get("epoch", cfg.isolation_epochs))
+        continued = run.report.get("clean_stage", {}).get("continued", False)
+        if continued:
+            self._epochs("clean", iso_run, max(1, cfg.clean_epochs - iso_run), batches, opt, F.cross_entropy)
+        else:
+            n = cfg.clean_stage_epochs(iso_run)
+            self._epochs("clean", 0 if cfg.retrain else cfg.isolation_epochs, n, batches, opt, F.cross_entropy,
+                         length=n if cfg.retrain else None)
         del batches
         self._end("clean")
         run.stage, run.epoch = "unlearning", 0

@@ -26,6 +26,8 @@ EXPANSION_METHODS = ("spectral", "classifier")
 SCAN_METHODS = ("spectral", "contrastive")
 #: retrain mode's clean-stage length: a whole schedule, or what is left of it after the isolation epochs
 RETRAIN_SCHEDULES = ("full", "remaining")
+#: when retrain mode's clean stage starts from fresh weights: only after a find, or every time
+RESTARTS = ("found", "always")
 #: when retrain mode's input-space label scan runs: before the isolation epochs (a find skips them) or after them
 INPUT_SCAN_ORDERS = ("first", "last")
 
@@ -54,7 +56,7 @@ def _knob(default: Any, help: str, **extra: Any) -> Any:
 #: the string knobs and their allowed values (validated first, in this order)
 _CHOICES = {"mode": MODES, "isolation_stop": ISOLATION_STOPS, "expansion_method": EXPANSION_METHODS,
             "expansion_scan_method": SCAN_METHODS, "retrain_epochs": RETRAIN_SCHEDULES,
-            "input_scan": INPUT_SCAN_ORDERS, "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES,
+            "restart": RESTARTS, "input_scan": INPUT_SCAN_ORDERS, "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES,
             "isolation_labels": ISOLATION_LABELS,
             "unlearning": UNLEARNING_MODES, "unlearning_ascent": ASCENT_FORMS, "unlearning_bn": BN_MODES}
 
@@ -132,6 +134,11 @@ class ABLConfig:
                                 "minus the isolation epochs run, the lr milestones scaled to it, so ABL trains as "
                                 "many epochs as plain training (docs/abl.md#retrain-schedule).",
                                 choices=RETRAIN_SCHEDULES)
+    restart: str = _knob("found", "retrain mode's clean stage — found: a fresh model only when the seed expanded or "
+                         "a scan found a separate population; otherwise the isolation model continues for the rest "
+                         "of the schedule on the pool minus the seed, so that nothing found costs no second training "
+                         "(docs/abl.md#nothing-found-no-restart); always: a fresh model every time (before "
+                         "2026-12-03).", choices=RESTARTS)
     isolation_extra_epochs: int = _knob(0, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
                                         "scan finds a separate population after the isolation epochs, keep "
                                         "training the isolation model up to this many more epochs, checking after "
@@ -191,7 +198,7 @@ class ABLConfig:
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
-                 "expansion_input_separation", "input_scan", "retrain_epochs", "isolation_extra_epochs",
+                 "expansion_input_separation", "input_scan", "retrain_epochs", "restart", "isolation_extra_epochs",
                  "expansion_union_sd", "residual_unlearning_epochs", "residual_unlearning_lr",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")

@@ -183,6 +183,7 @@ ABL_FLAGS = {
     "expansion_input_separation": ("--abl-expansion-input-separation", "0", 0.0),
     "input_scan": ("--abl-input-scan", "last", "last"),
     "retrain_epochs": ("--abl-retrain-epochs", "remaining", "remaining"),
+    "restart": ("--abl-restart", "always", "always"),
     "expansion_posterior": ("--abl-expansion-posterior", "0.1", 0.1),
     "expansion_scan_share": ("--abl-expansion-scan-share", "0", 0.0),
     "expansion_separation": ("--abl-expansion-separation", "3", 3.0),

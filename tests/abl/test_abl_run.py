@@ -277,6 +277,32 @@ def test_retrain_on_the_remaining_schedule_trains_as_many_epochs_as_plain_traini
     assert res.report["config"]["retrain_epochs"] == "remaining"
 
 
+def test_retrain_continues_the_isolation_model_when_nothing_is_found(small_poisoned, monkeypatch):
+    """``restart="found"`` (the default): when the seed does not expand and no scan finds anything, the clean stage
+    continues the isolation model for the rest of the schedule (T epochs in all, the global lr schedule) instead of
+    a fresh model's whole schedule; ``restart="always"`` keeps the fresh start."""
+    import abl_guard.abl.abl as abl_mod
+
+    d = small_poisoned
+    fresh: list[int] = []
+    real = abl_mod.reinitialise
+    monkeypatch.setattr(abl_mod, "reinitialise", lambda model, seed: (fresh.append(seed), real(model, seed)))
+    base = dict(isolation_epochs=2, isolation_stop="fixed", clean_epochs=4, lr_milestones=(3,), lr_gamma=0.1,
+                isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0, expansion_separation=50.0,
+                expansion_scan_method="spectral", expansion_input_separation=0.0)
+    res = run_abl(d.model(width=8), d.images, d.labels, ABLConfig(**base), poison_indices=d.poison, quiet=True)
+    assert not res.report["expansion"]["expanded"] and not res.report["expansion"]["scan"]["expanded"]
+    clean = [h for h in res.history if h["stage"] == "clean"]
+    assert [h["epoch"] for h in clean] == [3, 4]
+    assert [h["lr"] for h in clean] == pytest.approx([0.05, 0.005], rel=1e-9)
+    assert res.report["clean_stage"] == {"continued": True, "from_epoch": 2} and fresh == []
+    np.testing.assert_array_equal(res.removed, np.sort(res.isolated))  # the seed is still left out
+
+    res = run_abl(d.model(width=8), d.images, d.labels, ABLConfig(**base, restart="always"), quiet=True)
+    assert [h["epoch"] for h in res.history if h["stage"] == "clean"] == [1, 2, 3, 4]
+    assert "clean_stage" not in res.report and len(fresh) == 1
+
+
 def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_poisoned, monkeypatch):
     """The fallback's wiring: an unexpandable seed leads to the label scan; with nothing found the seed alone is
     removed (and the scan is in the report); a scan that finds the poison replaces the seed as removed and probed."""
