@@ -277,7 +277,8 @@ class _Stages:
                 np.save(self.out / "removed_indices.npy", run.removed.astype(np.int64))
                 run.report["files"]["removed_indices"] = "removed_indices.npy"
             self.pool_features = None
-            if cfg.restart == "always" or exp.report.get("expanded"):
+            # rank 0's decision, as for the removed set, so that every rank starts the clean stage from one model
+            if distributed.broadcast_scalar(float(cfg.restart == "always" or bool(exp.report.get("expanded")))):
                 reinitialise(run.model, cfg.seed)
                 opt.state.clear()
             else:  # nothing found beyond the seed: a fresh model would only learn the same data again
