@@ -282,6 +282,7 @@ def test_retrain_continues_the_isolation_model_when_nothing_is_found(small_poiso
     continues the isolation model for the rest of the schedule (T epochs in all, the global lr schedule) instead of
     a fresh model's whole schedule; ``restart="always"`` keeps the fresh start."""
     import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.report import summary_lines
 
     d = small_poisoned
     fresh: list[int] = []
@@ -296,11 +297,13 @@ def test_retrain_continues_the_isolation_model_when_nothing_is_found(small_poiso
     assert [h["epoch"] for h in clean] == [3, 4]
     assert [h["lr"] for h in clean] == pytest.approx([0.05, 0.005], rel=1e-9)
     assert res.report["clean_stage"] == {"continued": True, "from_epoch": 2} and fresh == []
+    assert any("continued the isolation model from epoch 2" in line for line in summary_lines(res.report))
     np.testing.assert_array_equal(res.removed, np.sort(res.isolated))  # the seed is still left out
 
     res = run_abl(d.model(width=8), d.images, d.labels, ABLConfig(**base, restart="always"), quiet=True)
     assert [h["epoch"] for h in res.history if h["stage"] == "clean"] == [1, 2, 3, 4]
     assert "clean_stage" not in res.report and len(fresh) == 1
+    assert not any("continued" in line for line in summary_lines(res.report))
 
 
 def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_poisoned, monkeypatch):
