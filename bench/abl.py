@@ -64,6 +64,7 @@ from abl_guard.abl.abl import (  # noqa: E402
 from abl_guard.abl.config import (  # noqa: E402
     EXPANSION_METHODS,
     INPUT_SCAN_ORDERS,
+    RESTARTS,
     RETRAIN_SCHEDULES,
     SCAN_METHODS,
 )
@@ -78,7 +79,7 @@ CPU = torch.device("cpu")
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
-            "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan")
+            "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -137,6 +138,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before the input scan could run first (it ran after the isolation epochs)
             **({"input_scan": args.input_scan}
                if args.abl_mode == "retrain" and args.input_separation and args.input_scan != "last" else {}),
+            # nor before the isolation model could continue when nothing was found (always a fresh model)
+            **({"restart": args.restart} if args.abl_mode == "retrain" and args.restart != "always" else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -315,6 +318,7 @@ class Bench:
                       "expansion_input_separation": a.input_separation if a.abl_mode == "retrain" else None,
                       "input_scan": a.input_scan if a.abl_mode == "retrain" else None,
                       "retrain_epochs": a.retrain_epochs if a.abl_mode == "retrain" else None,
+                      "restart": a.restart if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -480,7 +484,10 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             f"ABL --abl-mode {a.abl_mode} with the library's defaults for that mode (retrain: isolation of at most "
             f"T_te = {a.isolation_epochs or max(1, round(0.2 * a.epochs))} epochs, stopped once the isolated set is "
             "concentrated and its seed expands to a separate population; p = 1% ranked by the class-relative score, "
-            "majority label kept; seed expansion; a fresh model trained the full T on the rest; no unlearning). "
+            "majority label kept; seed expansion; a fresh model trained the full T on the rest"
+            + ("" if a.restart == "always" else " — or, when nothing beyond the seed was found, the isolation model "
+               "continued to T")
+            + "; no unlearning). "
             "The unlearning columns below do not apply to it." if a.abl_mode != "unlearn" else "") + (
         f"ABL: T = {a.epochs} epochs = isolation T_te = "
         f"{a.isolation_epochs or max(1, round(0.2 * a.epochs))} ({a.lga} LGA, gamma 0.5) + clean stage, isolation "
@@ -786,6 +793,8 @@ def main() -> None:
                     help="retrain mode: the input scan before the isolation epochs (a find skips them) or after them")
     ap.add_argument("--retrain-epochs", default=ABLConfig.retrain_epochs, choices=list(RETRAIN_SCHEDULES),
                     help="retrain mode's clean stage: a whole schedule, or --epochs minus the isolation epochs run")
+    ap.add_argument("--restart", default=ABLConfig.restart, choices=list(RESTARTS),
+                    help="retrain mode: a fresh model only after a find (found), or every time (always)")
     ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,
                     help="retrain mode: extra isolation epochs when nothing separate was found by T_te (0 = off)")
     ap.add_argument("--end-to-end", action="store_true",
