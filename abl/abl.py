@@ -72,6 +72,7 @@ from .report import (
     failure_warnings,
     found_by_scan,
     held_out_counts,
+    held_out_excess,
     held_out_shortfall,
     isolation_report,
     rank_auroc,
@@ -377,7 +378,33 @@ class _Stages:
         if scan.report["expanded"]:
             return self._union_if_short(pool, seed_exp, scan)
         seed_exp.report["scan"] = scan.report
-        return seed_exp
+        return self._refuse_capped_without_count(pool, seed_exp)
+
+    def _refuse_capped_without_count(self, pool: np.ndarray, seed_exp: Expansion) -> Expansion:
+        """A capped seed expansion that no scan confirmed, when ``expansion_capped_count_sd`` is set: kept only if the
+        held-out split holds that many sd more of its label than a clean label's share (dirty-label poison adds its
+        copies to its label; a clean sub-type adds nothing); otherwise only the seed is removed, and the outcome is
+        "nothing found" (so the isolation model continues). Recorded in ``report["capped_count"]``."""
+        need = self.run.cfg.expansion_capped_count_sd
+        if not (need and seed_exp.report.get("capped") and seed_exp.report.get("expanded")):
+            return seed_exp
+        counts = held_out_counts(self.labels[np.setdiff1d(np.arange(len(self.labels)), pool)], seed_exp.target)
+        got = held_out_excess(counts)
+        if got is None or got[1] <= 0:
+            return seed_exp
+        excess_sd = got[0] / got[1]
+        record = {"excess": got[0], "excess_sd": excess_sd, "need_sd": need,
+                  "n_capped_removal": int(len(seed_exp.removed)), "kept": bool(excess_sd >= need)}
+        seed_exp.report["capped_count"] = record
+        if record["kept"]:
+            return seed_exp
+        seed = np.setdiff1d(seed_exp.removed, seed_exp.candidates)
+        log.info("ABL: the capped expansion of label %d is refused: the held-out split holds %.1f sd of it beyond a "
+                 "clean label's share (need %.1f); only the seed (%d) is removed", seed_exp.target, excess_sd, need,
+                 len(seed))
+        report = {**seed_exp.report, "expanded": False, "n_expanded": 0, "n_removed": int(len(seed)),
+                  "reason": f"capped expansion refused by the held-out count ({excess_sd:.1f} sd < {need:g})"}
+        return replace(seed_exp, removed=seed, report=report)
 
     def _union_if_short(self, pool: np.ndarray, seed_exp: Expansion, scan: Expansion) -> Expansion:
         """A capped seed expansion replaced by the scan's find in the same label, where the held-out split holds

@@ -151,6 +151,12 @@ class ABLConfig:
                                       "of the label than the find's poison estimate, remove both (the label holds "
                                       "more poison than the scan took). 0 = off "
                                       "(docs/abl.md#capped-expansion-kept-by-the-count).")
+    expansion_capped_count_sd: float = _knob(0.0, "retrain mode: a capped seed expansion that no label scan "
+                                             "confirmed is kept only when the held-out split holds at least this "
+                                             "many sd more of its label than a clean label's share (dirty-label "
+                                             "poison adds its copies there, a clean sub-type does not); otherwise "
+                                             "only the seed is removed. 0 = off, the default "
+                                             "(docs/abl.md#capped-expansion-refused-by-the-count).")
     residual_unlearning_epochs: int = _knob(5, "retrain mode: when the retrained model's own evidence says the "
                                             "backdoor is still there (verdict likely-present: the held-out probe "
                                             "fires), unlearn the removed set from it for this many epochs — joint, "
@@ -199,7 +205,8 @@ class ABLConfig:
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
                  "expansion_input_separation", "input_scan", "retrain_epochs", "restart", "isolation_extra_epochs",
-                 "expansion_union_sd", "residual_unlearning_epochs", "residual_unlearning_lr",
+                 "expansion_union_sd", "expansion_capped_count_sd", "residual_unlearning_epochs",
+                 "residual_unlearning_lr",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")
 
@@ -222,6 +229,7 @@ class ABLConfig:
             (self.clean_epochs < 0 or self.unlearning_epochs < 0, "clean_epochs and unlearning_epochs must be >= 0"),
             (self.residual_unlearning_epochs < 0, "residual_unlearning_epochs must be >= 0 (0 = off)"),
             (self.expansion_union_sd < 0, "expansion_union_sd must be >= 0 (0 = off)"),
+            (self.expansion_capped_count_sd < 0, "expansion_capped_count_sd must be >= 0 (0 = off)"),
             (not 0.0 < self.isolation_ratio < 1.0, f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}"),
             (not 0.0 <= self.holdout < 0.5, f"holdout must be in [0, 0.5), got {self.holdout}"),
             (self.unlearning_bound < 0, "unlearning_bound must be >= 0 (0 = unbounded ascent)"),

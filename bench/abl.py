@@ -79,7 +79,8 @@ CPU = torch.device("cpu")
 ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "holdout", "max_ca_drop",
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
-            "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart")
+            "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart",
+            "expansion_capped_count_sd")
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -140,6 +141,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
                if args.abl_mode == "retrain" and args.input_separation and args.input_scan != "last" else {}),
             # nor before the isolation model could continue when nothing was found (always a fresh model)
             **({"restart": args.restart} if args.abl_mode == "retrain" and args.restart != "always" else {}),
+            # nor before the capped expansion's count check existed (off)
+            **({"expansion_capped_count_sd": args.capped_count_sd}
+               if args.abl_mode == "retrain" and args.capped_count_sd else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -319,6 +323,7 @@ class Bench:
                       "input_scan": a.input_scan if a.abl_mode == "retrain" else None,
                       "retrain_epochs": a.retrain_epochs if a.abl_mode == "retrain" else None,
                       "restart": a.restart if a.abl_mode == "retrain" else None,
+                      "expansion_capped_count_sd": a.capped_count_sd if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -795,6 +800,9 @@ def main() -> None:
                     help="retrain mode's clean stage: a whole schedule, or --epochs minus the isolation epochs run")
     ap.add_argument("--restart", default=ABLConfig.restart, choices=list(RESTARTS),
                     help="retrain mode: a fresh model only after a find (found), or every time (always)")
+    ap.add_argument("--capped-count-sd", type=float, default=ABLConfig.expansion_capped_count_sd,
+                    help="retrain mode: keep an unconfirmed capped expansion only with this held-out count excess "
+                         "(sd; 0 = off)")
     ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,
                     help="retrain mode: extra isolation epochs when nothing separate was found by T_te (0 = off)")
     ap.add_argument("--end-to-end", action="store_true",

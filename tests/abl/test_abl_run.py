@@ -306,6 +306,48 @@ def test_retrain_continues_the_isolation_model_when_nothing_is_found(small_poiso
     assert not any("continued" in line for line in summary_lines(res.report))
 
 
+def test_capped_expansion_is_refused_without_a_held_out_count_excess(small_poisoned, monkeypatch):
+    """``expansion_capped_count_sd``: a capped seed expansion that no scan confirmed is kept only when the held-out
+    split holds that many sd more of its label than a clean label's share; refused, only the seed is removed and the
+    isolation model continues. Off (0, the default): the capped expansion stays the outcome."""
+    import abl_guard.abl.abl as abl_mod
+
+    d = small_poisoned
+    real_expand = abl_mod.expand_seed
+
+    def capped_expand(*args, **kw):  # every seed expands, marked capped (as a clean sub-type's expansion is)
+        e = real_expand(*args, **{**kw, "min_separation": 0.0})
+        e.report.update(expanded=True, capped=True)
+        return e
+
+    monkeypatch.setattr(abl_mod, "expand_seed", capped_expand)
+    base = dict(isolation_epochs=1, isolation_stop="fixed", clean_epochs=2, isolation_ratio=0.05, lr=0.05,
+                batch_size=64, device="cpu", eval_every=0, expansion_separation=50.0,
+                expansion_scan_method="spectral", expansion_input_separation=0.0)
+
+    def run(excess: float, need: float):
+        monkeypatch.setattr(abl_mod, "held_out_excess", lambda counts: (excess, 10.0))
+        return run_abl(d.model(width=8), d.images, d.labels, ABLConfig(**base, expansion_capped_count_sd=need),
+                       quiet=True)
+
+    refused = run(excess=5.0, need=3.0)  # 0.5 sd: no dirty-label copies in the held-out split
+    exp = refused.report["expansion"]
+    assert exp["capped_count"] == pytest.approx({"excess": 5.0, "excess_sd": 0.5, "need_sd": 3.0,
+                                                 "n_capped_removal": exp["capped_count"]["n_capped_removal"],
+                                                 "kept": False})
+    assert not exp["expanded"] and "refused by the held-out count" in exp["reason"]
+    np.testing.assert_array_equal(refused.removed, np.sort(refused.isolated))  # the seed alone
+    assert exp["capped_count"]["n_capped_removal"] > len(refused.removed)
+    assert refused.report["clean_stage"]["continued"] is True
+
+    kept = run(excess=40.0, need=3.0)  # 4 sd: kept, and a fresh model
+    assert kept.report["expansion"]["capped_count"]["kept"] is True and kept.report["expansion"]["expanded"]
+    assert len(kept.removed) > len(kept.isolated) and "clean_stage" not in kept.report
+
+    off = run(excess=5.0, need=0.0)
+    assert "capped_count" not in off.report["expansion"] and off.report["expansion"]["expanded"]
+
+
 def test_retrain_mode_scans_every_label_when_the_seed_does_not_expand(small_poisoned, monkeypatch):
     """The fallback's wiring: an unexpandable seed leads to the label scan; with nothing found the seed alone is
     removed (and the scan is in the report); a scan that finds the poison replaces the seed as removed and probed."""
