@@ -388,8 +388,7 @@ class _Stages:
         need = self.run.cfg.expansion_capped_count_sd
         if not (need and seed_exp.report.get("capped") and seed_exp.report.get("expanded")):
             return seed_exp
-        counts = held_out_counts(self.labels[np.setdiff1d(np.arange(len(self.labels)), pool)], seed_exp.target)
-        got = held_out_excess(counts)
+        got = held_out_excess(self._held_out_counts(pool, seed_exp.target))
         if got is None or got[1] <= 0:
             return seed_exp
         excess_sd = got[0] / got[1]
@@ -406,6 +405,10 @@ class _Stages:
                   "reason": f"capped expansion refused by the held-out count ({excess_sd:.1f} sd < {need:g})"}
         return replace(seed_exp, removed=seed, report=report)
 
+    def _held_out_counts(self, pool: np.ndarray, target: int) -> dict[str, Any]:
+        """The held-out split's (everything outside ``pool``) counts of ``target`` that the count checks read."""
+        return held_out_counts(self.labels[np.setdiff1d(np.arange(len(self.labels)), pool)], target)
+
     def _union_if_short(self, pool: np.ndarray, seed_exp: Expansion, scan: Expansion) -> Expansion:
         """A capped seed expansion replaced by the scan's find in the same label, where the held-out split holds
         more of that label than the scan's own poison estimate by ``expansion_union_sd`` sd or more: the label
@@ -415,7 +418,7 @@ class _Stages:
         need = self.run.cfg.expansion_union_sd
         if not (need and seed_exp.report.get("capped") and seed_exp.target == scan.target):
             return scan
-        counts = held_out_counts(self.labels[np.setdiff1d(np.arange(len(self.labels)), pool)], scan.target)
+        counts = self._held_out_counts(pool, scan.target)
         short = held_out_shortfall(counts, scan.report, len(scan.removed), len(pool))
         if short is None or short < need:
             return scan
