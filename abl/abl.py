@@ -279,12 +279,14 @@ class _Stages:
                 run.report["files"]["removed_indices"] = "removed_indices.npy"
             self.pool_features = None
             # rank 0's decision, as for the removed set, so that every rank starts the clean stage from one model
-            if distributed.broadcast_scalar(float(cfg.restart == "always" or bool(exp.report.get("expanded")))):
+            fresh = cfg.restart == "always" or (cfg.restart == "found" and bool(exp.report.get("expanded")))
+            if distributed.broadcast_scalar(float(fresh)):
                 reinitialise(run.model, cfg.seed)
                 opt.state.clear()
-            else:  # nothing found beyond the seed: a fresh model would only learn the same data again
+            else:  # nothing found beyond the seed (a fresh model would only learn the same data again), or never
                 run.report["clean_stage"] = {"continued": True, "from_epoch": int(run.epoch)}
-                log.info("ABL: nothing separate found; the isolation model continues for the rest of the schedule")
+                log.info("ABL: the isolation model continues for the rest of the schedule (%s)",
+                         "restart=never" if cfg.restart == "never" else "nothing separate found")
         run.stage, run.epoch = "clean", 0
         run.snapshot("clean", 0, opt, None)
 

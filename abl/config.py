@@ -26,8 +26,9 @@ EXPANSION_METHODS = ("spectral", "classifier")
 SCAN_METHODS = ("spectral", "contrastive")
 #: retrain mode's clean-stage length: a whole schedule, or what is left of it after the isolation epochs
 RETRAIN_SCHEDULES = ("full", "remaining")
-#: when retrain mode's clean stage starts from fresh weights: only after a find, or every time
-RESTARTS = ("found", "always")
+#: when retrain mode's clean stage starts from fresh weights: only after a find, every time, or never (the isolation
+#: model continues on the cleansed set, the residual unlearning removing what it learned: docs/abl.md#never-restart)
+RESTARTS = ("found", "always", "never")
 #: when retrain mode's input-space label scan runs: before the isolation epochs (a find skips them) or after them
 INPUT_SCAN_ORDERS = ("first", "last")
 
@@ -138,7 +139,9 @@ class ABLConfig:
                          "a scan found a separate population; otherwise the isolation model continues for the rest "
                          "of the schedule on the pool minus the seed, so that nothing found costs no second training "
                          "(docs/abl.md#nothing-found-no-restart); always: a fresh model every time (before "
-                         "2026-12-03).", choices=RESTARTS)
+                         "2026-12-03); never: the isolation model always continues, on the pool minus what was "
+                         "removed, and the residual unlearning removes what it learned from the poison "
+                         "(docs/abl.md#never-restart).", choices=RESTARTS)
     isolation_extra_epochs: int = _knob(0, "retrain mode, isolation_stop=auto: when neither the seed nor the label "
                                         "scan finds a separate population after the isolation epochs, keep "
                                         "training the isolation model up to this many more epochs, checking after "

@@ -426,8 +426,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
              if (s := report.get("stages", {}).get(name)) is not None]
     continued = report.get("clean_stage", {})
     if continued.get("continued"):
-        lines.append(f"     clean: continued the isolation model from epoch {continued['from_epoch']} (nothing found "
-                     "beyond the seed, so no fresh start)")
+        why = ("--abl-restart never" if report.get("config", {}).get("restart") == "never"
+               else "nothing found beyond the seed")
+        lines.append(f"     clean: continued the isolation model from epoch {continued['from_epoch']} ({why}, so no "
+                     "fresh start)")
     iso = report.get("isolation", {})
     if iso and not skipped:
         msg = (f"isolated {iso['n_isolated']} of {iso['n_pool']} (majority label {iso['isolated_majority_label']}, "

@@ -306,6 +306,42 @@ def test_retrain_continues_the_isolation_model_when_nothing_is_found(small_poiso
     assert not any("continued" in line for line in summary_lines(res.report))
 
 
+def test_never_restart_continues_the_isolation_model_after_a_find(small_poisoned, monkeypatch):
+    """``restart="never"``: even when the seed expanded, the isolation model continues (no re-initialisation, the
+    global lr schedule) on the pool minus everything removed; ``"found"`` starts a fresh model for the same find."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.report import summary_lines
+
+    d = small_poisoned
+    real_expand, real_batches = abl_mod.expand_seed, abl_mod.ArrayBatches
+    fresh: list[int] = []
+    trained_on: dict[int, np.ndarray] = {}
+
+    def batches(images, labels, device, batch_size, *, seed, indices=None, **kw):  # the clean stage's set (seed+1)
+        trained_on[seed] = np.asarray(indices)
+        return real_batches(images, labels, device, batch_size, seed=seed, indices=indices, **kw)
+
+    monkeypatch.setattr(abl_mod, "expand_seed", lambda *a, **kw: real_expand(*a, **{**kw, "min_separation": 0.0}))
+    monkeypatch.setattr(abl_mod, "reinitialise", lambda model, seed: fresh.append(seed))
+    monkeypatch.setattr(abl_mod, "ArrayBatches", batches)
+    base = dict(isolation_epochs=2, isolation_stop="fixed", clean_epochs=4, lr_milestones=(3,), lr_gamma=0.1,
+                isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0, expansion_separation=50.0,
+                expansion_scan_method="spectral", expansion_input_separation=0.0, residual_unlearning_epochs=0)
+    res = run_abl(d.model(width=8), d.images, d.labels, ABLConfig(**base, restart="never"), quiet=True)
+    assert res.report["expansion"]["expanded"] and len(res.removed) > len(res.isolated)
+    clean = [h for h in res.history if h["stage"] == "clean"]
+    assert [h["epoch"] for h in clean] == [3, 4] and fresh == []
+    assert [h["lr"] for h in clean] == pytest.approx([0.05, 0.005], rel=1e-9)
+    assert res.report["clean_stage"] == {"continued": True, "from_epoch": 2}
+    assert not np.isin(trained_on[1], res.removed).any()
+    assert len(trained_on[1]) + len(res.removed) == len(trained_on[0])  # the pool (isolation) minus the removed
+    assert any("--abl-restart never" in line for line in summary_lines(res.report))
+
+    res = run_abl(d.model(width=8), d.images, d.labels, ABLConfig(**base), quiet=True)
+    assert res.report["expansion"]["expanded"] and "clean_stage" not in res.report and len(fresh) == 1
+    assert [h["epoch"] for h in res.history if h["stage"] == "clean"] == [1, 2, 3, 4]
+
+
 def test_capped_expansion_is_refused_without_a_held_out_count_excess(small_poisoned, monkeypatch):
     """``expansion_capped_count_sd``: a capped seed expansion that no scan confirmed is kept only when the held-out
     split holds that many sd more of its label than a clean label's share; refused, only the seed is removed and the
