@@ -154,12 +154,12 @@ class ABLConfig:
                                       "of the label than the find's poison estimate, remove both (the label holds "
                                       "more poison than the scan took). 0 = off "
                                       "(docs/abl.md#capped-expansion-kept-by-the-count).")
-    expansion_capped_count_sd: float = _knob(0.0, "retrain mode: a capped seed expansion that no label scan "
+    expansion_capped_count_sd: float = _knob(3.0, "retrain mode: a capped seed expansion that no label scan "
                                              "confirmed is kept only when the held-out split holds at least this "
                                              "many sd more of its label than a clean label's share (dirty-label "
                                              "poison adds its copies there, a clean sub-type does not); otherwise "
-                                             "only the seed is removed. 0 = off, the default "
-                                             "(docs/abl.md#capped-expansion-refused-by-the-count).")
+                                             "only the seed is removed and the isolation model continues. 0 = off "
+                                             "(before 2026-12-03; docs/abl.md#capped-expansion-refused-by-the-count).")
     residual_unlearning_epochs: int = _knob(5, "retrain mode: when the retrained model's own evidence says the "
                                             "backdoor is still there (verdict likely-present: the held-out probe "
                                             "fires), unlearn the removed set from it for this many epochs — joint, "

@@ -491,7 +491,10 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             "concentrated and its seed expands to a separate population; p = 1% ranked by the class-relative score, "
             "majority label kept; seed expansion; a fresh model trained the full T on the rest"
             + ("" if a.restart == "always" else " — or, when nothing beyond the seed was found, the isolation model "
-               "continued to T")
+               "continued to T" if a.restart == "found" else " — or rather the isolation model continued to T on the "
+               "rest, whatever was found")
+            + (f"; a capped expansion no scan confirmed kept only with a held-out count excess of its label of "
+               f"{a.capped_count_sd:g} sd or more" if a.capped_count_sd else "")
             + "; no unlearning). "
             "The unlearning columns below do not apply to it." if a.abl_mode != "unlearn" else "") + (
         f"ABL: T = {a.epochs} epochs = isolation T_te = "
@@ -799,10 +802,11 @@ def main() -> None:
     ap.add_argument("--retrain-epochs", default=ABLConfig.retrain_epochs, choices=list(RETRAIN_SCHEDULES),
                     help="retrain mode's clean stage: a whole schedule, or --epochs minus the isolation epochs run")
     ap.add_argument("--restart", default=ABLConfig.restart, choices=list(RESTARTS),
-                    help="retrain mode: a fresh model only after a find (found), or every time (always)")
+                    help="retrain mode: a fresh model only after a find (found), every time (always) or never "
+                         "(the isolation model continues)")
     ap.add_argument("--capped-count-sd", type=float, default=ABLConfig.expansion_capped_count_sd,
                     help="retrain mode: keep an unconfirmed capped expansion only with this held-out count excess "
-                         "(sd; 0 = off)")
+                         "(sd; 0 = off, as before 2026-12-03)")
     ap.add_argument("--isolation-extra", type=int, default=ABLConfig.isolation_extra_epochs,
                     help="retrain mode: extra isolation epochs when nothing separate was found by T_te (0 = off)")
     ap.add_argument("--end-to-end", action="store_true",

@@ -345,7 +345,7 @@ def test_never_restart_continues_the_isolation_model_after_a_find(small_poisoned
 def test_capped_expansion_is_refused_without_a_held_out_count_excess(small_poisoned, monkeypatch):
     """``expansion_capped_count_sd``: a capped seed expansion that no scan confirmed is kept only when the held-out
     split holds that many sd more of its label than a clean label's share; refused, only the seed is removed and the
-    isolation model continues. Off (0, the default): the capped expansion stays the outcome."""
+    isolation model continues (3 sd, the default). Off (0): the capped expansion stays the outcome."""
     import abl_guard.abl.abl as abl_mod
 
     d = small_poisoned
