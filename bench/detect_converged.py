@@ -158,6 +158,7 @@ FUSION_STUDY: list[tuple[str, list[str]]] = [
     ("five", FIVE),
     ("layers + knn", ["mahalanobis-layers", "knn"]),
     ("mahalanobis + layers + knn", ["mahalanobis", "mahalanobis-layers", "knn"]),
+    ("mahalanobis + knn + gram", ["mahalanobis", "knn", "gram"]),
 ]
 ADVERSARIAL: list[tuple[str, str, dict[str, Any], str]] = [
     ("fgsm eps=0.1", "fgsm", {"eps": 0.1}, "n_adv"),
@@ -194,6 +195,26 @@ def ood_sets(test_x: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
         "ood: fmnist inverted": (255 - base).astype(np.uint8),
         "ood: constant images": np.repeat(np.linspace(0, 255, 256).astype(np.uint8),
                                           size * size).reshape(256, size, size, 1),
+    }
+
+
+SURROGATE = "surrogate: "
+
+
+def surrogate_sets(val_x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Model-free corruptions of the clean validation images (no attack, no gradient): the stand-in anomalies that
+    ``--surrogates`` weights the fusion by. Gaussian noise (sd 0.1), random-sign noise (±0.1, FGSM's size without its
+    direction) and a Gaussian blur (sigma 1), uint8 like every other set."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng([seed, 7])
+    x = val_x.astype(np.float64)
+    blur = np.stack([ndimage.gaussian_filter(im[..., 0], 1.0) for im in x])[..., None]
+    return {
+        f"{SURROGATE}gaussian noise sd 0.1": np.clip(x + rng.normal(0, 0.1 * 255, x.shape), 0, 255).astype(np.uint8),
+        f"{SURROGATE}random-sign noise 0.1": np.clip(x + 0.1 * 255 * rng.choice([-1.0, 1.0], x.shape), 0,
+                                                      255).astype(np.uint8),
+        f"{SURROGATE}gaussian blur 1": np.clip(np.rint(blur), 0, 255).astype(np.uint8),
     }
 
 
@@ -480,7 +501,24 @@ def score_sets(fitted: tuple[OnnxModel, list[tuple[str, Any]], dict[str, Any], A
     return scores, preds, timing
 
 
-def fusion_rows(cal: dict[str, np.ndarray], pred: np.ndarray, two: dict[str, bool], k: int
+def surrogate_weights(c: Calibrator, L_cal: np.ndarray, scores: dict[str, dict[str, np.ndarray]],
+                      preds: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Per member ``max(0, 2 AUROC - 1)``, its best AUROC over the surrogate sets (``-log p`` against the calibration
+    part's leave-one-out ``-log p``), normalised; None without surrogate sets or when no member separates any."""
+    names = [n for n in scores if n.startswith(SURROGATE)]
+    if not names:
+        return None
+    best = np.zeros(len(c.names))
+    for n in names:
+        _, P, _ = c.pvalues({m: scores[n][m] for m in c.names}, preds[n])
+        L = -np.log(np.maximum(P, 1e-300))
+        best = np.maximum(best, [metrics(L_cal[:, j], L[:, j])["auroc"] for j in range(len(c.names))])
+    w = np.clip(2 * best - 1, 0, None)
+    return w / w.sum() if w.sum() > 0 else None
+
+
+def fusion_rows(cal: dict[str, np.ndarray], pred: np.ndarray, two: dict[str, bool], k: int,
+                scores: dict[str, dict[str, np.ndarray]] | None = None, preds: dict[str, np.ndarray] | None = None
                 ) -> dict[str, tuple[list[str], Calibrator, Any]]:
     """Clean-data-only re-weightings of Fisher's combination: ``{row: (members, calibrator, rank function)}``.
 
@@ -489,7 +527,9 @@ def fusion_rows(cal: dict[str, np.ndarray], pred: np.ndarray, two: dict[str, boo
     * *GLS weights*: ``sum_d w_d L_d`` with ``w = C^-1 1`` (clipped at 0, normalised), ``C`` the clean correlation
       of ``L`` — the minimum-variance weighting of correlated statistics: near-duplicate detectors share a weight;
     * *max z*: ``max_d (L_d - mean_d) / sd_d`` (clean mean and sd) — the most surprising detector decides, so a
-      strong member is never averaged away (a standardised min-p).
+      strong member is never averaged away (a standardised min-p);
+    * *surrogate weights* (with ``--surrogates``): ``sum_d w_d L_d``, ``w`` from each member's AUROC on model-free
+      corruptions of clean images (:func:`surrogate_weights`) — a member that separates none of them gets no weight.
     """
     out: dict[str, tuple[list[str], Calibrator, Any]] = {}
     for label, members in FUSION_STUDY:
@@ -501,6 +541,10 @@ def fusion_rows(cal: dict[str, np.ndarray], pred: np.ndarray, two: dict[str, boo
         w = w / w.sum() if w.sum() > 0 else np.full(len(members), 1 / len(members))
         out[f"{label}: fisher, clean GLS weights"] = (members, c, lambda L, w=w: L @ w)
         out[f"{label}: max z (clean)"] = (members, c, lambda L, mu=mu, sd=sd: ((L - mu) / sd).max(axis=1))
+        ws = surrogate_weights(c, L, scores or {}, preds or {})
+        if ws is not None:
+            log.info("surrogate weights, %s: %s", label, dict(zip(members, np.round(ws, 3))))
+            out[f"{label}: fisher, surrogate weights"] = (members, c, lambda L, w=ws: L @ w)
     return out
 
 
@@ -513,7 +557,7 @@ def evaluate(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarr
     for gname, members, combine, tails in GUARDS:
         guards[gname] = Calibrator.fit({m: cal[m] for m in members}, preds["cal"], [two[m] for m in members],
                                        combine, FPR, k, tails=tails)
-    fusion = fusion_rows(cal, preds["cal"], two, k)
+    fusion = fusion_rows(cal, preds["cal"], two, k, scores, preds)
 
     def ranked(s: dict[str, np.ndarray], p: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         r = {row: rank_scores(cal[row], s[row], two[row]) for row in rows}
@@ -532,7 +576,7 @@ def evaluate(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarr
     out["clean eval (negatives)"] = {"n": int(len(preds["eval"])),
                                      "flagged": {g: float(f.mean()) for g, f in neg_flags.items()}}
     for name in scores:
-        if name in ("cal", "val", "eval"):
+        if name in ("cal", "val", "eval") or name.startswith(SURROGATE):
             continue
         pos, pos_flags = ranked(scores[name], preds[name])
         res: dict[str, Any] = {"n": int(len(preds[name])), "detectors": {}, "flagged": {}}
@@ -629,6 +673,9 @@ def main() -> None:
                          "test images of the fit split: the paper's DkNN bank is the training set")
     ap.add_argument("--rows", default="",
                     help="comma-separated detector rows to run (the baselines always run; guards of those rows only)")
+    ap.add_argument("--surrogates", action="store_true",
+                    help="also score model-free corruptions of the clean validation images and add a fusion row "
+                         "weighted by each member's AUROC on them (no attack data)")
     ap.add_argument("--smoke", action="store_true",
                     help="plumbing check: a 1-epoch model on 3,000 images, tiny sets, results under /tmp")
     args = ap.parse_args()
@@ -682,6 +729,8 @@ def main() -> None:
             adv, adv_info = adversarial_sets(model, src_x, src_y, args)
             sets.update(adv)
             sets.update(ood_sets(src_x, args.n_ood, args.seed))
+        if args.surrogates:
+            sets.update(surrogate_sets(splits["val"][0], args.seed))
         onnx_path = export(model, spec, run_dir / "model.onnx")
         fitted = fit_rows(onnx_path, splits, args.threads)
         adaptive_info: list[dict[str, Any]] = []
