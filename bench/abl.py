@@ -81,6 +81,10 @@ ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "ho
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
             "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart",
             "expansion_capped_count_sd")
+#: the Setting sentence's words for each --restart (after "a fresh model trained the full T on the rest")
+RESTART_SETTING = {"always": "",
+                   "found": " — or, when nothing beyond the seed was found, the isolation model continued to T",
+                   "never": " — or rather the isolation model continued to T on the rest, whatever was found"}
 #: the rankings --lga-compare scores on the same losses: (name, isolation score, reference quantile)
 RANKINGS = [("class-relative", "class-relative", 0.5), ("class-relative@0.75", "class-relative", 0.75),
             ("loss", "loss", 0.5)]
@@ -490,9 +494,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             f"T_te = {a.isolation_epochs or max(1, round(0.2 * a.epochs))} epochs, stopped once the isolated set is "
             "concentrated and its seed expands to a separate population; p = 1% ranked by the class-relative score, "
             "majority label kept; seed expansion; a fresh model trained the full T on the rest"
-            + ("" if a.restart == "always" else " — or, when nothing beyond the seed was found, the isolation model "
-               "continued to T" if a.restart == "found" else " — or rather the isolation model continued to T on the "
-               "rest, whatever was found")
+            + RESTART_SETTING[a.restart]
             + (f"; a capped expansion no scan confirmed kept only with a held-out count excess of its label of "
                f"{a.capped_count_sd:g} sd or more" if a.capped_count_sd else "")
             + "; no unlearning). "
