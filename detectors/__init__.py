@@ -6,7 +6,7 @@ Importing this package registers every detector with :func:`make_detector` (and 
 |---|---|
 | sensitivity | ``mutation`` (model mutation), ``squeeze`` (feature squeezing) — two-sided; ``odds`` (noise log-odds) |
 | activation space | ``nic`` (value + provenance invariants), ``gram`` (Gram-matrix deviations) |
-| feature space | ``mahalanobis``, ``mahalanobis-layers``, ``knn``, ``dknn`` (deep k-NN label agreement) |
+| feature space | ``mahalanobis``, ``mahalanobis-layers``, ``knn``, ``dknn`` (deep k-NN), ``probe`` (early-layer LDA) |
 | baselines | ``msp``, ``energy``, ``strip`` (two-sided) |
 """
 
@@ -23,13 +23,13 @@ from .base import (
     register,
 )
 from .baselines import Energy, MaxSoftmax, Strip
-from .feature import DeepKNN, KNNDistance, LayerMahalanobis, Mahalanobis
+from .feature import DeepKNN, KNNDistance, LayerMahalanobis, LayerProbe, Mahalanobis
 from .sensitivity import InputSqueezing, ModelMutation, NoiseLogOdds
 from .spec import make_detectors, parse_detector_specs
 
 __all__ = [
     "NIC", "REGISTRY", "DeepKNN", "Detector", "Energy", "GramDeviation", "InputSqueezing", "KNNDistance",
-    "LayerMahalanobis", "Mahalanobis", "MaxSoftmax", "ModelFn", "ModelMutation", "NoiseLogOdds", "NotFittedError",
-    "Observations", "Strip", "detector_from_state", "instance_names", "make_detector", "make_detectors",
-    "parse_detector_specs", "register",
+    "LayerMahalanobis", "LayerProbe", "Mahalanobis", "MaxSoftmax", "ModelFn", "ModelMutation", "NoiseLogOdds",
+    "NotFittedError", "Observations", "Strip", "detector_from_state", "instance_names", "make_detector",
+    "make_detectors", "parse_detector_specs", "register",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.linalg import solve_triangular
+from scipy.linalg import cho_solve, solve_triangular
 
-from ._util import subsample
+from ._util import adaptive_avg_pool, subsample
 from .base import Detector, ModelFn, Observations, flatten_features, register
 from .taps import PENULTIMATE, parse_taps, resolve_tap, resolve_taps, taps_state, with_taps
 
@@ -394,3 +394,150 @@ class DeepKNN(Detector):
                 or any(c.shape != (b.shape[1],) for b, c in zip(banks, centers)) or (labels < 0).any():
             raise ValueError(f"dknn state does not hold {len(self.taps_)} banks of >= k={self.k} labelled rows")
         self.banks_, self.centers_, self.bank_labels_ = banks, centers, labels
+
+
+@register
+class LayerProbe(Detector):
+    """Does an early layer agree with the model's prediction? The posterior of the *predicted* label under a
+    class-conditional Gaussian classifier with a tied covariance (Lee et al., NeurIPS 2018 — linear discriminant
+    analysis) fitted on an early tap.
+
+    A small perturbation that moves the network's decision (FGSM, PGD, CW-L2) leaves the early features close to the
+    source class, so a linear probe there still says "source" while the model says "target"; a clean input's early
+    features agree with the model's prediction. This is the nonconformity idea of Papernot & McDaniel's deep k-NN
+    (``dknn``: do the neighbours at each layer agree with the label?) with Lee et al.'s parametric classifier in place
+    of the neighbours, at one early layer, where the adversarial perturbation is still small. It is this project's
+    construction, not a published detector: measured against the baselines and every other detector in
+    ``bench/results/detect_converged_probe.md`` (docs/detectors.md#layer-probe).
+
+    Fit: the tap's activations (conv maps average-pooled to a ``grid x grid`` map per channel, the grid shrunk until
+    the feature count is at most ``max_features``, so any model's first tap fits; 2-D taps are used as they are), the
+    class means of the clean reference (its labels: true or the model's predictions) and the pooled within-class
+    covariance shrunk towards the scaled identity, ``(1 - s) Sigma + s mean(diag Sigma) I`` — without shrinkage the
+    ~1,500 features of a first conv block overfit a few thousand reference inputs (``shrinkage=0`` is plain LDA).
+    Score: ``-log p(pred | f) = d_pred / 2 + log sum_c exp(-d_c / 2)`` with ``d_c`` the squared Mahalanobis distance
+    to class ``c`` (equal priors), ``pred`` the model's argmax — computed as LDA's linear discriminants, one (D, K)
+    product per input; a prediction of a class absent from the reference scores ``inf``. ``tap="@0"`` is the model's
+    first tap (by position, :mod:`.taps`).
+    """
+
+    name = "probe"
+    tail_kinds = {"high": "inconsistent-layers"}
+
+    def __init__(self, tap: str | None = "@0", grid: int = 7, max_features: int = 2048, shrinkage: float = 0.1,
+                 chunk_size: int = 1024) -> None:
+        super().__init__(chunk_size)
+        if grid < 1 or max_features < 1:
+            raise ValueError("grid and max_features must be >= 1")
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError("shrinkage must be in [0, 1]")
+        self.tap = tap
+        self.grid = int(grid)
+        self.max_features = int(max_features)
+        self.shrinkage = float(shrinkage)
+        self.tap_: str | None = None
+        self.grid_: int | None = None  # the grid actually used (0: a 2-D tap)
+        self.means_: np.ndarray | None = None
+        self.chol_: np.ndarray | None = None
+        self.coef_: np.ndarray | None = None  # Sigma^-1 mu_c, (D, K)
+        self.intercept_: np.ndarray | None = None
+        self.present_: np.ndarray | None = None
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return (self.tap_, "logits") if self.tap_ is not None else ("logits",)
+
+    def _features(self, act: np.ndarray) -> np.ndarray:
+        assert self.grid_ is not None
+        if self.grid_ == 0:
+            if act.ndim != 2:
+                raise ValueError(f"{self.tap_!r} was fitted as a 2-D tap, got shape {act.shape}")
+            return act.astype(np.float64)
+        if act.ndim != 4:
+            raise ValueError(f"{self.tap_!r} was fitted as a conv tap, got shape {act.shape}")
+        return adaptive_avg_pool(act, self.grid_)
+
+    def fit(self, reference: Observations, labels: np.ndarray | None = None,
+            model: ModelFn | None = None) -> LayerProbe:
+        if labels is None:
+            raise ValueError("LayerProbe.fit needs the reference labels (class-conditional means)")
+        self.tap_ = resolve_tap(self.tap, reference, model, "LayerProbe")
+        act = self._get(with_taps(reference, [self.tap_], model, "LayerProbe"), self.tap_)
+        if act.ndim == 4:
+            c, h, w = act.shape[1:]
+            g = min(self.grid, h, w)
+            while g > 1 and c * g * g > self.max_features:
+                g -= 1
+            self.grid_ = g
+        elif act.ndim == 2:
+            self.grid_ = 0
+        else:
+            raise ValueError(f"LayerProbe needs (N, C, H, W) or (N, D) activations at {self.tap_!r}, got {act.shape}")
+        feats = self._features(act)
+        labels = np.asarray(labels)
+        if labels.shape != (len(feats),):
+            raise ValueError(f"labels shape {labels.shape} does not match {len(feats)} reference inputs")
+        classes = np.unique(labels)
+        means = np.full((int(classes.max()) + 1, feats.shape[1]), np.nan)
+        centered = np.empty_like(feats)
+        for c in classes:
+            m = labels == c
+            means[c] = feats[m].mean(axis=0)
+            centered[m] = feats[m] - means[c]
+        cov = centered.T @ centered / len(feats)
+        scale = max(float(np.mean(np.diag(cov))), 1e-12)
+        cov *= 1.0 - self.shrinkage
+        # shrinkage towards the scaled identity, plus a ridge far below it so that s = 0 stays factorable
+        cov[np.diag_indices_from(cov)] += (self.shrinkage + 1e-9) * scale
+        self.chol_ = np.linalg.cholesky(cov)
+        self.means_ = means
+        self._whiten()
+        return self
+
+    def _whiten(self) -> None:
+        # -d_c / 2 = f.a_c + b_c - f' Sigma^-1 f / 2, and the last term is the same for every class: the posterior is
+        # a softmax of K linear functions (a_c = Sigma^-1 mu_c, b_c = -mu_c.a_c / 2), one (D, K) product per batch
+        assert self.means_ is not None and self.chol_ is not None
+        self.present_ = ~np.isnan(self.means_[:, 0])
+        mu = np.where(self.present_[:, None], np.nan_to_num(self.means_), 0.0)
+        a = cho_solve((self.chol_, True), mu.T)  # (D, K)
+        self.coef_ = a
+        self.intercept_ = -0.5 * np.einsum("kd,dk->k", mu, a)
+
+    def class_log_posterior(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
+        """``log p(c | f)`` of every class ``(N, K)`` under the probe (``-inf`` for classes absent at fit)."""
+        self._check_fitted("coef_", "intercept_", "tap_", "present_")
+        assert self.coef_ is not None and self.intercept_ is not None and self.present_ is not None
+        assert self.tap_ is not None
+        feats = self._features(self._get(with_taps(batch, [self.tap_], model, "LayerProbe"), self.tap_))
+        if feats.shape[1] != self.coef_.shape[0]:
+            raise ValueError(f"{self.tap_!r} gives {feats.shape[1]} features, fitted on {self.coef_.shape[0]}")
+        out = np.empty((len(feats), self.coef_.shape[1]))
+        for s in self._chunks(len(feats)):
+            e = np.where(self.present_[None, :], feats[s] @ self.coef_ + self.intercept_, -np.inf)
+            top = e.max(axis=1, keepdims=True)
+            out[s] = e - (top + np.log(np.exp(e - top).sum(axis=1, keepdims=True)))
+        return out
+
+    def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
+        logp = self.class_log_posterior(batch, model)
+        logits = self._get(batch, "logits", ndim=2)
+        if len(logits) != len(logp):
+            raise ValueError(f"{len(logits)} logits for {len(logp)} activations")
+        pred = np.asarray(logits).argmax(axis=1)
+        if pred.max(initial=0) >= logp.shape[1]:  # a class the reference never had: no posterior at all
+            logp = np.pad(logp, ((0, 0), (0, int(pred.max()) + 1 - logp.shape[1])), constant_values=-np.inf)
+        return -logp[np.arange(len(pred)), pred]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        self._check_fitted("chol_", "means_", "tap_", "grid_")
+        assert self.means_ is not None and self.chol_ is not None and self.tap_ is not None
+        return {"means": self.means_, "chol": self.chol_, "tap": taps_state([self.tap_]),
+                "grid": np.array(self.grid_, np.int64)}
+
+    def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.tap_ = str(state["tap"][0])
+        self.grid_ = int(state["grid"])
+        self.means_ = np.asarray(state["means"], np.float64)
+        self.chol_ = np.asarray(state["chol"], np.float64)
+        self._whiten()

@@ -1,4 +1,5 @@
-"""Feature-space lens: Mahalanobis (one tap and several), k-NN distance, deep k-NN — checked against scikit-learn."""
+"""Feature-space lens: Mahalanobis (one tap and several), k-NN distance, deep k-NN, the early-layer probe — checked
+against scikit-learn."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import pytest
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
-from abl_guard.detectors import DeepKNN, KNNDistance, LayerMahalanobis, Mahalanobis, NotFittedError, make_detector
+from abl_guard.detectors import (
+    DeepKNN,
+    KNNDistance,
+    LayerMahalanobis,
+    LayerProbe,
+    Mahalanobis,
+    NotFittedError,
+    make_detector,
+)
 
 
 def _clusters(n=400, d=6, k=3, seed=0, spread=4.0):
@@ -173,3 +182,68 @@ def test_dknn_errors():
     det = DeepKNN(k=3).fit(obs, y)
     with pytest.raises(ValueError, match="features"):
         det.score({"penultimate": np.ones((2, 5)), "logits": np.ones((2, 3))})
+
+
+def _balanced(per_class=60, d=5, k=3, seed=0):
+    """Clusters with equal class counts (scikit-learn's LDA weights class covariances by its priors)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(k), per_class)
+    centres = rng.normal(0, 2.0, (k, d))
+    mix = rng.normal(size=(d, d))
+    return (centres[y] + rng.normal(size=(len(y), d)) @ mix).astype(np.float32), y
+
+
+def test_probe_is_the_lda_posterior_of_the_predicted_label():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x, y = _balanced()
+    test, _ = _balanced(per_class=10, seed=1)
+    pred = np.random.default_rng(2).integers(0, 3, len(test))
+    logits = np.eye(3)[pred]
+    det = LayerProbe(tap="penultimate", shrinkage=0.0, chunk_size=7).fit({"penultimate": x, "logits": np.eye(3)[y]}, y)
+    assert det.grid_ == 0 and det.requires == ("penultimate", "logits")
+    lda = LinearDiscriminantAnalysis(solver="lsqr", priors=np.full(3, 1 / 3)).fit(x.astype(np.float64), y)
+    want = -lda.predict_log_proba(test.astype(np.float64))[np.arange(len(test)), pred]
+    np.testing.assert_allclose(det.score({"penultimate": test, "logits": logits}), want, rtol=1e-6, atol=1e-8)
+
+
+def test_probe_flags_a_prediction_its_early_layer_disagrees_with():
+    x, y = _balanced(per_class=80, d=6, k=4)
+    conv = np.repeat(np.repeat(x[:, :, None, None], 4, axis=2), 4, axis=3)  # (N, 6, 4, 4): a conv tap
+    conv = conv + np.random.default_rng(3).normal(0, 0.3, conv.shape).astype(np.float32)
+    det = make_detector("probe").fit({"block": conv, "logits": np.eye(4)[y]}, y)
+    assert det.tap_ == "block" and det.grid_ == 4  # "@0": the first tap; 6 * 4 * 4 features fit max_features
+    agree = det.score({"block": conv, "logits": np.eye(4)[y]})
+    flipped = det.score({"block": conv, "logits": np.eye(4)[(y + 1) % 4]})
+    assert np.median(agree) < 0.1 < np.median(flipped)
+    assert np.mean(flipped > np.quantile(agree, 0.99)) > 0.9
+    back = LayerProbe.from_state(det.get_params(), det.state_dict())
+    np.testing.assert_array_equal(back.score({"block": conv, "logits": np.eye(4)[y]}), agree)
+
+
+def test_probe_grid_shrinks_to_max_features_and_unknown_classes_score_inf():
+    rng = np.random.default_rng(0)
+    act = rng.normal(size=(90, 16, 8, 8)).astype(np.float32)
+    y = np.repeat([0, 2, 3], 30)  # class 1 absent
+    obs = {"block": act, "logits": np.eye(4)[y]}
+    det = LayerProbe(max_features=100).fit(obs, y)
+    assert det.grid_ == 2  # 16 * 3 * 3 = 144 > 100 >= 16 * 2 * 2
+    s = det.score({"block": act[:3], "logits": np.eye(5)[[0, 1, 4]]})
+    assert np.isfinite(s[0]) and s[1] == np.inf and s[2] == np.inf
+
+
+def test_probe_errors():
+    x, y = _balanced()
+    obs = {"penultimate": x, "logits": np.eye(3)[y]}
+    with pytest.raises(NotFittedError):
+        LayerProbe().score(obs)
+    with pytest.raises(ValueError, match="labels"):
+        LayerProbe().fit(obs)
+    for bad in ({"grid": 0}, {"max_features": 0}, {"shrinkage": 1.5}):
+        with pytest.raises(ValueError):
+            LayerProbe(**bad)
+    det = LayerProbe().fit(obs, y)
+    with pytest.raises(ValueError, match="features"):
+        det.score({"penultimate": np.ones((2, 4)), "logits": np.ones((2, 3))})
+    with pytest.raises(ValueError, match="2-D"):
+        det.score({"penultimate": np.ones((2, 5, 1, 1)), "logits": np.ones((2, 3))})
