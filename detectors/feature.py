@@ -416,9 +416,9 @@ class LayerProbe(Detector):
     covariance shrunk towards the scaled identity, ``(1 - s) Sigma + s mean(diag Sigma) I`` — without shrinkage the
     ~1,500 features of a first conv block overfit a few thousand reference inputs (``shrinkage=0`` is plain LDA).
     Score: ``-log p(pred | f) = d_pred / 2 + log sum_c exp(-d_c / 2)`` with ``d_c`` the squared Mahalanobis distance
-    to class ``c`` (equal priors), ``pred`` the model's argmax — computed as LDA's linear discriminants, one (D, K)
-    product per input; a prediction of a class absent from the reference scores ``inf``. ``tap="@0"`` is the model's
-    first tap (by position, :mod:`.taps`).
+    to class ``c`` (equal priors), ``pred`` the model's argmax — computed as LDA's linear discriminants with the pooling
+    folded in, one ``(C*H*W, K)`` product per input; a prediction of a class absent from the reference scores
+    ``inf``. ``tap="@0"`` is the model's first tap (by position, :mod:`.taps`).
     """
 
     name = "probe"
@@ -437,6 +437,7 @@ class LayerProbe(Detector):
         self.shrinkage = float(shrinkage)
         self.tap_: str | None = None
         self.grid_: int | None = None  # the grid actually used (0: a 2-D tap)
+        self.shape_: tuple[int, ...] | None = None  # the tap's per-input shape
         self.means_: np.ndarray | None = None
         self.chol_: np.ndarray | None = None
         self.coef_: np.ndarray | None = None  # Sigma^-1 mu_c, (D, K)
@@ -449,13 +450,7 @@ class LayerProbe(Detector):
 
     def _features(self, act: np.ndarray) -> np.ndarray:
         assert self.grid_ is not None
-        if self.grid_ == 0:
-            if act.ndim != 2:
-                raise ValueError(f"{self.tap_!r} was fitted as a 2-D tap, got shape {act.shape}")
-            return act.astype(np.float64)
-        if act.ndim != 4:
-            raise ValueError(f"{self.tap_!r} was fitted as a conv tap, got shape {act.shape}")
-        return adaptive_avg_pool(act, self.grid_)
+        return act.astype(np.float64) if self.grid_ == 0 else adaptive_avg_pool(act, self.grid_)
 
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> LayerProbe:
@@ -473,6 +468,7 @@ class LayerProbe(Detector):
             self.grid_ = 0
         else:
             raise ValueError(f"LayerProbe needs (N, C, H, W) or (N, D) activations at {self.tap_!r}, got {act.shape}")
+        self.shape_ = tuple(int(v) for v in act.shape[1:])
         feats = self._features(act)
         labels = np.asarray(labels)
         if labels.shape != (len(feats),):
@@ -496,25 +492,41 @@ class LayerProbe(Detector):
 
     def _whiten(self) -> None:
         # -d_c / 2 = f.a_c + b_c - f' Sigma^-1 f / 2, and the last term is the same for every class: the posterior is
-        # a softmax of K linear functions (a_c = Sigma^-1 mu_c, b_c = -mu_c.a_c / 2), one (D, K) product per batch
-        assert self.means_ is not None and self.chol_ is not None
+        # a softmax of K linear functions (a_c = Sigma^-1 mu_c, b_c = -mu_c.a_c / 2). The pooling is linear too, so it
+        # is folded into the coefficients: scoring is one (C*H*W, K) product on the raw tap
+        assert self.means_ is not None and self.chol_ is not None and self.grid_ is not None
+        assert self.shape_ is not None
         self.present_ = ~np.isnan(self.means_[:, 0])
         mu = np.where(self.present_[:, None], np.nan_to_num(self.means_), 0.0)
         a = cho_solve((self.chol_, True), mu.T)  # (D, K)
-        self.coef_ = a
         self.intercept_ = -0.5 * np.einsum("kd,dk->k", mu, a)
+        if self.grid_ == 0:
+            self.coef_ = a
+            return
+        c, h, w = self.shape_
+        g_h, g_w = min(self.grid_, h), min(self.grid_, w)
+        cells = a.reshape(c, g_h, g_w, -1)
+        full = np.zeros((c, h, w, a.shape[1]))
+        for i in range(g_h):  # adaptive_avg_pool's bins: a pixel may sit in two overlapping ones
+            r0, r1 = (i * h) // g_h, -((-(i + 1) * h) // g_h)
+            for j in range(g_w):
+                c0, c1 = (j * w) // g_w, -((-(j + 1) * w) // g_w)
+                full[:, r0:r1, c0:c1, :] += cells[:, i, j, None, None, :] / ((r1 - r0) * (c1 - c0))
+        self.coef_ = full.reshape(c * h * w, -1)
 
     def class_log_posterior(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
         """``log p(c | f)`` of every class ``(N, K)`` under the probe (``-inf`` for classes absent at fit)."""
-        self._check_fitted("coef_", "intercept_", "tap_", "present_")
+        self._check_fitted("coef_", "intercept_", "tap_", "present_", "shape_")
         assert self.coef_ is not None and self.intercept_ is not None and self.present_ is not None
-        assert self.tap_ is not None
-        feats = self._features(self._get(with_taps(batch, [self.tap_], model, "LayerProbe"), self.tap_))
-        if feats.shape[1] != self.coef_.shape[0]:
-            raise ValueError(f"{self.tap_!r} gives {feats.shape[1]} features, fitted on {self.coef_.shape[0]}")
-        out = np.empty((len(feats), self.coef_.shape[1]))
-        for s in self._chunks(len(feats)):
-            e = np.where(self.present_[None, :], feats[s] @ self.coef_ + self.intercept_, -np.inf)
+        assert self.tap_ is not None and self.shape_ is not None
+        act = self._get(with_taps(batch, [self.tap_], model, "LayerProbe"), self.tap_)
+        if tuple(act.shape[1:]) != tuple(self.shape_):
+            raise ValueError(f"{self.tap_!r} has shape {tuple(act.shape[1:])} per input, fitted on "
+                             f"{tuple(self.shape_)}")
+        flat = act.reshape(len(act), -1)
+        out = np.empty((len(flat), self.coef_.shape[1]))
+        for s in self._chunks(len(flat)):
+            e = np.where(self.present_[None, :], flat[s].astype(np.float64) @ self.coef_ + self.intercept_, -np.inf)
             top = e.max(axis=1, keepdims=True)
             out[s] = e - (top + np.log(np.exp(e - top).sum(axis=1, keepdims=True)))
         return out
@@ -530,14 +542,15 @@ class LayerProbe(Detector):
         return -logp[np.arange(len(pred)), pred]
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        self._check_fitted("chol_", "means_", "tap_", "grid_")
+        self._check_fitted("chol_", "means_", "tap_", "grid_", "shape_")
         assert self.means_ is not None and self.chol_ is not None and self.tap_ is not None
         return {"means": self.means_, "chol": self.chol_, "tap": taps_state([self.tap_]),
-                "grid": np.array(self.grid_, np.int64)}
+                "grid": np.array(self.grid_, np.int64), "shape": np.array(self.shape_, np.int64)}
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
         self.tap_ = str(state["tap"][0])
         self.grid_ = int(state["grid"])
+        self.shape_ = tuple(int(v) for v in np.asarray(state["shape"]).ravel())
         self.means_ = np.asarray(state["means"], np.float64)
         self.chol_ = np.asarray(state["chol"], np.float64)
         self._whiten()

@@ -207,6 +207,24 @@ def test_probe_is_the_lda_posterior_of_the_predicted_label():
     np.testing.assert_allclose(det.score({"penultimate": test, "logits": logits}), want, rtol=1e-6, atol=1e-8)
 
 
+def test_probe_folds_overlapping_pooling_bins_into_its_coefficients():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from abl_guard.detectors._util import adaptive_avg_pool
+
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), 80)
+    act = (rng.normal(size=(len(y), 2, 5, 5)) + y[:, None, None, None] * rng.normal(size=(1, 2, 5, 5))).astype(
+        np.float32)
+    det = LayerProbe(tap="block", grid=3, shrinkage=0.0).fit({"block": act, "logits": np.eye(3)[y]}, y)
+    assert det.grid_ == 3 and det.coef_.shape == (2 * 5 * 5, 3)  # 5 -> 3 bins overlap (0:2, 1:4, 3:5)
+    test = rng.normal(size=(20, 2, 5, 5)).astype(np.float32)
+    pooled = adaptive_avg_pool(act, 3)
+    lda = LinearDiscriminantAnalysis(solver="lsqr", priors=np.full(3, 1 / 3)).fit(pooled, y)
+    np.testing.assert_allclose(det.class_log_posterior({"block": test}),
+                               lda.predict_log_proba(adaptive_avg_pool(test, 3)), rtol=1e-6, atol=1e-8)
+
+
 def test_probe_flags_a_prediction_its_early_layer_disagrees_with():
     x, y = _balanced(per_class=80, d=6, k=4)
     conv = np.repeat(np.repeat(x[:, :, None, None], 4, axis=2), 4, axis=3)  # (N, 6, 4, 4): a conv tap
@@ -243,7 +261,6 @@ def test_probe_errors():
         with pytest.raises(ValueError):
             LayerProbe(**bad)
     det = LayerProbe().fit(obs, y)
-    with pytest.raises(ValueError, match="features"):
-        det.score({"penultimate": np.ones((2, 4)), "logits": np.ones((2, 3))})
-    with pytest.raises(ValueError, match="2-D"):
-        det.score({"penultimate": np.ones((2, 5, 1, 1)), "logits": np.ones((2, 3))})
+    for wrong in (np.ones((2, 4)), np.ones((2, 5, 1, 1))):
+        with pytest.raises(ValueError, match="shape"):
+            det.score({"penultimate": wrong, "logits": np.ones((2, 3))})
