@@ -82,7 +82,13 @@ ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
                     # the paper's k = 75 is 0.1% of its 60,000-image bank; the guard's bank is the clean reference
                     # (2,000 here), so a proportionally smaller k as well
                     ("dknn (k=10)", "dknn", {"k": 10}, "feature"),
-                    ("dknn (k=10) flattened", "dknn", {"k": 10, "pool": False}, "feature")]
+                    ("dknn (k=10) flattened", "dknn", {"k": 10, "pool": False}, "feature"),
+                    # this project's early-layer probe: does a shrunk LDA on the first tap agree with the prediction?
+                    ("probe", "probe", {}, "feature"),
+                    ("probe (plain LDA)", "probe", {"shrinkage": 0.0}, "feature"),
+                    ("probe (second tap)", "probe", {"tap": "@1"}, "feature"),
+                    # what calibrate drops: the probe at the feature tap (a model adopted with only penultimate)
+                    ("probe (feature tap)", "probe", {"tap": "@-1"}, "feature")]
 
 
 def keep_rows(names: str) -> None:
@@ -97,6 +103,8 @@ def keep_rows(names: str) -> None:
     kept = {r[0] for r in ROWS}
     GUARDS[:] = [g for g in GUARDS if set(g[1]) <= kept]
     FUSION_STUDY[:] = [f for f in FUSION_STUDY if set(f[1]) <= kept]
+    for rows in [r for r in ADAPTIVE_TARGETS if not set(r) <= kept]:
+        del ADAPTIVE_TARGETS[rows]
 
 
 def adapt_rows(taps: dict[str, str]) -> None:
@@ -152,6 +160,16 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
      ["mahalanobis", "knn", "gram", "dknn (k=10) flattened"], "fisher", True),
     ("mahalanobis + knn + gram + first tap + dknn, fisher",
      ["mahalanobis", "knn", "gram", "mahalanobis (first tap)", "dknn"], "fisher", True),
+    # the early-layer probe: the adversarial lens the others lack (CW-L2 at either kappa)
+    ("mahalanobis + knn + gram + probe, fisher", ["mahalanobis", "knn", "gram", "probe"], "fisher", True),
+    ("mahalanobis + knn + gram + probe, hmp", ["mahalanobis", "knn", "gram", "probe"], "hmp", True),
+    ("mahalanobis + knn + gram + probe (feature tap), fisher", ["mahalanobis", "knn", "gram", "probe (feature tap)"],
+     "fisher", True),
+    ("mahalanobis + knn + probe, fisher", ["mahalanobis", "knn", "probe"], "fisher", True),
+    ("layers + knn + probe, fisher", ["mahalanobis-layers", "knn", "probe"], "fisher", True),
+    ("layers + knn + gram + probe, fisher", ["mahalanobis-layers", "knn", "gram", "probe"], "fisher", True),
+    ("mahalanobis + layers + knn + gram + probe, fisher",
+     ["mahalanobis", "mahalanobis-layers", "knn", "gram", "probe"], "fisher", True),
 ]
 #: fusion from clean data only (issue 16 item 3): member sets whose Fisher guard is re-weighted, see ``fusion_rows``
 FUSION_STUDY: list[tuple[str, list[str]]] = [
@@ -159,6 +177,7 @@ FUSION_STUDY: list[tuple[str, list[str]]] = [
     ("layers + knn", ["mahalanobis-layers", "knn"]),
     ("mahalanobis + layers + knn", ["mahalanobis", "mahalanobis-layers", "knn"]),
     ("mahalanobis + knn + gram", ["mahalanobis", "knn", "gram"]),
+    ("mahalanobis + knn + gram + probe", ["mahalanobis", "knn", "gram", "probe"]),
 ]
 ADVERSARIAL: list[tuple[str, str, dict[str, Any], str]] = [
     ("fgsm eps=0.1", "fgsm", {"eps": 0.1}, "n_adv"),
@@ -253,6 +272,7 @@ ADAPTIVE_TARGETS: dict[tuple[str, ...], str] = {
     ("mahalanobis-layers", "knn", "knn (pool)", "odds"): "layers + knn + knn (pool) + odds, fisher",
     ("mahalanobis", "knn", "gram"): "mahalanobis + knn + gram, fisher",
     ("mahalanobis", "knn", "gram", "mahalanobis (first tap)"): "mahalanobis + knn + gram + first tap, fisher",
+    ("mahalanobis", "knn", "gram", "probe"): "mahalanobis + knn + gram + probe, fisher",
 }
 #: other guard rows shown in the adaptive table (transfer: an attack on some detectors, scored by the others)
 SHOWN_UNDER_ADAPTIVE = ("one pass: mahalanobis + layers + knn, fisher",)
@@ -260,7 +280,7 @@ KAPPA = 5.0  # logit margin the adaptive attacker aims for, so that uint8 roundi
 
 
 class TorchGuardScore(torch.nn.Module):
-    """*Fitted* Mahalanobis, mahalanobis-layers, knn, odds and gram detectors' scores, differentiable in torch.
+    """*Fitted* Mahalanobis, mahalanobis-layers, knn, odds, gram and probe detectors' scores, differentiable in torch.
 
     Built from each detector's own state — resolved taps, whitened class means and Cholesky factor of the tied
     covariance, the layers' standardisation, the k-NN bank and ``k``, the odds detector's fixed noise draws and
@@ -293,6 +313,12 @@ class TorchGuardScore(torch.nn.Module):
                 self.parts.append(("knn", (d.tap_, torch.as_tensor(d.bank_, dtype=torch.float64), d.k)))
                 taps.append(d.tap_)
                 continue
+            if d.name == "probe":  # the early tap's LDA posterior of the predicted label
+                self.parts.append(("probe", (d.tap_, d.grid_, torch.as_tensor(d.coef_, dtype=torch.float64),
+                                             torch.as_tensor(d.intercept_, dtype=torch.float64),
+                                             torch.as_tensor(d.present_))))
+                taps.append(d.tap_)
+                continue
             layers = getattr(d, "layers_", None) or [d]
             multi = getattr(d, "layers_", None) is not None
             self.parts.append(("mahalanobis", (
@@ -315,6 +341,14 @@ class TorchGuardScore(torch.nn.Module):
                 continue
             if kind == "gram":
                 out.append(self._gram(logits, act, *state))
+                continue
+            if kind == "probe":
+                tap, grid, coef, intercept, present = state
+                a = act[tap]
+                f = (torch.nn.functional.adaptive_avg_pool2d(a, grid) if grid else a).flatten(1).double()
+                e = (f @ coef + intercept).masked_fill(~present[None], -torch.inf)
+                logp = torch.log_softmax(e, dim=1)
+                out.append(-logp.gather(1, logits.argmax(1)[:, None])[:, 0])
                 continue
             if kind == "knn":
                 tap, bank, k = state

@@ -101,6 +101,11 @@ class Detector(ABC):
         det._load_state(state)
         return det
 
+    def uninformative(self) -> str | None:
+        """After ``fit``: why this detector adds nothing on this model (the guard then drops it from a set with
+        others), or None. The default: never."""
+        return None
+
     # ------------------------------------------------------------------ helpers for subclasses
 
     def _check_fitted(self, *attrs: str) -> None:

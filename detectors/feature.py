@@ -438,6 +438,7 @@ class LayerProbe(Detector):
         self.tap_: str | None = None
         self.grid_: int | None = None  # the grid actually used (0: a 2-D tap)
         self.shape_: tuple[int, ...] | None = None  # the tap's per-input shape
+        self.last_tap_: str | None = None  # the model's feature tap at fit (not state: only the build needs it)
         self.means_: np.ndarray | None = None
         self.chol_: np.ndarray | None = None
         self.coef_: np.ndarray | None = None  # Sigma^-1 mu_c, (D, K)
@@ -448,6 +449,14 @@ class LayerProbe(Detector):
     def requires(self) -> tuple[str, ...]:
         return (self.tap_, "logits") if self.tap_ is not None else ("logits",)
 
+    def uninformative(self) -> str | None:
+        """The probe compares an *early* layer with the prediction: at the model's feature tap (a model adopted with
+        only ``penultimate``) the probe follows the decision it should check (PGD-L2 0.507 there against 0.903 at
+        the first conv block, docs/detectors.md#probe)."""
+        if self.tap_ is not None and self.tap_ == self.last_tap_:
+            return f"reads {self.tap_!r}, the model's feature tap: no earlier layer to check the prediction against"
+        return None
+
     def _features(self, act: np.ndarray) -> np.ndarray:
         assert self.grid_ is not None
         return act.astype(np.float64) if self.grid_ == 0 else adaptive_avg_pool(act, self.grid_)
@@ -457,6 +466,7 @@ class LayerProbe(Detector):
         if labels is None:
             raise ValueError("LayerProbe.fit needs the reference labels (class-conditional means)")
         self.tap_ = resolve_tap(self.tap, reference, model, "LayerProbe")
+        self.last_tap_ = resolve_tap(None, reference, model, "LayerProbe")
         act = self._get(with_taps(reference, [self.tap_], model, "LayerProbe"), self.tap_)
         if act.ndim == 4:
             c, h, w = act.shape[1:]

@@ -189,10 +189,18 @@ class _Stage:
     def _drop_duplicates(self) -> None:
         """A detector whose taps resolved to the same configuration as an earlier one's (the default's
         ``mahalanobis:tap=@0`` on a model whose only tap is ``penultimate``) would count the same evidence twice in
-        the combination: it is dropped, with a warning, and the names are renumbered."""
+        the combination, and one that says it is uninformative on this model (:meth:`Detector.uninformative`:
+        ``probe`` at the feature tap) would only dilute it: either is dropped from a set of several, with a
+        warning, and the names are renumbered."""
         seen: dict[str, str] = {}
         kept: list[Detector] = []
+        why = {name: det.uninformative() for name, det in zip(self.names, self.detectors)}
+        if all(w is not None for w in why.values()):  # nothing informative left to keep: keep them all
+            why = dict.fromkeys(why)
         for name, det in zip(self.names, self.detectors):
+            if why[name] is not None:
+                log.warning("%s %s on this model: dropped", name, why[name])
+                continue
             params = {k: v for k, v in det.get_params().items() if k not in ("tap", "taps", "chunk_size")}
             key = json.dumps([det.name, params, list(det.requires)], sort_keys=True, default=str)
             if key in seen:

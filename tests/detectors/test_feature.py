@@ -264,3 +264,13 @@ def test_probe_errors():
     for wrong in (np.ones((2, 4)), np.ones((2, 5, 1, 1))):
         with pytest.raises(ValueError, match="shape"):
             det.score({"penultimate": wrong, "logits": np.ones((2, 3))})
+
+
+def test_probe_says_it_is_uninformative_at_the_feature_tap():
+    x, y = _balanced()
+    conv = np.repeat(np.repeat(x[:, :, None, None], 2, axis=2), 2, axis=3)
+    obs = {"block": conv, "penultimate": x, "logits": np.eye(3)[y]}
+    assert LayerProbe().fit(obs, y).uninformative() is None  # "@0": the conv block
+    assert "feature tap" in LayerProbe(tap="@-1").fit(obs, y).uninformative()
+    assert "feature tap" in LayerProbe().fit({"penultimate": x, "logits": np.eye(3)[y]}, y).uninformative()
+    assert make_detector("mahalanobis").fit(obs, y).uninformative() is None

@@ -69,3 +69,18 @@ def test_default_calibrate_adapts_to_the_models_taps(tiny_onnx, tmp_path, digits
     assert flagged.mean() <= 0.05 + 0.04  # 5% target; 360 fresh inputs, so a few points of sampling error
     noise = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
     assert guard.predict(noise)[1].mean() > 0.9  # and it still sees what is not a digit
+
+
+def test_probe_at_the_feature_tap_is_dropped_from_a_set_and_kept_alone(tiny_onnx, tmp_path):
+    """The tiny model's only tap is its feature tap: ``probe`` (an early layer against the prediction) has nothing
+    earlier to read there, so calibrate drops it from a set with others (it would dilute them) but not when alone."""
+    common = ["-q", "calibrate", str(tiny_onnx), "--dataset", "digits", "--split", "train", "--count", "600",
+              "--fpr", "0.05"]
+    r = CliRunner().invoke(main, [*common, "--detectors", "mahalanobis,probe,knn", "-o", str(tmp_path / "set")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert [d["type"] for d in manifest["detectors"]] == ["mahalanobis", "knn"]
+    r = CliRunner().invoke(main, [*common, "--detectors", "probe", "-o", str(tmp_path / "alone")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "alone" / "manifest.json").read_text())
+    assert [d["type"] for d in manifest["detectors"]] == ["probe"]
