@@ -316,7 +316,9 @@ def main() -> int:
             "mahalanobis-layers,knn": "mahalanobis-layers,knn",
             # the default plus Lee et al.'s Mahalanobis at the first tap (better on FGSM / PGD in
             # detect_converged.md; measured here for its cost)
-            "mahalanobis,knn,gram,mahalanobis:tap=@0": "mahalanobis,knn,gram,mahalanobis:tap=@0"}
+            "mahalanobis,knn,gram,mahalanobis:tap=@0": "mahalanobis,knn,gram,mahalanobis:tap=@0",
+            # the default plus the early-layer probe (CW-L2 and PGD-L2 in detect_converged_probe.md)
+            "mahalanobis,knn,gram,probe": "mahalanobis,knn,gram,probe"}
     bundles = build_bundles(model, out, {"default": sets["default"]}, args.rebuild)
     mem = memory_bench(bundles["default"], out, [int(v) for v in args.scan_sizes.split(",")])
     bundles.update(build_bundles(model, out, {k: v for k, v in sets.items() if k != "default"}, args.rebuild))
