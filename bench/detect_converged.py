@@ -314,7 +314,7 @@ class TorchGuardScore(torch.nn.Module):
                 taps.append(d.tap_)
                 continue
             if d.name == "probe":  # the early tap's LDA posterior of the predicted label
-                self.parts.append(("probe", (d.tap_, d.grid_, torch.as_tensor(d.coef_, dtype=torch.float64),
+                self.parts.append(("probe", (d.tap_, torch.as_tensor(d.coef_, dtype=torch.float64),
                                              torch.as_tensor(d.intercept_, dtype=torch.float64),
                                              torch.as_tensor(d.present_))))
                 taps.append(d.tap_)
@@ -343,10 +343,8 @@ class TorchGuardScore(torch.nn.Module):
                 out.append(self._gram(logits, act, *state))
                 continue
             if kind == "probe":
-                tap, grid, coef, intercept, present = state
-                a = act[tap]
-                f = (torch.nn.functional.adaptive_avg_pool2d(a, grid) if grid else a).flatten(1).double()
-                e = (f @ coef + intercept).masked_fill(~present[None], -torch.inf)
+                tap, coef, intercept, present = state  # the pooling is folded into coef: the raw tap, flattened
+                e = (act[tap].flatten(1).double() @ coef + intercept).masked_fill(~present[None], -torch.inf)
                 logp = torch.log_softmax(e, dim=1)
                 out.append(-logp.gather(1, logits.argmax(1)[:, None])[:, 0])
                 continue
@@ -648,7 +646,8 @@ def alarms(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
     for gname in ("default guard (mahalanobis)", "five: fisher", "one pass: layers + knn, fisher",
                   "one pass: mahalanobis + knn, fisher", "layers + knn + knn (pool) + odds, fisher",
                   "mahalanobis + knn + gram, fisher", "layers + knn + knn (pool) + odds + gram, fisher",
-                  "mahalanobis + knn + gram + first tap, fisher", "mahalanobis + knn + gram + dknn, fisher"):
+                  "mahalanobis + knn + gram + first tap, fisher", "mahalanobis + knn + gram + dknn, fisher",
+                  "mahalanobis + knn + gram + probe, fisher"):
         if gname not in guards:  # --rows left it out
             continue
         c = guards[gname]

@@ -452,7 +452,7 @@ class LayerProbe(Detector):
     def uninformative(self) -> str | None:
         """The probe compares an *early* layer with the prediction: at the model's feature tap (a model adopted with
         only ``penultimate``) the probe follows the decision it should check (PGD-L2 0.507 there against 0.903 at
-        the first conv block, docs/detectors.md#probe)."""
+        the first conv block, bench/results/detect_converged_probe.md)."""
         if self.tap_ is not None and self.tap_ == self.last_tap_:
             return f"reads {self.tap_!r}, the model's feature tap: no earlier layer to check the prediction against"
         return None
