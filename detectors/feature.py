@@ -408,7 +408,7 @@ class LayerProbe(Detector):
     (``dknn``: do the neighbours at each layer agree with the label?) with Lee et al.'s parametric classifier in place
     of the neighbours, at one early layer, where the adversarial perturbation is still small. It is this project's
     construction, not a published detector: measured against the baselines and every other detector in
-    ``bench/results/detect_converged_probe.md`` (docs/detectors.md#layer-probe).
+    ``bench/results/detect_converged_probe.md`` (docs/detectors.md, ``probe``).
 
     Fit: the tap's activations (conv maps average-pooled to a ``grid x grid`` map per channel, the grid shrunk until
     the feature count is at most ``max_features``, so any model's first tap fits; 2-D taps are used as they are), the
