@@ -87,6 +87,7 @@ ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
                     ("probe", "probe", {}, "feature"),
                     ("probe (plain LDA)", "probe", {"shrinkage": 0.0}, "feature"),
                     ("probe (second tap)", "probe", {"tap": "@1"}, "feature"),
+                    ("probe (Ledoit-Wolf shrinkage)", "probe", {"shrinkage": "auto"}, "feature"),
                     # what calibrate drops: the probe at the feature tap (a model adopted with only penultimate)
                     ("probe (feature tap)", "probe", {"tap": "@-1"}, "feature")]
 
@@ -163,6 +164,8 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     # the early-layer probe: the adversarial lens the others lack (CW-L2 at either kappa)
     ("mahalanobis + knn + gram + probe, fisher", ["mahalanobis", "knn", "gram", "probe"], "fisher", True),
     ("mahalanobis + knn + gram + probe, hmp", ["mahalanobis", "knn", "gram", "probe"], "hmp", True),
+    ("mahalanobis + knn + gram + probe (Ledoit-Wolf), fisher",
+     ["mahalanobis", "knn", "gram", "probe (Ledoit-Wolf shrinkage)"], "fisher", True),
     ("mahalanobis + knn + gram + probe (feature tap), fisher", ["mahalanobis", "knn", "gram", "probe (feature tap)"],
      "fisher", True),
     ("mahalanobis + knn + probe, fisher", ["mahalanobis", "knn", "probe"], "fisher", True),

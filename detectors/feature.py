@@ -414,7 +414,8 @@ class LayerProbe(Detector):
     the feature count is at most ``max_features``, so any model's first tap fits; 2-D taps are used as they are), the
     class means of the clean reference (its labels: true or the model's predictions) and the pooled within-class
     covariance shrunk towards the scaled identity, ``(1 - s) Sigma + s mean(diag Sigma) I`` — without shrinkage the
-    ~1,500 features of a first conv block overfit a few thousand reference inputs (``shrinkage=0`` is plain LDA).
+    ~1,500 features of a first conv block overfit a few thousand reference inputs (``shrinkage=0`` is plain LDA;
+    ``"auto"`` takes Ledoit & Wolf's intensity for the within-class residuals, the same target).
     Score: ``-log p(pred | f) = d_pred / 2 + log sum_c exp(-d_c / 2)`` with ``d_c`` the squared Mahalanobis distance
     to class ``c`` (equal priors), ``pred`` the model's argmax — computed as LDA's linear discriminants with the pooling
     folded in, one ``(C*H*W, K)`` product per input; a prediction of a class absent from the reference scores
@@ -424,17 +425,18 @@ class LayerProbe(Detector):
     name = "probe"
     tail_kinds = {"high": "inconsistent-layers"}
 
-    def __init__(self, tap: str | None = "@0", grid: int = 7, max_features: int = 2048, shrinkage: float = 0.1,
-                 chunk_size: int = 1024) -> None:
+    def __init__(self, tap: str | None = "@0", grid: int = 7, max_features: int = 2048,
+                 shrinkage: float | str = 0.1, chunk_size: int = 1024) -> None:
         super().__init__(chunk_size)
         if grid < 1 or max_features < 1:
             raise ValueError("grid and max_features must be >= 1")
-        if not 0.0 <= shrinkage <= 1.0:
-            raise ValueError("shrinkage must be in [0, 1]")
+        if shrinkage != "auto" and (isinstance(shrinkage, str) or not 0.0 <= shrinkage <= 1.0):
+            raise ValueError("shrinkage must be in [0, 1] or 'auto' (Ledoit-Wolf)")
         self.tap = tap
         self.grid = int(grid)
         self.max_features = int(max_features)
-        self.shrinkage = float(shrinkage)
+        self.shrinkage: float | str = shrinkage if shrinkage == "auto" else float(shrinkage)
+        self.shrinkage_: float | None = None  # the intensity used (Ledoit-Wolf's with "auto")
         self.tap_: str | None = None
         self.grid_: int | None = None  # the grid actually used (0: a 2-D tap)
         self.shape_: tuple[int, ...] | None = None  # the tap's per-input shape
@@ -492,9 +494,15 @@ class LayerProbe(Detector):
             centered[m] = feats[m] - means[c]
         cov = centered.T @ centered / len(feats)
         scale = max(float(np.mean(np.diag(cov))), 1e-12)
-        cov *= 1.0 - self.shrinkage
+        if self.shrinkage == "auto":
+            from sklearn.covariance import ledoit_wolf_shrinkage
+
+            self.shrinkage_ = float(ledoit_wolf_shrinkage(centered, assume_centered=True))
+        else:
+            self.shrinkage_ = float(self.shrinkage)
+        cov *= 1.0 - self.shrinkage_
         # shrinkage towards the scaled identity, plus a ridge far below it so that s = 0 stays factorable
-        cov[np.diag_indices_from(cov)] += (self.shrinkage + 1e-9) * scale
+        cov[np.diag_indices_from(cov)] += (self.shrinkage_ + 1e-9) * scale
         self.chol_ = np.linalg.cholesky(cov)
         self.means_ = means
         self._whiten()

@@ -257,7 +257,7 @@ def test_probe_errors():
         LayerProbe().score(obs)
     with pytest.raises(ValueError, match="labels"):
         LayerProbe().fit(obs)
-    for bad in ({"grid": 0}, {"max_features": 0}, {"shrinkage": 1.5}):
+    for bad in ({"grid": 0}, {"max_features": 0}, {"shrinkage": 1.5}, {"shrinkage": "wide"}):
         with pytest.raises(ValueError):
             LayerProbe(**bad)
     det = LayerProbe().fit(obs, y)
@@ -274,3 +274,18 @@ def test_probe_says_it_is_uninformative_at_the_feature_tap():
     assert "feature tap" in LayerProbe(tap="@-1").fit(obs, y).uninformative()
     assert "feature tap" in LayerProbe().fit({"penultimate": x, "logits": np.eye(3)[y]}, y).uninformative()
     assert make_detector("mahalanobis").fit(obs, y).uninformative() is None
+
+
+def test_probe_auto_shrinkage_is_ledoit_wolfs_intensity():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(3), 20)
+    x = (rng.normal(size=(60, 40)) + y[:, None]).astype(np.float32)  # 40 features, 60 inputs: worth shrinking
+    obs = {"penultimate": x, "logits": np.eye(3)[y]}
+    det = LayerProbe(shrinkage="auto").fit(obs, y)
+    centred = x.astype(np.float64) - np.stack([x[y == c].mean(0) for c in range(3)]).astype(np.float64)[y]
+    assert det.shrinkage_ == pytest.approx(ledoit_wolf_shrinkage(centred, assume_centered=True), rel=1e-6)
+    assert 0.0 < det.shrinkage_ < 1.0
+    fixed = LayerProbe(shrinkage=det.shrinkage_).fit(obs, y)
+    np.testing.assert_allclose(det.score(obs), fixed.score(obs), rtol=1e-9)
