@@ -317,7 +317,9 @@ class TorchGuardScore(torch.nn.Module):
                 taps.append(d.tap_)
                 continue
             if d.name == "probe":  # the early tap's LDA posterior of the predicted label
-                self.parts.append(("probe", (d.tap_, torch.as_tensor(d.coef_, dtype=torch.float64),
+                if d.folded_ is None:
+                    raise ValueError("the adaptive attacker differentiates a probe with a folded map only")
+                self.parts.append(("probe", (d.tap_, torch.as_tensor(d.folded_, dtype=torch.float64),
                                              torch.as_tensor(d.intercept_, dtype=torch.float64),
                                              torch.as_tensor(d.present_))))
                 taps.append(d.tap_)

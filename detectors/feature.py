@@ -396,6 +396,10 @@ class DeepKNN(Detector):
         self.banks_, self.centers_, self.bank_labels_ = banks, centers, labels
 
 
+#: the largest folded probe map (entries) kept; beyond it (a 1,000-class model's stem) scoring pools first
+FOLD_MAX_ENTRIES = 1 << 22
+
+
 @register
 class LayerProbe(Detector):
     """Does an early layer agree with the model's prediction? The posterior of the *predicted* label under a
@@ -418,8 +422,9 @@ class LayerProbe(Detector):
     ``"auto"`` takes Ledoit & Wolf's intensity for the within-class residuals, the same target).
     Score: ``-log p(pred | f) = d_pred / 2 + log sum_c exp(-d_c / 2)`` with ``d_c`` the squared Mahalanobis distance
     to class ``c`` (equal priors), ``pred`` the model's argmax — computed as LDA's linear discriminants with the pooling
-    folded in, one ``(C*H*W, K)`` product per input; a prediction of a class absent from the reference scores
-    ``inf``. ``tap="@0"`` is the model's first tap (by position, :mod:`.taps`).
+    folded in, one ``(C*H*W, K)`` product per input (up to :data:`FOLD_MAX_ENTRIES`; pooled first beyond it); a
+    prediction of a class absent from the reference scores ``inf``. ``tap="@0"`` is the model's first tap (by
+    position, :mod:`.taps`).
     """
 
     name = "probe"
@@ -444,6 +449,7 @@ class LayerProbe(Detector):
         self.means_: np.ndarray | None = None
         self.chol_: np.ndarray | None = None
         self.coef_: np.ndarray | None = None  # Sigma^-1 mu_c, (D, K)
+        self.folded_: np.ndarray | None = None  # the same with the pooling folded in, (C*H*W, K), when small enough
         self.intercept_: np.ndarray | None = None
         self.present_: np.ndarray | None = None
 
@@ -518,10 +524,11 @@ class LayerProbe(Detector):
         mu = np.where(self.present_[:, None], np.nan_to_num(self.means_), 0.0)
         a = cho_solve((self.chol_, True), mu.T)  # (D, K)
         self.intercept_ = -0.5 * np.einsum("kd,dk->k", mu, a)
-        if self.grid_ == 0:
-            self.coef_ = a
+        self.coef_ = a
+        self.folded_ = None
+        c, h, w = self.shape_ if len(self.shape_) == 3 else (0, 0, 0)
+        if self.grid_ == 0 or c * h * w * a.shape[1] > FOLD_MAX_ENTRIES:  # e.g. a 1,000-class model's stem: pool
             return
-        c, h, w = self.shape_
         g_h, g_w = min(self.grid_, h), min(self.grid_, w)
         cells = a.reshape(c, g_h, g_w, -1)
         full = np.zeros((c, h, w, a.shape[1]))
@@ -530,7 +537,7 @@ class LayerProbe(Detector):
             for j in range(g_w):
                 c0, c1 = (j * w) // g_w, -((-(j + 1) * w) // g_w)
                 full[:, r0:r1, c0:c1, :] += cells[:, i, j, None, None, :] / ((r1 - r0) * (c1 - c0))
-        self.coef_ = full.reshape(c * h * w, -1)
+        self.folded_ = full.reshape(c * h * w, -1)
 
     def class_log_posterior(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
         """``log p(c | f)`` of every class ``(N, K)`` under the probe (``-inf`` for classes absent at fit)."""
@@ -541,10 +548,11 @@ class LayerProbe(Detector):
         if tuple(act.shape[1:]) != tuple(self.shape_):
             raise ValueError(f"{self.tap_!r} has shape {tuple(act.shape[1:])} per input, fitted on "
                              f"{tuple(self.shape_)}")
-        flat = act.reshape(len(act), -1)
-        out = np.empty((len(flat), self.coef_.shape[1]))
-        for s in self._chunks(len(flat)):
-            e = np.where(self.present_[None, :], flat[s].astype(np.float64) @ self.coef_ + self.intercept_, -np.inf)
+        out = np.empty((len(act), self.coef_.shape[1]))
+        for s in self._chunks(len(act)):
+            lin = (act[s].reshape(len(act[s]), -1).astype(np.float64) @ self.folded_ if self.folded_ is not None
+                   else self._features(act[s]) @ self.coef_)
+            e = np.where(self.present_[None, :], lin + self.intercept_, -np.inf)
             top = e.max(axis=1, keepdims=True)
             out[s] = e - (top + np.log(np.exp(e - top).sum(axis=1, keepdims=True)))
         return out

@@ -217,7 +217,7 @@ def test_probe_folds_overlapping_pooling_bins_into_its_coefficients():
     act = (rng.normal(size=(len(y), 2, 5, 5)) + y[:, None, None, None] * rng.normal(size=(1, 2, 5, 5))).astype(
         np.float32)
     det = LayerProbe(tap="block", grid=3, shrinkage=0.0).fit({"block": act, "logits": np.eye(3)[y]}, y)
-    assert det.grid_ == 3 and det.coef_.shape == (2 * 5 * 5, 3)  # 5 -> 3 bins overlap (0:2, 1:4, 3:5)
+    assert det.grid_ == 3 and det.folded_.shape == (2 * 5 * 5, 3)  # 5 -> 3 bins overlap (0:2, 1:4, 3:5)
     test = rng.normal(size=(20, 2, 5, 5)).astype(np.float32)
     pooled = adaptive_avg_pool(act, 3)
     lda = LinearDiscriminantAnalysis(solver="lsqr", priors=np.full(3, 1 / 3)).fit(pooled, y)
@@ -289,3 +289,17 @@ def test_probe_auto_shrinkage_is_ledoit_wolfs_intensity():
     assert 0.0 < det.shrinkage_ < 1.0
     fixed = LayerProbe(shrinkage=det.shrinkage_).fit(obs, y)
     np.testing.assert_allclose(det.score(obs), fixed.score(obs), rtol=1e-9)
+
+
+def test_probe_pools_first_when_the_folded_map_would_be_too_big(monkeypatch):
+    import abl_guard.detectors.feature as feature
+
+    rng = np.random.default_rng(6)
+    y = np.repeat(np.arange(3), 40)
+    act = (rng.normal(size=(len(y), 3, 6, 6)) + y[:, None, None, None]).astype(np.float32)
+    obs = {"block": act, "logits": np.eye(3)[y]}
+    folded = LayerProbe(grid=4).fit(obs, y)
+    monkeypatch.setattr(feature, "FOLD_MAX_ENTRIES", 10)
+    pooled = LayerProbe(grid=4).fit(obs, y)
+    assert folded.folded_ is not None and pooled.folded_ is None
+    np.testing.assert_allclose(pooled.score(obs), folded.score(obs), rtol=1e-9, atol=1e-12)
