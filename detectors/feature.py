@@ -12,6 +12,22 @@ from .base import Detector, ModelFn, Observations, flatten_features, register
 from .taps import PENULTIMATE, parse_taps, resolve_tap, resolve_taps, taps_state, with_taps
 
 
+def class_means(feats: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class means ``(max label + 1, D)`` of ``feats`` (NaN rows for labels absent from the reference) and the
+    within-class residuals ``(N, D)``: what a tied-covariance Gaussian classifier is fitted from."""
+    labels = np.asarray(labels)
+    if labels.shape != (len(feats),):
+        raise ValueError(f"labels shape {labels.shape} does not match {len(feats)} reference inputs")
+    classes = np.unique(labels)
+    means = np.full((int(classes.max()) + 1, feats.shape[1]), np.nan)
+    centered = np.empty_like(feats)
+    for c in classes:
+        m = labels == c
+        means[c] = feats[m].mean(axis=0)
+        centered[m] = feats[m] - means[c]
+    return means, centered
+
+
 @register
 class Mahalanobis(Detector):
     """Class-conditional Gaussians with a shared (tied) covariance (Lee et al., NeurIPS 2018).
@@ -55,26 +71,14 @@ class Mahalanobis(Detector):
         self.tap_ = resolve_tap(self.tap, reference, model, "Mahalanobis")
         reference = with_taps(reference, [self.tap_], model, "Mahalanobis")
         feats = flatten_features(self._get(reference, self.tap_)).astype(np.float64)
-        labels = np.asarray(labels)
-        if labels.shape != (len(feats),):
-            raise ValueError(f"labels shape {labels.shape} does not match {len(feats)} reference inputs")
-        classes = np.unique(labels)
         if len(feats) <= feats.shape[1] and self.ridge == 0:
             raise ValueError("fewer reference inputs than feature dimensions: the covariance is singular; "
                              "use ridge > 0 or more data")
-        means = np.zeros((int(classes.max()) + 1, feats.shape[1]))
-        centered = np.empty_like(feats)
-        present = np.zeros(len(means), bool)
-        for c in classes:
-            m = labels == c
-            means[c] = feats[m].mean(axis=0)
-            centered[m] = feats[m] - means[c]
-            present[c] = True
+        # classes absent from the reference get an infinitely distant (NaN) mean, so they never win the min
+        self.means_, centered = class_means(feats, labels)
         cov = centered.T @ centered / len(feats)
         cov[np.diag_indices_from(cov)] += self.ridge * max(float(np.mean(np.diag(cov))), 1e-12)
         self.chol_ = np.linalg.cholesky(cov)
-        # classes absent from the reference get an infinitely distant mean, so they never win the min
-        self.means_ = np.where(present[:, None], means, np.nan)
         self._whiten_means()
         return self
 
@@ -488,16 +492,7 @@ class LayerProbe(Detector):
             raise ValueError(f"LayerProbe needs (N, C, H, W) or (N, D) activations at {self.tap_!r}, got {act.shape}")
         self.shape_ = tuple(int(v) for v in act.shape[1:])
         feats = self._features(act)
-        labels = np.asarray(labels)
-        if labels.shape != (len(feats),):
-            raise ValueError(f"labels shape {labels.shape} does not match {len(feats)} reference inputs")
-        classes = np.unique(labels)
-        means = np.full((int(classes.max()) + 1, feats.shape[1]), np.nan)
-        centered = np.empty_like(feats)
-        for c in classes:
-            m = labels == c
-            means[c] = feats[m].mean(axis=0)
-            centered[m] = feats[m] - means[c]
+        means, centered = class_means(feats, labels)
         cov = centered.T @ centered / len(feats)
         scale = max(float(np.mean(np.diag(cov))), 1e-12)
         if self.shrinkage == "auto":
@@ -511,10 +506,10 @@ class LayerProbe(Detector):
         cov[np.diag_indices_from(cov)] += (self.shrinkage_ + 1e-9) * scale
         self.chol_ = np.linalg.cholesky(cov)
         self.means_ = means
-        self._whiten()
+        self._discriminants()
         return self
 
-    def _whiten(self) -> None:
+    def _discriminants(self) -> None:
         # -d_c / 2 = f.a_c + b_c - f' Sigma^-1 f / 2, and the last term is the same for every class: the posterior is
         # a softmax of K linear functions (a_c = Sigma^-1 mu_c, b_c = -mu_c.a_c / 2). The pooling is linear too, so it
         # is folded into the coefficients: scoring is one (C*H*W, K) product on the raw tap
@@ -579,4 +574,4 @@ class LayerProbe(Detector):
         self.shape_ = tuple(int(v) for v in np.asarray(state["shape"]).ravel())
         self.means_ = np.asarray(state["means"], np.float64)
         self.chol_ = np.asarray(state["chol"], np.float64)
-        self._whiten()
+        self._discriminants()

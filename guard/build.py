@@ -182,11 +182,11 @@ class _Stage:
         for name, det in zip(self.names, self.detectors):
             log.info("fitting %s on %d clean inputs", name, len(x))
             det.fit(obs, labels, self.model)
-        self._drop_duplicates()
+        self._drop_redundant()
         self.outputs = needed_outputs(self.detectors)
         return len(x)
 
-    def _drop_duplicates(self) -> None:
+    def _drop_redundant(self) -> None:
         """A detector whose taps resolved to the same configuration as an earlier one's (the default's
         ``mahalanobis:tap=@0`` on a model whose only tap is ``penultimate``) would count the same evidence twice in
         the combination, and one that says it is uninformative on this model (:meth:`Detector.uninformative`:
