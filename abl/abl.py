@@ -62,6 +62,7 @@ from .expansion import (
     pooled_features,
     scan_inputs,
     scan_labels,
+    scan_off_label,
     target_examples,
 )
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
@@ -89,6 +90,7 @@ from .train import (
     resolve_autocast,
     resolve_channels_last,
     select_device,
+    softmax_rows,
     train_one_epoch,
 )
 from .unlearning import (
@@ -220,6 +222,9 @@ class _Stages:
     pool_features: tuple[np.ndarray, np.ndarray] | None = None
     #: the input-space label scan of the pool, ``(pool, Expansion)``, once computed (it needs no model)
     input_scan: tuple[np.ndarray, Expansion] | None = None
+    #: the pool's class probabilities from the last isolation pass (retrain mode, one process), for the off-label
+    #: scan of the same model: ``(pool, probabilities)``, a row per pool entry
+    pool_probs: tuple[np.ndarray, np.ndarray] | None = None
 
     def isolation(self, pool: np.ndarray, opt: torch.optim.Optimizer, poison_indices: np.ndarray | None) -> None:
         """Stage 1: LGA training on the pool, then the isolation of ``D_b`` at ``T_te``."""
@@ -242,6 +247,10 @@ class _Stages:
             ok = share >= cfg.isolation_concentration and (exp is None or bool(exp.report["expanded"]))
             log.info("ABL isolation: %.0f%% of the lowest-scoring fraction in one label%s", 100 * share,
                      "" if exp is None else f"; seed expansion: {exp.report.get('reason', 'separate population')}")
+            if not ok:  # poison not learned yet shows in the predictions: stop before it is
+                off = self._off_label(pool, exp)
+                ok = off is not exp
+                exp = off
             if ok:
                 found.append((iso, exp))
             return ok
@@ -256,7 +265,7 @@ class _Stages:
         if skip:  # the untrained model's losses only fill the isolation record; the input scan's find decides
             iso, exp = self._isolate(pool)
         elif found:  # stopped before T_te: concentrated, and the seed expanded (perhaps capped: then scanned)
-            iso, exp = found[0][0], self._scan_if_needed(pool, found[0][1])
+            iso, exp = found[0][0], self._off_label(pool, self._scan_if_needed(pool, found[0][1]))
         else:
             iso, exp = self._final_outcome(pool, at_te, extended)
         exp = self._prefer_input_scan(pool, exp)
@@ -324,17 +333,18 @@ class _Stages:
     def _outcome(self, pool: np.ndarray) -> tuple[Isolation, Expansion | None]:
         """Isolation, seed expansion and (when needed) the label scan with the current model."""
         iso, exp = self._isolate(pool)
-        return iso, self._scan_if_needed(pool, exp)
+        return iso, self._off_label(pool, self._scan_if_needed(pool, exp))
 
     def _isolate(self, pool: np.ndarray) -> tuple[Isolation, Expansion | None]:
         """Isolate with the current model and, in retrain mode, expand the seed to the rest of its label."""
         run, cfg = self.run, self.run.cfg
         t0 = time.perf_counter()
-        self.pool_features, losses = None, None
+        self.pool_features, self.pool_probs, losses = None, None, None
         if cfg.retrain and distributed.current() is None:  # one pass: the losses and the expansion's features
             logits, feats = logits_and_pooled_features(run.model, self.images, pool, run.device,
                                                        max(512, cfg.batch_size))
             self.pool_features, losses = (pool, feats), loss_from_logits(logits, self.labels[pool])
+            self.pool_probs = (pool, softmax_rows(logits))
         iso = isolate(run.model, self.images, self.labels, pool, cfg, run.device, pool_losses=losses)
         run.add_time("isolate", time.perf_counter() - t0)
         if not cfg.retrain:
@@ -432,6 +442,26 @@ class _Stages:
         log.info("ABL: the held-out split holds %.1f sd more of label %d than the scan took; the capped seed "
                  "expansion is removed too (%d examples)", short, scan.target, len(removed))
         return replace(scan, removed=removed)
+
+    def _off_label(self, pool: np.ndarray, exp: Expansion | None) -> Expansion | None:
+        """Retrain mode: when nothing beyond the seed was found (no expansion, or one refused by the count), the
+        off-label scan of the same isolation pass's predictions (:func:`scan_off_label`: dirty-label poison the model
+        has not learned yet); its find replaces the outcome, which goes in its report as the seed's. Needs the one-pass
+        predictions (not under torchrun)."""
+        cfg = self.run.cfg
+        cached = self.pool_probs
+        if exp is None or not cfg.expansion_off_label_ratio or exp.report.get("expanded") or cached is None \
+                or not np.array_equal(cached[0], pool):
+            return exp
+        t0 = time.perf_counter()
+        scan = scan_off_label(cached[1], self.labels, pool, min_ratio=cfg.expansion_off_label_ratio,
+                              max_share=cfg.expansion_max_share)
+        self.run.add_time("expansion", time.perf_counter() - t0)
+        if not scan.report["expanded"]:
+            exp.report["off_label_scan"] = scan.report
+            return exp
+        scan.report["seed"] = {k: v for k, v in exp.report.items() if k != "labels"}
+        return scan
 
     def _input_scan(self, pool: np.ndarray) -> Expansion:
         """The input-space label scan of the pool (:func:`scan_inputs`; model-free, so computed once per run)."""

@@ -160,6 +160,13 @@ class ABLConfig:
                                              "poison adds its copies there, a clean sub-type does not); otherwise "
                                              "only the seed is removed and the isolation model continues. 0 = off "
                                              "(before 2026-12-03; docs/abl.md#capped-expansion-refused-by-the-count).")
+    expansion_off_label_ratio: float = _knob(4.0, "retrain mode: when nothing separate was found at an isolation "
+                                             "check, look for the label the model confidently predicts as every "
+                                             "other class (confident learning's joint: dirty-label poison it has not "
+                                             "learned yet, WaNet at 1%); its floor — the second-rarest off-label "
+                                             "cell — must reach 10 and this many times the next label's + 1, and its "
+                                             "examples predicted as another class are removed. 0 = off "
+                                             "(docs/abl.md#off-label-scan).")
     residual_unlearning_epochs: int = _knob(5, "retrain mode: when the retrained model's own evidence says the "
                                             "backdoor is still there (verdict likely-present: the held-out probe "
                                             "fires), unlearn the removed set from it for this many epochs — joint, "
@@ -208,7 +215,8 @@ class ABLConfig:
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
                  "expansion_input_separation", "input_scan", "retrain_epochs", "restart", "isolation_extra_epochs",
-                 "expansion_union_sd", "expansion_capped_count_sd", "residual_unlearning_epochs",
+                 "expansion_union_sd", "expansion_capped_count_sd", "expansion_off_label_ratio",
+                 "residual_unlearning_epochs",
                  "residual_unlearning_lr",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
                  "unlearning_bn", "max_ca_drop", "holdout", "eval_every")

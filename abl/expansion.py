@@ -408,6 +408,100 @@ def scan_inputs(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, min
     return exp
 
 
+#: ``report["space"]`` of :func:`scan_off_label`'s find: it reads the model's predictions, not features
+OFF_LABEL_SPACE = "predictions"
+#: the fewest examples the off-label floor must count before :func:`scan_off_label` acts on it
+OFF_LABEL_MIN_FLOOR = 10
+
+
+def confident_classes(probs: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
+    """Confident learning's per-example class (Northcutt et al., JAIR 2021): the most probable class among those
+    whose probability reaches that class's threshold — the mean probability of the class over the examples given it
+    — or -1 where no class does."""
+    probs = np.asarray(probs, np.float64)
+    thr = np.array([probs[given == c, c].mean() if (given == c).any() else np.inf for c in range(num_classes)])
+    above = np.where(probs >= thr, probs, -1.0)
+    return np.where(above.max(1) >= 0, above.argmax(1), -1)
+
+
+def off_label_counts(classes: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K, K)`` counts of examples by given label (rows) and class (columns); class -1 is not counted."""
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    ok = np.asarray(classes) >= 0
+    np.add.at(counts, (np.asarray(given)[ok], np.asarray(classes, np.int64)[ok]), 1)
+    return counts
+
+
+def _floor(row: np.ndarray, label: int, present: list[int], rank: int) -> int:
+    """The ``rank``-th smallest of ``row``'s counts over the other present classes (0 when there are fewer)."""
+    cells = np.sort([row[b] for b in present if b != label])
+    return int(cells[rank - 1]) if len(cells) >= rank else 0
+
+
+def scan_off_label(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, min_ratio: float = 4.0,
+                   min_floor: int = OFF_LABEL_MIN_FLOOR, rank: int = 2, max_share: float = 0.6) -> Expansion:
+    """Look for the label that images of *every* other class were given, by what the model predicts for them.
+
+    ``probs`` holds the model's class probabilities for each entry of ``pool``. All-to-one dirty-label poison is
+    images of every other class labelled ``t``. A backdoor the model learns slowly (WaNet at 1%: 14-20% attack success
+    after one or two epochs) leaves most of its poisoned training examples predicted as their own class early in
+    training, so label ``t``'s row of confident learning's joint (Northcutt et al., JAIR 2021: given label x
+    :func:`confident_classes`) has a floor under *every* off-label cell — classes no clean example of ``t`` is
+    mistaken for included — while a clean label is confidently mistaken only for its neighbours (its rarer off-label
+    cells are 0 on Fashion-MNIST). Each label's *floor* is its ``rank``-th smallest off-label count (the second: one
+    source class may be learned already, or absent); the label with the highest floor qualifies when that floor is at
+    least ``min_floor`` and ``min_ratio`` times the runner-up label's floor plus one. Its examples the model predicts
+    (argmax) as another class are removed, unless they are more than ``max_share`` of the label (a label mistaken for
+    everything is hard, not poisoned: nothing found). ``core`` — what the final model is probed on — is the label's
+    examples confidently predicted as a class ``b`` whose own examples are predicted as ``t`` no more often than the
+    floor (cells the poison explains and no clean confusion does); the poison estimate is the floor times the other
+    classes. Not in ABL: confident learning's joint, specialised to all-to-one noise and read from in-sample
+    predictions during the isolation epochs, measured in ``docs/abl.md#off-label-scan``.
+    """
+    pool = np.asarray(pool, np.int64)
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or len(probs) != len(pool):
+        raise ValueError(f"probs must be (len(pool), K) = ({len(pool)}, K), got {probs.shape}")
+    given = np.asarray(labels)[pool]
+    k = probs.shape[1]
+    conf = confident_classes(probs, given, k)
+    counts = off_label_counts(conf, given, k)
+    present = [a for a in range(k) if (given == a).sum() >= 10]
+    floors = {a: _floor(counts[a], a, present, rank) for a in present}
+    report: dict[str, Any] = {"method": SCAN_METHOD, "space": OFF_LABEL_SPACE, "rank": rank, "min_floor": min_floor,
+                              "min_ratio": min_ratio, "floors": {str(a): f for a, f in floors.items()}, "n_seed": 0}
+    empty = np.zeros(0, np.int64)
+    ranked = sorted(floors, key=lambda a: floors[a], reverse=True)
+    t = ranked[0] if ranked else -1
+    floor = floors.get(t, 0)
+    runner_up = floors[ranked[1]] if len(ranked) > 1 else 0
+    in_t = given == t
+    off = probs[in_t].argmax(1) != t
+    why = None
+    if not ranked or floor < min_floor or floor < min_ratio * (runner_up + 1):
+        why = (f"no label is confidently predicted as every other class: the highest off-label floor is {floor} "
+               f"(label {t}), under {min_floor} or {min_ratio:g} x (the next label's {runner_up} + 1)")
+    elif off.mean() > max_share:
+        why = f"label {t} is predicted as another class for {off.mean():.0%} of it (over {max_share:.0%}): a hard label"
+    report.update(candidate=int(t), target_floor=floor, runner_up_floor=runner_up)
+    if why is not None:
+        report.update(expanded=False, n_expanded=0, target=None, reason=why)
+        log.info("off-label scan: %s", why)
+        return Expansion(empty, -1, empty, np.zeros(0), np.zeros(0), report, empty)
+    idx = pool[in_t]
+    removed = np.sort(idx[off])
+    core_classes = [b for b in present if b != t and counts[b, t] <= floor]
+    core = np.sort(idx[np.isin(conf[in_t], core_classes)])
+    report.update(expanded=True, capped=False, target=int(t), n_target_label=int(len(idx)), n_core=int(len(core)),
+                  n_expanded=int(len(removed)), n_removed=int(len(removed)),
+                  expanded_share=float(len(removed) / len(idx)), estimated_poison=float(floor * (len(present) - 1)),
+                  off_label_row={str(b): int(counts[t, b]) for b in range(k)}, core_classes=core_classes)
+    log.info("off-label scan: label %d is confidently predicted as every other class (floor %d, next label %d); "
+             "removed the %d of its %d examples predicted as another class", t, floor, runner_up, len(removed),
+             len(idx))
+    return Expansion(removed, int(t), idx, off.astype(np.float64), off.astype(np.float64), report, core)
+
+
 def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,
                          batch_size: int = 512) -> np.ndarray:
     """The features entering the model's final linear layer (its ``penultimate`` tap, or the input of its last

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from .config import ABLConfig
-from .expansion import SCAN_METHOD
+from .expansion import OFF_LABEL_SPACE, SCAN_METHOD
 from .isolation import isolation_scores
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,11 @@ def found_by_input_scan(exp: dict[str, Any]) -> bool:
     return found_by_scan(exp) and exp.get("space") == "input"
 
 
+def found_by_off_label_scan(exp: dict[str, Any]) -> bool:
+    """Whether an expansion report is the off-label scan's find (:func:`abl_guard.abl.expansion.scan_off_label`)."""
+    return found_by_scan(exp) and exp.get("space") == OFF_LABEL_SPACE
+
+
 def _isolation_line(iso: dict[str, Any], share: float, target: Any) -> str:
     if iso.get("skipped"):
         return "isolation skipped: the scan of the raw inputs found a separate population before it"
@@ -266,6 +271,11 @@ def expansion_evidence(exp: dict[str, Any]) -> str:
         return (f"a scan of every label's raw inputs found a separate population of {mix['weight_seedlike']:.0%} of "
                 f"label {exp['target']} (separation {mix['separation']:.1f}: a fixed-pattern trigger): "
                 f"{exp['n_removed']} examples removed instead of the model-based outcome")
+    if found_by_off_label_scan(exp):
+        return (f"nothing separate grew from the isolated seed ({exp.get('seed', {}).get('reason', 'not expanded')}); "
+                f"label {exp['target']} is confidently predicted as every other class (off-label floor "
+                f"{exp['target_floor']}, the next label {exp['runner_up_floor']}: poison of every class the model has "
+                f"not learned yet): its {exp['n_removed']} examples predicted as another class removed")
     if found_by_scan(exp):
         seed = exp.get("seed", {})
         why = (f"the isolated seed's expansion in label {seed.get('target')} was capped at the max share (a large "
@@ -449,7 +459,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                        f"{100 * un.get('isolated_accuracy_after', float('nan')):.1f}%")
     exp = report.get("expansion", {})
     if exp:
-        how = (f"{'input ' if found_by_input_scan(exp) else ''}label scan: a population of "
+        how = (f"off-label scan: floor {exp['target_floor']}, next label {exp['runner_up_floor']}"
+               if found_by_off_label_scan(exp) else
+               f"{'input ' if found_by_input_scan(exp) else ''}label scan: a population of "
                f"{exp['mixture']['weight_seedlike']:.0%} of the label" if found_by_scan(exp) else
                f"seed {exp.get('n_seed', 0)}, expanded {exp.get('n_expanded', 0)}")
         msg = (f" expansion ({exp.get('method', 'classifier')}): removed {exp.get('n_removed', 0)} examples of label "

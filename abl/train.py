@@ -231,6 +231,12 @@ def loss_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return F.softplus(log_odds_against(z, y)).numpy()
 
 
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities (float64) from logits already computed, one row per example."""
+    z = torch.as_tensor(np.asarray(logits)).double()
+    return torch.softmax(z, dim=1).numpy() if z.numel() else np.zeros(z.shape, np.float64)
+
+
 def log_odds_against(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log((1 - p_y) / p_y) = logsumexp_{j != y}(z_j - z_y)`` per example, computed without cancellation.
 

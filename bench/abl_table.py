@@ -26,7 +26,7 @@ _bench_abl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bench_abl)
 verdict_cell = _bench_abl.verdict_cell
 time_ratio = _bench_abl.time_ratio
-from abl_guard.abl.report import found_by_input_scan, found_by_scan  # noqa: E402  (bench/abl.py put the repository on sys.path)
+from abl_guard.abl.report import found_by_input_scan, found_by_off_label_scan, found_by_scan  # noqa: E402  (bench/abl.py put the repository on sys.path)
 
 
 def rows_of(path: Path) -> list[dict[str, Any]]:
@@ -51,6 +51,8 @@ def method_of(r: dict[str, Any]) -> str:
         return method
     if found_by_input_scan(r["expansion"]):
         return f"{method} → input label scan"
+    if found_by_off_label_scan(r["expansion"]):
+        return f"{method} → off-label scan"
     return f"{method} → {r['expansion'].get('scan_method', 'spectral')} label scan"
 
 

@@ -190,6 +190,7 @@ ABL_FLAGS = {
     "expansion_max_share": ("--abl-expansion-max-share", "0.7", 0.7),
     "expansion_union_sd": ("--abl-expansion-union-sd", "0", 0.0),
     "expansion_capped_count_sd": ("--abl-expansion-capped-count-sd", "0", 0.0),
+    "expansion_off_label_ratio": ("--abl-expansion-off-label-ratio", "0", 0.0),
     "residual_unlearning_epochs": ("--abl-residual-unlearning-epochs", "3", 3),
     "residual_unlearning_lr": ("--abl-residual-unlearning-lr", "0.004", 0.004),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),

@@ -663,3 +663,58 @@ def test_capped_expansion_is_kept_when_the_held_out_count_says_the_scan_took_too
     assert "union_with_seed" not in res.report["expansion"]
     np.testing.assert_array_equal(res.removed, np.intersect1d(d.poison, np.setdiff1d(np.arange(len(d.labels)),
                                                                                      res.holdout)))
+
+
+def test_off_label_scan_acts_when_nothing_else_is_found(small_poisoned, monkeypatch):
+    """The off-label scan's wiring: when neither the seed nor the label scan finds anything it reads the same pass's
+    class probabilities, and its find stops the isolation at that check (epoch 1 of 2), replaces the outcome (the
+    seed's in its report), is what a fresh model is trained without and what the final model is probed on; with
+    nothing found it goes in the report; 0 turns it off."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.expansion import Expansion
+    from abl_guard.abl.report import summary_lines
+
+    d = small_poisoned
+    fresh: list[int] = []
+    real_init = abl_mod.reinitialise
+    monkeypatch.setattr(abl_mod, "reinitialise", lambda model, seed: (fresh.append(seed), real_init(model, seed)))
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0)
+    assert cfg.expansion_off_label_ratio == 4.0
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    exp = res.report["expansion"]
+    assert not exp["expanded"] and exp["off_label_scan"]["expanded"] is False  # tiny data: nothing to find
+    assert exp["off_label_scan"]["space"] == "predictions" and res.report["isolation"]["epoch"] == 2
+
+    seen: dict = {}
+
+    def found_poison(probs, labels, pool, **kw):  # a scan that finds exactly label 0's poison
+        seen.update(kw, probs=probs, pool=pool)
+        p = np.intersect1d(d.poison, pool)
+        return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
+                         {"method": "spectral-scan", "space": "predictions", "expanded": True, "capped": False,
+                          "target": 0, "n_removed": len(p), "n_seed": 0, "n_expanded": len(p), "target_floor": 12,
+                          "runner_up_floor": 0, "estimated_poison": float(len(p))}, p)
+
+    monkeypatch.setattr(abl_mod, "scan_off_label", found_poison)
+    fresh.clear()
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    rep = res.report
+    p = np.intersect1d(d.poison, np.setdiff1d(np.arange(len(d.labels)), res.holdout))
+    assert seen["min_ratio"] == 4.0 and seen["max_share"] == cfg.expansion_max_share
+    assert seen["probs"].shape == (len(seen["pool"]), 10)
+    np.testing.assert_allclose(seen["probs"].sum(1), 1.0, atol=1e-9)
+    assert rep["isolation"]["epoch"] == 1 and rep["isolation"]["stopped_early"]  # found at the first check
+    assert rep["expansion"]["space"] == "predictions" and rep["expansion"]["seed"]["expanded"] is False
+    assert rep["expansion"]["recall"] == 1.0 and rep["expansion"]["removed_clean"] == 0
+    np.testing.assert_array_equal(res.removed, p)
+    np.testing.assert_array_equal(res.isolated, p)  # the probes read the scan's core
+    assert len(fresh) == 1 and "clean_stage" not in rep  # a find: a fresh model
+    assert rep["verdict"]["target"] == 0
+    assert any("confidently predicted as every other class" in e for e in rep["verdict"]["evidence"])
+    assert any("off-label scan: floor 12" in line for line in summary_lines(rep))
+
+    seen.clear()
+    res = run_abl(d.model(width=8), d.images, d.labels, replace(cfg, expansion_off_label_ratio=0.0), quiet=True)
+    assert not seen and "off_label_scan" not in res.report["expansion"]

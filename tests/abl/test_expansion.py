@@ -14,6 +14,7 @@ from abl_guard.abl.expansion import (
     pooled_features,
     scan_inputs,
     scan_labels,
+    scan_off_label,
     spectral_scores,
 )
 from abl_guard.abl.models import SmallCNN
@@ -330,3 +331,68 @@ def test_input_scan_finds_nothing_in_clean_data_nor_in_one_outlier(digits_train)
     assert max(r["separation"] for r in rep["labels"] if r["minority"] * r["n"] >= 10) < 10
     assert scan_inputs(digits_train.images, digits_train.labels, pool, min_minority=0.0,
                        min_minority_count=0).report["expanded"]
+
+
+def _predictions(per_class: int = 300, poison_per_class: int = 20, confusion: float = 0.1,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class probabilities of a 10-class set: each label mistaken for its next class ``confusion`` of the time (a
+    clean neighbour), and label 0 also holding ``poison_per_class`` images of every other class, predicted as that
+    class (poison the model has not learned yet)."""
+    rng = np.random.default_rng(seed)
+    k = 10
+    labels = np.repeat(np.arange(k), per_class)
+    pred = labels.copy()
+    confused = rng.random(len(labels)) < confusion
+    pred[confused] = (labels[confused] + 1) % k
+    src = np.repeat(np.arange(1, k), poison_per_class)
+    labels = np.r_[labels, np.zeros(len(src), np.int64)]
+    pred = np.r_[pred, src]
+    probs = np.full((len(labels), k), 0.1 / (k - 1))
+    probs[np.arange(len(labels)), pred] = 0.9
+    return probs, labels, np.arange(k * per_class, len(labels))
+
+
+def test_off_label_scan_finds_the_label_given_to_every_class():
+    """Label 0 is predicted as all nine other classes; every clean label only as its neighbour: label 0 is found and
+    its examples predicted as another class removed — the poison and its own neighbour confusions (clean)."""
+    probs, labels, poison = _predictions()
+    pool = np.arange(len(labels))
+    exp = scan_off_label(probs, labels, pool)
+    rep = exp.report
+    assert rep["expanded"] and exp.target == 0 and rep["space"] == "predictions" and rep["method"] == "spectral-scan"
+    assert rep["target_floor"] == 20 and rep["runner_up_floor"] == 0
+    off = pool[(labels == 0) & (probs.argmax(1) != 0)]
+    np.testing.assert_array_equal(exp.removed, off)
+    assert np.isin(poison, exp.removed).all() and len(exp.removed) > len(poison)  # the neighbour confusions too
+    # the core leaves out class 9, which label 9's clean neighbour confusion also feeds: no clean example of label 9
+    # predicted as 9 is there, and every poisoned image of the other classes is
+    assert 9 not in rep["core_classes"] and set(rep["core_classes"]) == set(range(1, 9))
+    assert np.isin(exp.core, exp.removed).all()
+    assert np.isin(poison[probs[poison].argmax(1) < 9], exp.core).all()
+    assert rep["estimated_poison"] == 20 * 9 and rep["n_removed"] == len(exp.removed)
+    # held-out examples are never removed
+    held = poison[::3]
+    rest = np.setdiff1d(pool, held)
+    exp = scan_off_label(probs[rest], labels, rest)
+    assert exp.report["expanded"] and not np.isin(exp.removed, held).any() and np.isin(exp.removed, pool).all()
+
+
+def test_off_label_scan_finds_nothing_without_poison_nor_in_a_hard_label():
+    probs, labels, _ = _predictions(poison_per_class=0)
+    pool = np.arange(len(labels))
+    exp = scan_off_label(probs, labels, pool)
+    assert not exp.report["expanded"] and exp.target == -1 and len(exp.removed) == 0
+    assert "every other class" in exp.report["reason"] and exp.report["target_floor"] == 0
+    # too few per class for the floor, or a ratio over the next label's floor that is not reached
+    probs, labels, _ = _predictions(poison_per_class=5)
+    assert not scan_off_label(probs, labels, np.arange(len(labels))).report["expanded"]
+    assert scan_off_label(probs, labels, np.arange(len(labels)), min_floor=5).report["expanded"]
+    probs, labels, _ = _predictions()
+    assert not scan_off_label(probs, labels, np.arange(len(labels)), min_ratio=25.0).report["expanded"]
+    # a label predicted as another class for most of it is hard, not poisoned
+    probs, labels, _ = _predictions(poison_per_class=200)
+    exp = scan_off_label(probs, labels, np.arange(len(labels)))
+    assert not exp.report["expanded"] and "hard label" in exp.report["reason"]
+    assert scan_off_label(probs, labels, np.arange(len(labels)), max_share=0.9).report["expanded"]
+    with pytest.raises(ValueError, match="len\\(pool\\)"):
+        scan_off_label(probs[1:], labels, np.arange(len(labels)))
