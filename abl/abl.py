@@ -222,9 +222,10 @@ class _Stages:
     pool_features: tuple[np.ndarray, np.ndarray] | None = None
     #: the input-space label scan of the pool, ``(pool, Expansion)``, once computed (it needs no model)
     input_scan: tuple[np.ndarray, Expansion] | None = None
-    #: the pool's class probabilities from the last isolation pass (retrain mode, one process), for the off-label
-    #: scan of the same model: ``(pool, probabilities)``, a row per pool entry
-    pool_probs: tuple[np.ndarray, np.ndarray] | None = None
+    #: the pool's logits from the last isolation pass (retrain mode, one process), for the off-label scan of the same
+    #: model: ``(pool, logits)``, a row per pool entry (the pass's own array: the probabilities are computed only when
+    #: the scan runs)
+    pool_logits: tuple[np.ndarray, np.ndarray] | None = None
 
     def isolation(self, pool: np.ndarray, opt: torch.optim.Optimizer, poison_indices: np.ndarray | None) -> None:
         """Stage 1: LGA training on the pool, then the isolation of ``D_b`` at ``T_te``."""
@@ -286,7 +287,7 @@ class _Stages:
             if self.out is not None and distributed.is_main():
                 np.save(self.out / "removed_indices.npy", run.removed.astype(np.int64))
                 run.report["files"]["removed_indices"] = "removed_indices.npy"
-            self.pool_features = None
+            self.pool_features, self.pool_logits = None, None
             # rank 0's decision, as for the removed set, so that every rank starts the clean stage from one model
             fresh = cfg.restart == "always" or (cfg.restart == "found" and bool(exp.report.get("expanded")))
             if distributed.broadcast_scalar(float(fresh)):
@@ -339,12 +340,12 @@ class _Stages:
         """Isolate with the current model and, in retrain mode, expand the seed to the rest of its label."""
         run, cfg = self.run, self.run.cfg
         t0 = time.perf_counter()
-        self.pool_features, self.pool_probs, losses = None, None, None
+        self.pool_features, self.pool_logits, losses = None, None, None
         if cfg.retrain and distributed.current() is None:  # one pass: the losses and the expansion's features
             logits, feats = logits_and_pooled_features(run.model, self.images, pool, run.device,
                                                        max(512, cfg.batch_size))
             self.pool_features, losses = (pool, feats), loss_from_logits(logits, self.labels[pool])
-            self.pool_probs = (pool, softmax_rows(logits))
+            self.pool_logits = (pool, logits)
         iso = isolate(run.model, self.images, self.labels, pool, cfg, run.device, pool_losses=losses)
         run.add_time("isolate", time.perf_counter() - t0)
         if not cfg.retrain:
@@ -449,12 +450,12 @@ class _Stages:
         has not learned yet); its find replaces the outcome, which goes in its report as the seed's. Needs the one-pass
         predictions (not under torchrun)."""
         cfg = self.run.cfg
-        cached = self.pool_probs
+        cached = self.pool_logits
         if exp is None or not cfg.expansion_off_label_ratio or exp.report.get("expanded") or cached is None \
                 or not np.array_equal(cached[0], pool):
             return exp
         t0 = time.perf_counter()
-        scan = scan_off_label(cached[1], self.labels, pool, min_ratio=cfg.expansion_off_label_ratio,
+        scan = scan_off_label(softmax_rows(cached[1]), self.labels, pool, min_ratio=cfg.expansion_off_label_ratio,
                               max_share=cfg.expansion_max_share)
         self.run.add_time("expansion", time.perf_counter() - t0)
         if not scan.report["expanded"]:
