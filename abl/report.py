@@ -101,7 +101,8 @@ def _ground_truth_stats(losses: np.ndarray, scores: np.ndarray, isolated: np.nda
 def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray | None,
                      pool: np.ndarray) -> dict[str, Any]:
     """The seed expansion's statistics (:func:`abl_guard.abl.expansion.expand_seed`), with precision / recall of
-    everything removed and the poison it missed when the ground truth is known."""
+    everything removed, the poison it missed and the share of poison in a scan's core when the ground truth is
+    known."""
     rep = {**exp.report, "n_removed": int(len(removed)), "n_pool": int(len(pool))}
     if poison_indices is not None:
         poison = np.intersect1d(np.asarray(poison_indices, np.int64), pool)
@@ -109,6 +110,9 @@ def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray |
         rep.update(n_poison_in_pool=int(len(poison)), removed_poison=hits, missed_poison=int(len(poison) - hits),
                    removed_clean=int(len(removed) - hits), precision=hits / max(1, len(removed)),
                    recall=hits / len(poison) if len(poison) else float("nan"))
+        core = np.asarray(getattr(exp, "core", np.zeros(0)), np.int64)
+        if len(core):  # what the final model is probed on (a scan's find)
+            rep["core_precision"] = float(np.isin(core, poison).mean())
     return rep
 
 

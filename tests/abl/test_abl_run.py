@@ -708,6 +708,7 @@ def test_off_label_scan_acts_when_nothing_else_is_found(small_poisoned, monkeypa
     assert rep["isolation"]["epoch"] == 1 and rep["isolation"]["stopped_early"]  # found at the first check
     assert rep["expansion"]["space"] == "predictions" and rep["expansion"]["seed"]["expanded"] is False
     assert rep["expansion"]["recall"] == 1.0 and rep["expansion"]["removed_clean"] == 0
+    assert rep["expansion"]["core_precision"] == 1.0
     np.testing.assert_array_equal(res.removed, p)
     np.testing.assert_array_equal(res.isolated, p)  # the probes read the scan's core
     assert len(fresh) == 1 and "clean_stage" not in rep  # a find: a fresh model
