@@ -110,7 +110,7 @@ def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray |
         rep.update(n_poison_in_pool=int(len(poison)), removed_poison=hits, missed_poison=int(len(poison) - hits),
                    removed_clean=int(len(removed) - hits), precision=hits / max(1, len(removed)),
                    recall=hits / len(poison) if len(poison) else float("nan"))
-        core = np.asarray(getattr(exp, "core", np.zeros(0)), np.int64)
+        core = np.asarray(exp.core, np.int64)
         if len(core):  # what the final model is probed on (a scan's find)
             rep["core_precision"] = float(np.isin(core, poison).mean())
     return rep
