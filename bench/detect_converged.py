@@ -585,6 +585,15 @@ def fusion_rows(cal: dict[str, np.ndarray], pred: np.ndarray, two: dict[str, boo
     return out
 
 
+def save_scores(path: Path, scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray]) -> None:
+    """Every set's raw scores per row and its predictions, as ``<set>|<row>`` and ``<set>|pred`` arrays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{name}|{row}": np.asarray(v) for name, rows in scores.items() for row, v in rows.items()}
+    flat.update({f"{name}|pred": np.asarray(p) for name, p in preds.items()})
+    np.savez_compressed(path, **flat)
+    log.info("scores -> %s", path)
+
+
 def evaluate(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray], k: int,
              two: dict[str, bool]) -> dict[str, Any]:
     rows = list(two)
@@ -714,6 +723,9 @@ def main() -> None:
     ap.add_argument("--surrogates", action="store_true",
                     help="also score model-free corruptions of the clean validation images and add a fusion row "
                          "weighted by each member's AUROC on them (no attack data)")
+    ap.add_argument("--save-scores", default="",
+                    help="also write every set's raw scores and predictions to DIR/<model>-scores.npz (to study "
+                         "combinations offline)")
     ap.add_argument("--smoke", action="store_true",
                     help="plumbing check: a 1-epoch model on 3,000 images, tiny sets, results under /tmp")
     args = ap.parse_args()
@@ -779,6 +791,8 @@ def main() -> None:
                                                     fitted[0])
             sets.update(adaptive)
         scores, preds, timing = score_sets(fitted, splits, sets)
+        if args.save_scores:
+            save_scores(Path(args.save_scores) / f"{run_dir.name}-scores.npz", scores, preds)
         two = {row: make_detector(kind, **params).two_sided for row, kind, params, _ in ROWS}
         ev = evaluate(scores, preds, k, two)
         al = alarms(scores, preds, ev["guards"], k, trig_name)
