@@ -655,11 +655,32 @@ def row_verdict(r: dict[str, Any]) -> dict[str, Any]:
 
 def time_ratio(r: dict[str, Any]) -> float:
     """ABL's total time over plain training for the same schedule, timed inside the run: its clean stage's time per
-    epoch times ``--epochs`` stands for plain training (the clean stage is a whole schedule, or with
-    ``--retrain-epochs remaining`` what the isolation left of it)."""
+    example-epoch times the whole training set times ``--epochs`` stands for plain training (the clean stage is a
+    whole schedule, or with ``--retrain-epochs remaining`` what the isolation left of it). Plain training sees every
+    training image, the clean stage only the pool minus what ABL removed (and not the held-out split), so its time
+    per epoch alone understates plain training by the removed share: runs before 2026-12-03 reported that ratio
+    (:func:`time_ratio_per_epoch`), up to 12% higher."""
+    sizes = clean_stage_sizes(r)
+    ratio = time_ratio_per_epoch(r)
+    return ratio if sizes is None else ratio * sizes[0] / sizes[1]
+
+
+def time_ratio_per_epoch(r: dict[str, Any]) -> float:
+    """The ratio with the clean stage's time per *epoch* standing for plain training's (the record before
+    2026-12-03)."""
     t = r["seconds_by_stage"]
     n_clean = r["history_stages"].count("clean") or r["settings"]["epochs"]
     return t["total"] / (t["clean"] * r["settings"]["epochs"] / n_clean)
+
+
+def clean_stage_sizes(r: dict[str, Any]) -> tuple[int, int] | None:
+    """``(examples the clean stage trained on, training images)`` of a retrain-mode run, from its record (the pool
+    minus what was removed; the pool plus the held-out split); None when the record does not say."""
+    exp, guard = r.get("expansion") or {}, (r.get("unlearning") or {}).get("guard") or {}
+    pool, held, removed = exp.get("n_pool"), guard.get("n_holdout"), r.get("n_removed")
+    if not pool or held is None or removed is None or removed >= pool:
+        return None
+    return int(pool - removed), int(pool + held)
 
 
 def verdict_cell(r: dict[str, Any]) -> str:
@@ -677,7 +698,8 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
     out = ["", "## Retrain mode: isolation, seed expansion, verdict", "",
            "T_te = isolation epochs run (auto stop); seed = isolated examples of the majority label (precision %); "
            "removed = seed + expansion; poison recall % of everything removed, poison missed, clean removed; "
-           "time = ABL total / plain training, its clean stage's time per epoch × --epochs, in the same run; "
+           "time = ABL total / plain training, its clean stage's time per example-epoch × every training image × "
+           "--epochs, in the same run; "
            "verdict: `report.verdict` of the current code on the run's stored report (the held-out probe in "
            "brackets).", "",
            "| attack | seed | T_te | seed (precision %) | removed | poison recall % | missed | clean removed "

@@ -26,6 +26,7 @@ _bench_abl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bench_abl)
 verdict_cell = _bench_abl.verdict_cell
 time_ratio = _bench_abl.time_ratio
+time_ratio_per_epoch = _bench_abl.time_ratio_per_epoch
 from abl_guard.abl.report import found_by_input_scan, found_by_off_label_scan, found_by_scan  # noqa: E402  (bench/abl.py put the repository on sys.path)
 
 
@@ -91,6 +92,7 @@ def line(x: dict[str, Any], floors: dict[tuple[str, int], float]) -> str:
             f"| {pct(n.get('attack_success_rate'))} → {pct(r['attack_success_rate'])} "
             f"| {pct(floors.get((x['attack'], x['seed'])))} | {verdict_cell(r)} "
             f"| {pct(e2e_none.get('residual'))} → {pct(e2e_abl.get('residual'))} | {time_ratio(r):.2f} "
+            f"({time_ratio_per_epoch(r):.2f}) "
             f"| `{x['file']}` |")
 
 
@@ -103,8 +105,10 @@ def render(rows: list[dict[str, Any]], floors: dict[tuple[str, int], float], com
            "stored report (held-out probe); clean-model ASR: the same trigger on a model trained on clean data only "
            "(`--clean-only`, the floor; — where not measured); residual: triggered test inputs on which the "
            "backdoor fires and the guard (1% FPR, same model) stays silent — no defence + guard → ABL + guard; "
-           "time: ABL total / plain training (its clean stage's time per epoch × the epochs of the schedule, in the "
-           "same run; the clean stage is one full schedule unless the expansion column says otherwise).", "",
+           "time: ABL total / plain training (its clean stage's time per example-epoch × every training image × the "
+           "epochs of the schedule, in the same run; the clean stage is one full schedule unless the expansion "
+           "column says otherwise; in brackets the older per-epoch ratio, which counts plain training's epochs as "
+           "short as the clean stage's, without the removed examples).", "",
            "| attack | poison | seed | expansion | T_te | isolated seed | missed / clean | CA % none → ABL "
            "| ASR % none → ABL | clean-model ASR % | verdict | residual % guard → ABL + guard | time | file |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
