@@ -173,6 +173,10 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     ("layers + knn + gram + probe, fisher", ["mahalanobis-layers", "knn", "gram", "probe"], "fisher", True),
     ("mahalanobis + layers + knn + gram + probe, fisher",
      ["mahalanobis", "mahalanobis-layers", "knn", "gram", "probe"], "fisher", True),
+    # the probe at the first two taps: the second tap's probe is the strongest member on CW-L2 at kappa 0
+    ("mahalanobis + knn + gram + probe + probe (second tap), fisher",
+     ["mahalanobis", "knn", "gram", "probe", "probe (second tap)"], "fisher", True),
+    ("probe + probe (second tap), fisher", ["probe", "probe (second tap)"], "fisher", True),
 ]
 #: fusion from clean data only (issue 16 item 3): member sets whose Fisher guard is re-weighted, see ``fusion_rows``
 FUSION_STUDY: list[tuple[str, list[str]]] = [

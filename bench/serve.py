@@ -318,7 +318,9 @@ def main() -> int:
             # detect_converged.md; measured here for its cost)
             "mahalanobis,knn,gram,mahalanobis:tap=@0": "mahalanobis,knn,gram,mahalanobis:tap=@0",
             # the default plus the early-layer probe (CW-L2 and PGD-L2 in detect_converged_probe.md)
-            "mahalanobis,knn,gram,probe": "mahalanobis,knn,gram,probe"}
+            "mahalanobis,knn,gram,probe": "mahalanobis,knn,gram,probe",
+            # and the probe at the second tap too (CW-L2 at kappa 0 >= 0.95 on three models, detect_converged_probe2.md)
+            "mahalanobis,knn,gram,probe,probe:tap=@1": "mahalanobis,knn,gram,probe,probe:tap=@1"}
     bundles = build_bundles(model, out, {"default": sets["default"]}, args.rebuild)
     mem = memory_bench(bundles["default"], out, [int(v) for v in args.scan_sizes.split(",")])
     bundles.update(build_bundles(model, out, {k: v for k, v in sets.items() if k != "default"}, args.rebuild))
