@@ -549,9 +549,9 @@ class _Stages:
         """Retrain mode's residual unlearning: when the retrained model's own evidence says the backdoor is still
         there — the held-out probe fires on it: poison the removal missed taught it again (the seed probe alone,
         which cannot tell clean-label poison, does not start it) — the unlearning stage runs on the *removed* set
-        (joint, complementary-label ascent, ``residual_*`` epochs and lr) behind the usual guard, with the isolated
-        core as its probe; otherwise None (no unlearning, as before). Decided once and recorded in
-        ``report["unlearning"]["residual"]``, so a resumed run decides alike."""
+        (joint, complementary-label ascent, ``residual_*`` epochs and lr) behind the unlearning guard at
+        ``residual_max_ca_drop``, with the isolated core as its probe; otherwise None (no unlearning, as before).
+        Decided once and recorded in ``report["unlearning"]["residual"]``, so a resumed run decides alike."""
         run, cfg = self.run, self.run.cfg
         if not (cfg.retrain and cfg.residual_unlearning_epochs and not cfg.unlearning_epochs and len(run.removed)):
             return None
@@ -570,7 +570,8 @@ class _Stages:
         if not un["residual"]["ran"]:
             return None
         return replace(cfg, unlearning_epochs=cfg.residual_unlearning_epochs, unlearning_lr=cfg.residual_unlearning_lr,
-                       unlearning="joint", unlearning_ascent="complement", unlearning_bound=0.0)
+                       unlearning="joint", unlearning_ascent="complement", unlearning_bound=0.0,
+                       max_ca_drop=cfg.residual_max_ca_drop)
 
     def _epochs(self, name: str, first_epoch: int, n_epochs: int, batches: ArrayBatches,
                 optimizer: torch.optim.Optimizer, loss_fn: LossFn, stop: Callable[[], bool] | None = None,

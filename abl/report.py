@@ -411,7 +411,8 @@ def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
         out.append(f"after unlearning the model still predicts the isolated examples' labels {after:.0%} of the time "
                    "(ASR probe on the isolated set): the backdoor link is probably not broken")
     if un.get("epochs_run") and un.get("guard", {}).get("enabled") and not un.get("selected_epoch"):
-        out.append(f"no unlearning epoch passed the clean-accuracy guard (drop > {cfg.max_ca_drop:.3f} in all "
+        allowed = un["guard"].get("max_ca_drop", cfg.max_ca_drop)  # the stage's own (residual unlearning: its own)
+        out.append(f"no unlearning epoch passed the clean-accuracy guard (drop > {allowed:.3f} in all "
                    f"{un['epochs_run']}), so the model is the one before unlearning: unlearning the isolated set "
                    "costs clean accuracy here (the isolated set holds clean examples, the unlearning lr is too high, "
                    "or the model's backdoor and clean features are entangled); the backdoor is probably still in "

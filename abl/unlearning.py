@@ -291,6 +291,7 @@ def unlearn(run: ABLRun, images: np.ndarray, labels: np.ndarray, isolated: np.nd
     ascent_set = isolated if ascend is None else ascend
     un = unlearning_report(run, images, labels, isolated, holdout)
     guard = un["guard"]
+    guard["max_ca_drop"] = cfg.max_ca_drop  # the drop this stage allows (retrain mode's residual one: its own)
     batches = ArrayBatches(images[ascent_set], labels[ascent_set], device, cfg.batch_size, augment="none",
                            seed=cfg.seed + 2)
     clean_batches = None

@@ -193,6 +193,7 @@ ABL_FLAGS = {
     "expansion_off_label_ratio": ("--abl-expansion-off-label-ratio", "0", 0.0),
     "residual_unlearning_epochs": ("--abl-residual-unlearning-epochs", "3", 3),
     "residual_unlearning_lr": ("--abl-residual-unlearning-lr", "0.004", 0.004),
+    "residual_max_ca_drop": ("--abl-residual-max-ca-drop", "0.005", 0.005),
     "unlearning": ("--abl-unlearning", "ascent", "ascent"),
     "unlearning_bound": ("--abl-unlearning-bound", "0", 0.0),
     "unlearning_ascent": ("--abl-unlearning-ascent", "complement", "complement"),

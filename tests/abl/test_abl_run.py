@@ -584,9 +584,11 @@ def test_residual_unlearning_runs_when_the_retrained_model_still_fires(poisoned_
     monkeypatch.setattr(abl_mod, "scan_inputs", half_found)
     d = poisoned_digits
     # a 25% held-out split holds about 36 poisoned copies: enough for the held-out probe to be read on 1,437 images
+    # (a 360-example split cannot resolve the default 1-point guard of the residual unlearning: 2 points here)
     cfg = ABLConfig(isolation_epochs=1, clean_epochs=8, isolation_ratio=0.05, lr=0.05, lr_milestones=(6,),
-                    batch_size=32, device="cpu", eval_every=0, holdout=0.25)
+                    batch_size=32, device="cpu", eval_every=0, holdout=0.25, residual_max_ca_drop=0.02)
     assert cfg.residual_unlearning_epochs == 5 and cfg.unlearning_epochs == 0
+    assert ABLConfig().residual_max_ca_drop == 0.01
     assert all(ABLConfig.for_mode(m).residual_unlearning_epochs == 0 for m in ("unlearn", "paper"))
     res = run_abl(d.model(), d.images, d.labels, cfg, evaluate=d.evaluate, poison_indices=d.poison, quiet=True)
     rep, un = res.report, res.report["unlearning"]
@@ -604,6 +606,17 @@ def test_residual_unlearning_runs_when_the_retrained_model_still_fires(poisoned_
     assert probes[un["selected_epoch"] - 1] < HELD_OUT_FIRING <= un["residual"]["held_out_probe_before"]
     assert final["clean_accuracy"] > rep["stages"]["clean"]["clean_accuracy"] - 0.05
     assert any("were unlearned from it" in e for e in rep["verdict"]["evidence"])
+    # its own clean-accuracy guard (residual_max_ca_drop, recorded): every epoch past it is rejected
+    guard = un["guard"]
+    assert guard["max_ca_drop"] == cfg.residual_max_ca_drop
+    for t in un["trajectory"]:
+        too_far = guard["baseline"]["estimated_accuracy"] - t["guard_estimated_accuracy"] > 0.02 or \
+            guard["baseline"]["nontarget_accuracy"] - t["guard_nontarget_accuracy"] > 0.02
+        assert bool(t["guard_rejected"]) == too_far
+    # at 0 every epoch that loses any estimated accuracy is rejected (the wiring, not the run, is under test)
+    from abl_guard.abl.unlearning import _guard_reasons
+    assert _guard_reasons(guard, {"nontarget_accuracy": guard["baseline"]["nontarget_accuracy"],
+                                  "estimated_accuracy": guard["baseline"]["estimated_accuracy"] - 0.005}, 0.0)
 
     off = run_abl(d.model(), d.images, d.labels, replace(cfg, residual_unlearning_epochs=0), evaluate=d.evaluate,
                   poison_indices=d.poison, quiet=True)
