@@ -157,7 +157,7 @@ def _guard_record(run: ABLRun, iso_images: np.ndarray, iso_labels: np.ndarray, h
         log.warning("ABL: the clean-accuracy guard has only %d held-out examples", len(hold_y))
     return {
         "guard": {"n_holdout": counts["n_holdout"], "n_nontarget": counts["n_nontarget"],
-                  "suspected_target": target, "max_ca_drop": run.cfg.max_ca_drop, "enabled": enabled,
+                  "suspected_target": target, "enabled": enabled,
                   "baseline": {**base, "estimated_accuracy": estimated_accuracy(base, prior)},
                   "target_prior": prior},
         "epochs_run": 0, "trajectory": [], "rejected_epochs": [], "selected_epoch": 0,
@@ -291,7 +291,7 @@ def unlearn(run: ABLRun, images: np.ndarray, labels: np.ndarray, isolated: np.nd
     ascent_set = isolated if ascend is None else ascend
     un = unlearning_report(run, images, labels, isolated, holdout)
     guard = un["guard"]
-    guard["max_ca_drop"] = cfg.max_ca_drop  # the drop this stage allows (retrain mode's residual one: its own)
+    guard["max_ca_drop"] = cfg.max_ca_drop  # the drop this stage allows (the residual unlearning: its own)
     batches = ArrayBatches(images[ascent_set], labels[ascent_set], device, cfg.batch_size, augment="none",
                            seed=cfg.seed + 2)
     clean_batches = None

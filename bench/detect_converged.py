@@ -598,6 +598,20 @@ def save_scores(path: Path, scores: dict[str, dict[str, np.ndarray]], preds: dic
     log.info("scores -> %s", path)
 
 
+def load_scores(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``(scores, preds)`` as :func:`save_scores` wrote them (no pickle)."""
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    preds: dict[str, np.ndarray] = {}
+    with np.load(path, allow_pickle=False) as f:
+        for key in f.files:
+            name, row = key.split("|", 1)
+            if row == "pred":
+                preds[name] = f[key]
+            else:
+                scores.setdefault(name, {})[row] = f[key]
+    return scores, preds
+
+
 def evaluate(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray], k: int,
              two: dict[str, bool]) -> dict[str, Any]:
     rows = list(two)

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 from _common import cpu_name, write_markdown_keeping_notes
 from detect import metrics
-from detect_converged import FIVE, FPR, ROWS
+from detect_converged import FIVE, FPR, ROWS, load_scores
 
 from abl_guard.detectors import make_detector
-from abl_guard.guard.calibration import Calibrator, combine_pvalues, fisher_sf, threshold_for_fpr
+from abl_guard.guard.calibration import Calibrator, combine_pvalues, threshold_for_fpr
 
 Combination = Callable[[np.ndarray], np.ndarray]
 NOT_POSITIVE = ("fit", "cal", "val", "eval")
@@ -56,14 +56,10 @@ def lens_groups(members: list[str]) -> list[list[int]]:
     return [[i for i, m in enumerate(members) if LENS[m] == lens] for lens in order]
 
 
-def _fisher(P: np.ndarray, idx: list[int]) -> np.ndarray:
-    return fisher_sf(-np.log(np.clip(P[:, idx], 1e-300, 1.0)).sum(axis=1), len(idx))
-
-
 def grouped(groups: list[list[int]], across: str) -> Combination:
     """Fisher within each group, then ``across`` (a guard combination) over the groups' p-values."""
     def comb(P: np.ndarray) -> np.ndarray:
-        G = np.stack([_fisher(P, g) for g in groups], axis=1)
+        G = np.stack([combine_pvalues(P[:, g], "fisher") for g in groups], axis=1)
         return G[:, 0] if len(groups) == 1 else combine_pvalues(np.clip(G, 1e-300, 1.0), across)
     return comb
 
@@ -80,8 +76,7 @@ def truncated(tau: float) -> Combination:
 
 
 def omnibus(P: np.ndarray) -> np.ndarray:
-    k = P.shape[1]
-    return np.minimum(1.0, 2.0 * np.minimum(_fisher(P, list(range(k))), np.minimum(1.0, k * P.min(axis=1))))
+    return np.minimum(1.0, 2.0 * np.minimum(combine_pvalues(P, "fisher"), combine_pvalues(P, "min-p")))
 
 
 def combinations(groups: list[list[int]], extra: dict[str, list[list[int]]]) -> dict[str, Combination]:
@@ -126,19 +121,6 @@ def study(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray]
     return {"members": members, "groups": [[members[i] for i in g] for g in groups], "best": best, "rows": rows}
 
 
-def load(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    preds: dict[str, np.ndarray] = {}
-    with np.load(path) as f:
-        for key in f.files:
-            name, row = key.split("|", 1)
-            if row == "pred":
-                preds[name] = f[key]
-            else:
-                scores.setdefault(name, {})[row] = f[key]
-    return scores, preds
-
-
 def render(r: dict[str, Any]) -> str:
     out = ["# Combinations of the guard's p-values, on saved scores", "",
            f"`{r['command']}` — {r['cpu']}. Each member set calibrated as the guard does (conformal p-values with "
@@ -173,7 +155,7 @@ def main() -> None:
     two = {row: make_detector(kind, **params).two_sided for row, kind, params, _ in ROWS}
     models = []
     for path in map(Path, args.scores):
-        scores, preds = load(path)
+        scores, preds = load_scores(path)
         have = set(scores["cal"])
         studies = [{"label": label, **study(scores, preds, members, extra, two, args.classes)}
                    for label, members, extra in STUDIES if set(members) <= have]
