@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.svm import OneClassSVM
 
-from abl_guard.detectors import NIC, GramDeviation, NotFittedError, make_detector
+from abl_guard.detectors import NIC, GramDeviation, NotFittedError, activation, make_detector
 from abl_guard.detectors.activation import RbfOneClassSVM, gram_features
 
 K = 4
@@ -130,6 +130,15 @@ def test_gram_features_match_the_explicit_matrix(powers):
     vec = rng.normal(size=(4, 6)).astype(np.float32)  # a dense tap is a 1 x 1 map
     np.testing.assert_allclose(gram_features(vec, powers), _brute_gram(vec[:, :, None], powers), rtol=1e-5,
                                atol=1e-4)
+
+
+def test_gram_features_in_blocks_of_inputs_give_the_same_numbers(monkeypatch):
+    """The higher orders run a few inputs at a time (cache-sized blocks); any block size gives the same features."""
+    act = np.random.default_rng(3).normal(0, 1.5, (7, 3, 4, 4)).astype(np.float32)
+    whole = gram_features(act, 4)
+    monkeypatch.setattr(activation, "_GRAM_BLOCK_BYTES", 3 * 8 * 3 * 16)  # three inputs per block: 3 + 3 + 1
+    np.testing.assert_allclose(gram_features(act, 4), whole, rtol=1e-12)
+    np.testing.assert_allclose(whole, _brute_gram(act, 4), rtol=1e-5, atol=1e-4)
 
 
 def test_gram_features_of_float16_activations_are_computed_in_float32():
