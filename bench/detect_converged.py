@@ -146,6 +146,8 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     ("layers + knn + knn (pool) + odds, fisher", ["mahalanobis-layers", "knn", "knn (pool)", "odds"], "fisher", True),
     ("mahalanobis + knn + gram, fisher", ["mahalanobis", "knn", "gram"], "fisher", True),
     ("mahalanobis + knn + gram, hmp", ["mahalanobis", "knn", "gram"], "hmp", True),
+    # the default with Sastry & Oore's ten Gram orders (fusion_study_gram_powers.md: closer to its best member)
+    ("mahalanobis + knn + gram (paper powers), fisher", ["mahalanobis", "knn", "gram (paper powers)"], "fisher", True),
     ("layers + knn + gram, fisher", ["mahalanobis-layers", "knn", "gram"], "fisher", True),
     ("layers + knn + knn (pool) + odds + gram, fisher",
      ["mahalanobis-layers", "knn", "knn (pool)", "odds", "gram"], "fisher", True),
