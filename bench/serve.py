@@ -321,8 +321,8 @@ def main() -> int:
             "mahalanobis,knn,gram,probe": "mahalanobis,knn,gram,probe",
             # and the probe at the second tap too (CW-L2 at kappa 0 >= 0.95 on three models, detect_converged_probe2.md)
             "mahalanobis,knn,gram,probe,probe:tap=@1": "mahalanobis,knn,gram,probe,probe:tap=@1",
-            # the default with Sastry & Oore's ten Gram orders (fusion within 0.005 of its best member,
-            # detect_converged_gram_powers.md)
+            # the default with Sastry & Oore's ten Gram orders (fuses closer to its best member than the default,
+            # fusion_study_gram_powers.md)
             "mahalanobis,knn,gram:powers=10": "mahalanobis,knn,gram:powers=10"}
     bundles = build_bundles(model, out, {"default": sets["default"]}, args.rebuild)
     mem = memory_bench(bundles["default"], out, [int(v) for v in args.scan_sizes.split(",")])
