@@ -52,6 +52,7 @@ from abl_guard.abl.train import TrainConfig
 from abl_guard.attacks import make_attack
 from abl_guard.attacks.adversarial import predict, quantize, run_attack
 from abl_guard.detectors import make_detector
+from abl_guard.export import export_onnx
 from abl_guard.guard.calibration import Calibrator, alarm_null, stream_alarms
 from abl_guard.guard.model import OnnxModel
 from abl_guard.guard.preprocess import to_model_input
@@ -90,6 +91,28 @@ ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
                     ("probe (Ledoit-Wolf shrinkage)", "probe", {"shrinkage": "auto"}, "feature"),
                     # what calibrate drops: the probe at the feature tap (a model adopted with only penultimate)
                     ("probe (feature tap)", "probe", {"tap": "@-1"}, "feature")]
+
+
+#: the rows ``--extra-taps`` adds (all in the activation-space lens)
+EXTRA_TAP_ROWS = ("gram (extra taps)", "gram (extra taps) (paper powers)")
+
+
+def add_extra_tap_rows(taps: list[str]) -> None:
+    """``--extra-taps``: Gram deviations at exactly those modules (first order and the paper's ten orders), the paper's
+    every-layer setting where the model's declared taps are only its block outputs. Changes :data:`ROWS` in place."""
+    ROWS.extend([(EXTRA_TAP_ROWS[0], "gram", {"taps": list(taps)}, "activation"),
+                 (EXTRA_TAP_ROWS[1], "gram", {"taps": list(taps), "powers": 10}, "activation")])
+
+
+def export_with_taps(model: torch.nn.Module, spec: Any, path: Path, extra: list[str]) -> Path:
+    """:func:`detect.export`, with ``extra`` modules exposed as taps of the same names after the declared ones (so
+    positional taps such as ``@0`` still name the declared taps)."""
+    if not extra:
+        return export(model, spec, path)
+    taps = {**model_taps(model), **{t: t for t in extra if t not in model_taps(model)}}
+    export_onnx(model, path, input_shape=spec.input_shape, taps=taps, class_names=spec.class_names, mean=spec.mean,
+                std=spec.std)
+    return path
 
 
 def keep_rows(names: str) -> None:
@@ -743,12 +766,19 @@ def main() -> None:
     ap.add_argument("--surrogates", action="store_true",
                     help="also score model-free corruptions of the clean validation images and add a fusion row "
                          "weighted by each member's AUROC on them (no attack data)")
+    ap.add_argument("--extra-taps", default="",
+                    help="comma-separated module names (e.g. WRN's conv1,block1.0,block1.1,...) exported as extra taps "
+                         "and read by the rows 'gram (extra taps)' and 'gram (extra taps) (paper powers)' (Sastry & "
+                         "Oore's every-layer setting); rows whose taps are unset read them too, so pair it with --rows")
     ap.add_argument("--save-scores", default="",
                     help="also write every set's raw scores and predictions to DIR/<model>-scores.npz (to study "
                          "combinations offline)")
     ap.add_argument("--smoke", action="store_true",
                     help="plumbing check: a 1-epoch model on 3,000 images, tiny sets, results under /tmp")
     args = ap.parse_args()
+    extra_taps = [t.strip() for t in args.extra_taps.split(",") if t.strip()]
+    if extra_taps:
+        add_extra_tap_rows(extra_taps)
     if args.rows:
         keep_rows(args.rows)
     milestones = tuple(int(v) for v in args.lr_milestones.split(",") if v.strip())
@@ -801,7 +831,7 @@ def main() -> None:
             sets.update(ood_sets(src_x, args.n_ood, args.seed))
         if args.surrogates:
             sets.update(surrogate_sets(splits["val"][0], args.seed))
-        onnx_path = export(model, spec, run_dir / "model.onnx")
+        onnx_path = export_with_taps(model, spec, run_dir / "model.onnx", extra_taps)
         fitted = fit_rows(onnx_path, splits, args.threads)
         adaptive_info: list[dict[str, Any]] = []
         if attack_name == "badnets" and args.adaptive:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from _common import cpu_name, write_markdown_keeping_notes
 from detect import metrics
-from detect_converged import FIVE, FPR, ROWS, load_scores
+from detect_converged import EXTRA_TAP_ROWS, FIVE, FPR, ROWS, load_scores
 
 from abl_guard.detectors import make_detector
 from abl_guard.guard.calibration import Calibrator, combine_pvalues, threshold_for_fpr
@@ -48,8 +48,11 @@ STUDIES: list[tuple[str, list[str], dict[str, list[list[int]]]]] = [
     ("five", FIVE, {}),
     # Sastry & Oore's ten Gram orders in place of the default's first order (scores from a run with that row)
     ("default, gram at the paper's powers", ["mahalanobis", "knn", "gram (paper powers)"], {}),
+    # and at every layer given to --extra-taps (the paper's setting on a model whose declared taps are its blocks)
+    ("default, gram at extra taps", ["mahalanobis", "knn", EXTRA_TAP_ROWS[0]], {}),
+    ("default, gram at extra taps and the paper's powers", ["mahalanobis", "knn", EXTRA_TAP_ROWS[1]], {}),
 ]
-LENS = {row: lens for row, _, _, lens in ROWS}
+LENS = {**{row: lens for row, _, _, lens in ROWS}, **dict.fromkeys(EXTRA_TAP_ROWS, "activation")}
 
 
 def lens_groups(members: list[str]) -> list[list[int]]:
@@ -155,6 +158,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fusion_study"))
     args = ap.parse_args()
     two = {row: make_detector(kind, **params).two_sided for row, kind, params, _ in ROWS}
+    two.update(dict.fromkeys(EXTRA_TAP_ROWS, make_detector("gram").two_sided))  # --extra-taps rows: gram, one-sided
     models = []
     for path in map(Path, args.scores):
         scores, preds = load_scores(path)
