@@ -122,8 +122,9 @@ def train_cached(cfg: ExperimentConfig, out: Path) -> tuple[torch.nn.Module, dic
     return load_checkpoint(out / "model.pt")[0].eval(), rec
 
 
-def export(model: torch.nn.Module, spec, path: Path) -> Path:
-    export_onnx(model, path, input_shape=spec.input_shape, taps=model_taps(model), class_names=spec.class_names,
+def export(model: torch.nn.Module, spec, path: Path, taps: dict[str, str] | None = None) -> Path:
+    """The model to ONNX with ``taps`` (default: its declared taps)."""
+    export_onnx(model, path, input_shape=spec.input_shape, taps=taps or model_taps(model), class_names=spec.class_names,
                 mean=spec.mean, std=spec.std)
     return path
 

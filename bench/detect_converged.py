@@ -52,7 +52,6 @@ from abl_guard.abl.train import TrainConfig
 from abl_guard.attacks import make_attack
 from abl_guard.attacks.adversarial import predict, quantize, run_attack
 from abl_guard.detectors import make_detector
-from abl_guard.export import export_onnx
 from abl_guard.guard.calibration import Calibrator, alarm_null, stream_alarms
 from abl_guard.guard.model import OnnxModel
 from abl_guard.guard.preprocess import to_model_input
@@ -107,12 +106,8 @@ def add_extra_tap_rows(taps: list[str]) -> None:
 def export_with_taps(model: torch.nn.Module, spec: Any, path: Path, extra: list[str]) -> Path:
     """:func:`detect.export`, with ``extra`` modules exposed as taps of the same names after the declared ones (so
     positional taps such as ``@0`` still name the declared taps)."""
-    if not extra:
-        return export(model, spec, path)
-    taps = {**model_taps(model), **{t: t for t in extra if t not in model_taps(model)}}
-    export_onnx(model, path, input_shape=spec.input_shape, taps=taps, class_names=spec.class_names, mean=spec.mean,
-                std=spec.std)
-    return path
+    declared = model_taps(model)
+    return export(model, spec, path, {**declared, **{t: t for t in extra if t not in declared}})
 
 
 def keep_rows(names: str) -> None:
