@@ -281,7 +281,8 @@ def gram_features(act: np.ndarray, powers: int) -> np.ndarray:
     a = np.asarray(act)
     if a.dtype.itemsize < 4:  # float16 outputs of an adopted model: sums of products would overflow at 65504
         a = a.astype(np.float32)
-    a = a.reshape(len(a), a.shape[1], -1) if a.ndim > 2 else a[:, :, None]
+    # the spatial size spelled out: -1 cannot be inferred for an empty batch
+    a = a.reshape(len(a), a.shape[1], int(np.prod(a.shape[2:]))) if a.ndim > 2 else a[:, :, None]
     if powers == 1:  # two products per input in the activations' own precision (float32 for an ONNX model)
         s = np.matmul(np.ones((1, a.shape[1]), a.dtype), a)  # channel sums (N, 1, HW): BLAS beats a ufunc reduce
         return np.matmul(a, s.transpose(0, 2, 1))[:, :, 0].astype(np.float64)
@@ -291,7 +292,7 @@ def gram_features(act: np.ndarray, powers: int) -> np.ndarray:
     step = max(1, _GRAM_BLOCK_BYTES // max(1, 8 * a.shape[1] * a.shape[2]))
     for i in range(0, len(a), step):
         out[i : i + step] = _gram_powers(a[i : i + step], powers)
-    return out.reshape(len(a), -1)
+    return out.reshape(len(a), powers * a.shape[1])
 
 
 #: bytes of float64 activations :func:`gram_features` raises to its powers at once (about an L2 cache)

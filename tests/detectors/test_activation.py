@@ -139,6 +139,8 @@ def test_gram_features_in_blocks_of_inputs_give_the_same_numbers(monkeypatch):
     monkeypatch.setattr(activation, "_GRAM_BLOCK_BYTES", 3 * 8 * 3 * 16)  # three inputs per block: 3 + 3 + 1
     np.testing.assert_allclose(gram_features(act, 4), whole, rtol=1e-12)
     np.testing.assert_allclose(whole, _brute_gram(act, 4), rtol=1e-5, atol=1e-4)
+    for powers in (1, 4):  # an empty batch is an empty feature matrix, not a reshape error
+        assert gram_features(act[:0], powers).shape == (0, powers * 3)
 
 
 def test_gram_features_of_float16_activations_are_computed_in_float32():
