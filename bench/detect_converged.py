@@ -96,11 +96,18 @@ ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
 EXTRA_TAP_ROWS = ("gram (extra taps)", "gram (extra taps) (paper powers)")
 
 
-def add_extra_tap_rows(taps: list[str]) -> None:
-    """``--extra-taps``: Gram deviations at exactly those modules (first order and the paper's ten orders), the paper's
-    every-layer setting where the model's declared taps are only its block outputs. Changes :data:`ROWS` in place."""
-    ROWS.extend([(EXTRA_TAP_ROWS[0], "gram", {"taps": list(taps)}, "activation"),
-                 (EXTRA_TAP_ROWS[1], "gram", {"taps": list(taps), "powers": 10}, "activation")])
+def extra_tap_rows(taps: list[str] | None) -> list[tuple[str, str, dict[str, Any], str]]:
+    """``--extra-taps``' rows: Gram deviations at exactly those modules (first order and the paper's ten orders), the
+    paper's every-layer setting where the model's declared taps are only its block outputs; ``taps=None`` leaves the
+    taps unset (the rows' kind and lens, for scripts that read saved scores)."""
+    at = {} if taps is None else {"taps": list(taps)}
+    return [(EXTRA_TAP_ROWS[0], "gram", at, "activation"),
+            (EXTRA_TAP_ROWS[1], "gram", {**at, "powers": 10}, "activation")]
+
+
+def two_sided(rows: list[tuple[str, str, dict[str, Any], str]]) -> dict[str, bool]:
+    """Whether each row's detector is two-sided (its guard reads both tails)."""
+    return {row: make_detector(kind, **params).two_sided for row, kind, params, _ in rows}
 
 
 def export_with_taps(model: torch.nn.Module, spec: Any, path: Path, extra: list[str]) -> Path:
@@ -773,7 +780,7 @@ def main() -> None:
     args = ap.parse_args()
     extra_taps = [t.strip() for t in args.extra_taps.split(",") if t.strip()]
     if extra_taps:
-        add_extra_tap_rows(extra_taps)
+        ROWS.extend(extra_tap_rows(extra_taps))
     if args.rows:
         keep_rows(args.rows)
     milestones = tuple(int(v) for v in args.lr_milestones.split(",") if v.strip())
@@ -838,7 +845,7 @@ def main() -> None:
         scores, preds, timing = score_sets(fitted, splits, sets)
         if args.save_scores:
             save_scores(Path(args.save_scores) / f"{run_dir.name}-scores.npz", scores, preds)
-        two = {row: make_detector(kind, **params).two_sided for row, kind, params, _ in ROWS}
+        two = two_sided(ROWS)
         ev = evaluate(scores, preds, k, two)
         al = alarms(scores, preds, ev["guards"], k, trig_name)
         runs.append({"model": attack_name, "training": {"metrics": rec["metrics"],

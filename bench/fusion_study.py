@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 from _common import cpu_name, write_markdown_keeping_notes
 from detect import metrics
-from detect_converged import EXTRA_TAP_ROWS, FIVE, FPR, ROWS, load_scores
+from detect_converged import EXTRA_TAP_ROWS, FIVE, FPR, ROWS, extra_tap_rows, load_scores, two_sided
 
-from abl_guard.detectors import make_detector
 from abl_guard.guard.calibration import Calibrator, combine_pvalues, threshold_for_fpr
 
 Combination = Callable[[np.ndarray], np.ndarray]
@@ -52,7 +51,9 @@ STUDIES: list[tuple[str, list[str], dict[str, list[list[int]]]]] = [
     ("default, gram at extra taps", ["mahalanobis", "knn", EXTRA_TAP_ROWS[0]], {}),
     ("default, gram at extra taps and the paper's powers", ["mahalanobis", "knn", EXTRA_TAP_ROWS[1]], {}),
 ]
-LENS = {**{row: lens for row, _, _, lens in ROWS}, **dict.fromkeys(EXTRA_TAP_ROWS, "activation")}
+#: every row saved scores can hold: detect_converged's, and the --extra-taps rows (their taps do not matter here)
+ALL_ROWS = ROWS + extra_tap_rows(None)
+LENS = {row: lens for row, _, _, lens in ALL_ROWS}
 
 
 def lens_groups(members: list[str]) -> list[list[int]]:
@@ -157,8 +158,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fusion_study"))
     args = ap.parse_args()
-    two = {row: make_detector(kind, **params).two_sided for row, kind, params, _ in ROWS}
-    two.update(dict.fromkeys(EXTRA_TAP_ROWS, make_detector("gram").two_sided))  # --extra-taps rows: gram, one-sided
+    two = two_sided(ALL_ROWS)
     models = []
     for path in map(Path, args.scores):
         scores, preds = load_scores(path)

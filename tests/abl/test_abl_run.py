@@ -609,9 +609,10 @@ def test_residual_unlearning_runs_when_the_retrained_model_still_fires(poisoned_
     # its own clean-accuracy guard (residual_max_ca_drop, recorded): every epoch past it is rejected
     guard = un["guard"]
     assert guard["max_ca_drop"] == cfg.residual_max_ca_drop
+    allowed = cfg.residual_max_ca_drop
     for t in un["trajectory"]:
-        too_far = guard["baseline"]["estimated_accuracy"] - t["guard_estimated_accuracy"] > 0.02 or \
-            guard["baseline"]["nontarget_accuracy"] - t["guard_nontarget_accuracy"] > 0.02
+        too_far = guard["baseline"]["estimated_accuracy"] - t["guard_estimated_accuracy"] > allowed or \
+            guard["baseline"]["nontarget_accuracy"] - t["guard_nontarget_accuracy"] > allowed
         assert bool(t["guard_rejected"]) == too_far
     # at 0 every epoch that loses any estimated accuracy is rejected (the wiring, not the run, is under test)
     from abl_guard.abl.unlearning import _guard_reasons
