@@ -16,7 +16,10 @@ p-values, none of which sees attack data:
 
 For every set it reports the AUROC against the clean evaluation split (``-log`` of the combined p-value), the share
 flagged at the combination's own 1% threshold, and the shortfall against the best single member (the issue's target:
-never below the best member minus 0.005). Run:
+never below the best member minus 0.005). For Fisher, the guard's combination, it also gives the shortfall's paired
+bootstrap interval: clean and positive inputs resampled with replacement, every member and the combination scored on
+the same resample, the best member chosen again in each (so the interval carries the choice's own optimism), and the
+share of resamples below -0.005 — with ~100 CW inputs a shortfall of 0.01 is within the sampling noise. Run:
 
     .venv/bin/python bench/fusion_study.py DIR/badnets-none-scores.npz [...] --out bench/results/fusion_study
 """
@@ -39,6 +42,7 @@ from abl_guard.guard.calibration import Calibrator, combine_pvalues, threshold_f
 
 Combination = Callable[[np.ndarray], np.ndarray]
 NOT_POSITIVE = ("fit", "cal", "val", "eval")
+BOOT = 1000  # bootstrap resamples of Fisher's shortfall
 
 #: (study label, members, extra groupings {row: groups of member positions}) — the lens grouping is always studied
 STUDIES: list[tuple[str, list[str], dict[str, list[list[int]]]]] = [
@@ -97,6 +101,29 @@ def _neglog(p: np.ndarray) -> np.ndarray:
     return -np.log(np.maximum(p, 1e-300))
 
 
+def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
+    """Mann-Whitney AUROC, ties counted half (sklearn's ``roc_auc_score``), by binary search in sorted negatives."""
+    s = np.sort(neg)
+    both = np.searchsorted(s, pos, "left") + np.searchsorted(s, pos, "right")
+    return float(both.sum() / (2.0 * len(neg) * len(pos)))
+
+
+def shortfall_interval(neg: np.ndarray, pos: np.ndarray, n_boot: int = BOOT, seed: int = 0,
+                       target: float = -0.005) -> dict[str, Any]:
+    """Paired bootstrap of ``AUROC(last column) - max_j AUROC(column j < last)`` for suspicion scores ``neg`` (clean,
+    ``(n, k + 1)``) and ``pos`` (``(m, k + 1)``): the 2.5% / 97.5% quantiles and the share of resamples below
+    ``target``."""
+    rng = np.random.default_rng(seed)
+    k = neg.shape[1] - 1
+    d = np.empty(n_boot)
+    for b in range(n_boot):
+        i, j = rng.integers(0, len(neg), len(neg)), rng.integers(0, len(pos), len(pos))
+        n_b, p_b = neg[i], pos[j]
+        d[b] = auroc(n_b[:, k], p_b[:, k]) - max(auroc(n_b[:, c], p_b[:, c]) for c in range(k))
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    return {"ci95": [float(lo), float(hi)], "below_target": float(np.mean(d < target)), "resamples": n_boot}
+
+
 def study(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray], members: list[str],
           extra: dict[str, list[list[int]]], two: dict[str, bool], k: int) -> dict[str, Any]:
     """Every combination's AUROC / flagged share per positive set, and each set's best single member."""
@@ -110,7 +137,7 @@ def study(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray]
     for s in positives:
         aurocs = [metrics(_neglog(P_neg[:, j]), _neglog(P_pos[s][:, j]))["auroc"] for j in range(len(members))]
         best[s] = {"member": members[int(np.argmax(aurocs))], "auroc": float(max(aurocs)),
-                   "members": dict(zip(members, map(float, aurocs)))}
+                   "members": dict(zip(members, map(float, aurocs))), "n": len(P_pos[s])}
     rows: dict[str, Any] = {}
     groups = lens_groups(members)
     for name, comb in combinations(groups, extra).items():
@@ -122,6 +149,9 @@ def study(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray]
             au = metrics(_neglog(neg), _neglog(pos))["auroc"]
             res["sets"][s] = {"auroc": float(au), "flagged": float((pos <= thr).mean()),
                               "shortfall": float(au - best[s]["auroc"])}
+            if name == "fisher":
+                res["sets"][s]["shortfall_bootstrap"] = shortfall_interval(
+                    np.c_[_neglog(P_neg), _neglog(neg)], np.c_[_neglog(P_pos[s]), _neglog(pos)])
         res["worst_shortfall"] = min(v["shortfall"] for v in res["sets"].values())
         rows[name] = res
     return {"members": members, "groups": [[members[i] for i in g] for g in groups], "best": best, "rows": rows}
@@ -139,15 +169,19 @@ def render(r: dict[str, Any]) -> str:
             names = list(st["rows"])
             out += [f"### {st['label']}: {', '.join(st['members'])} (lenses: "
                     f"{' | '.join(', '.join(g) for g in st['groups'])})", "",
-                    "| set | best member | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+                    "| set | n | best member | " + " | ".join(names) + " | fisher Δ: 95% interval, share < −0.005 |",
+                    "|---|---|---|" + "---|" * (len(names) + 1)]
             for s, b in st["best"].items():
                 cells = [f"{st['rows'][n]['sets'][s]['auroc']:.3f} ({st['rows'][n]['sets'][s]['shortfall']:+.3f}), "
                          f"{100 * st['rows'][n]['sets'][s]['flagged']:.1f}%" for n in names]
-                out.append(f"| {s} | {b['member']} {b['auroc']:.3f} | " + " | ".join(cells) + " |")
-            out.append("| clean flagged | | " + " | ".join(f"{100 * st['rows'][n]['clean_flagged']:.1f}%"
-                                                            for n in names) + " |")
-            out.append("| **worst Δ** | | " + " | ".join(f"**{st['rows'][n]['worst_shortfall']:+.3f}**"
-                                                         for n in names) + " |")
+                boot = st["rows"]["fisher"]["sets"][s].get("shortfall_bootstrap")
+                cells.append(f"[{boot['ci95'][0]:+.3f}, {boot['ci95'][1]:+.3f}], {100 * boot['below_target']:.0f}%"
+                             if boot else "")
+                out.append(f"| {s} | {b.get('n', '')} | {b['member']} {b['auroc']:.3f} | " + " | ".join(cells) + " |")
+            out.append("| clean flagged | | | " + " | ".join(f"{100 * st['rows'][n]['clean_flagged']:.1f}%"
+                                                              for n in names) + " | |")
+            out.append("| **worst Δ** | | | " + " | ".join(f"**{st['rows'][n]['worst_shortfall']:+.3f}**"
+                                                           for n in names) + " | |")
             out.append("")
     return "\n".join(out) + "\n"
 
