@@ -174,10 +174,9 @@ def render(r: dict[str, Any]) -> str:
             for s, b in st["best"].items():
                 cells = [f"{st['rows'][n]['sets'][s]['auroc']:.3f} ({st['rows'][n]['sets'][s]['shortfall']:+.3f}), "
                          f"{100 * st['rows'][n]['sets'][s]['flagged']:.1f}%" for n in names]
-                boot = st["rows"]["fisher"]["sets"][s].get("shortfall_bootstrap")
-                cells.append(f"[{boot['ci95'][0]:+.3f}, {boot['ci95'][1]:+.3f}], {100 * boot['below_target']:.0f}%"
-                             if boot else "")
-                out.append(f"| {s} | {b.get('n', '')} | {b['member']} {b['auroc']:.3f} | " + " | ".join(cells) + " |")
+                boot = st["rows"]["fisher"]["sets"][s]["shortfall_bootstrap"]
+                cells.append(f"[{boot['ci95'][0]:+.3f}, {boot['ci95'][1]:+.3f}], {100 * boot['below_target']:.0f}%")
+                out.append(f"| {s} | {b['n']} | {b['member']} {b['auroc']:.3f} | " + " | ".join(cells) + " |")
             out.append("| clean flagged | | | " + " | ".join(f"{100 * st['rows'][n]['clean_flagged']:.1f}%"
                                                               for n in names) + " | |")
             out.append("| **worst Δ** | | | " + " | ".join(f"**{st['rows'][n]['worst_shortfall']:+.3f}**"
