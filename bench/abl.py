@@ -183,9 +183,15 @@ class Bench:
         path = Path(self.args.baselines)
         if not path.exists():
             return
+        want = self.args.guard_detectors.split(",") if self.args.end_to_end else None
         for r in json.loads(path.read_text())["runs"]:
             if r["kind"] in ("none", "clean") and r["settings"] == self.key(r["attack"], r["seed"], r["kind"])[
                     "settings"] and self.cached(r["attack"], r["seed"], r["kind"]) is None:
+                have = r.get("end_to_end", {}).get("detectors")
+                if want is not None and have is not None and list(have) != want:
+                    raise SystemExit(f"error: {path}'s no-defence guard is `{','.join(have)}`, this run's "
+                                     f"`{','.join(want)}`: pass --guard-detectors {','.join(have)}, so that guard "
+                                     "only and ABL + guard compare one guard")
                 self.rows.append(r)
 
     def merge(self, path: str) -> int:
@@ -732,10 +738,15 @@ def end_to_end_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list
     have = [r for r in rows if "end_to_end" in r and r["seed"] in seeds]
     if not have:
         return []
-    det = ",".join(have[0]["end_to_end"]["detectors"])
+    sets = {kind: sorted({",".join(r["end_to_end"]["detectors"]) for r in have if r["kind"] == kind})
+            for kind in ("none", "abl")}
+    det = " / ".join(f"`{d}`" for d in sorted(set(sets["none"] + sets["abl"])))
+    if sets["none"] and sets["abl"] and sets["none"] != sets["abl"]:  # stored runs from before the check
+        det = (" / ".join(f"`{d}`" for d in sets["none"]) + " for the no-defence model (guard only), "
+               + " / ".join(f"`{d}`" for d in sets["abl"]) + " for ABL's (ABL + guard)")
     out = ["", "## End to end: residual attack success %", "",
            f"Triggered test images (the second half of the test set, source class not the target) on which the "
-           f"backdoor fires (the model predicts the target) and the guard (`{det}`, calibrated at 1% FPR on the "
+           f"backdoor fires (the model predicts the target) and the guard ({det}, calibrated at 1% FPR on the "
            "first half's clean images, for the same model) does not flag. Mean ± std over seeds; clean flagged % = "
            "the guard's false-positive rate on the second half's clean images."
            + fit_note(have), "",
