@@ -385,7 +385,8 @@ class _Stages:
                            min_separation=cfg.expansion_separation, min_posterior=cfg.expansion_posterior,
                            max_share=cfg.expansion_max_share, random_state=cfg.seed,
                            method=cfg.expansion_scan_method,
-                           min_wide_separation=cfg.expansion_scan_separation or float("inf"))
+                           min_wide_separation=cfg.expansion_scan_separation or float("inf"),
+                           min_count_sd=cfg.expansion_scan_count_sd)
         run.add_time("expansion", time.perf_counter() - t0)
         scan.report["seed"] = {k: v for k, v in seed_exp.report.items() if k != "labels"}
         if scan.report["expanded"]:

@@ -120,6 +120,11 @@ class ABLConfig:
                                              "when its two components are at least this far apart (Ashman's D), "
                                              "whatever their shares — clean labels reached 4.0 at most; 0 = off "
                                              "(docs/abl.md#wide-separation-route).")
+    expansion_scan_count_sd: float = _knob(3.0, "retrain mode's contrastive label scan: a label also qualifies "
+                                           "when it holds this many sd more examples than the median label and its "
+                                           "split's smaller component is about that excess (all-to-one dirty-label "
+                                           "poison adds its copies to its label; read only when the other labels' "
+                                           "counts are balanced); 0 = off (docs/abl.md#count-matched-route).")
     expansion_input_separation: float = _knob(10.0, "retrain mode: scan every label's raw inputs the contrastive "
                                               "way (no model; when: --abl-input-scan); a label whose two "
                                               "components are at least this far apart (Ashman's D) is removed "
@@ -218,7 +223,8 @@ class ABLConfig:
                  "isolation_ratio", "isolation_score", "isolation_reference",
                  "isolation_labels", "expansion_method", "expansion_posterior", "expansion_separation",
                  "expansion_max_share", "expansion_scan_share", "expansion_scan_method", "expansion_scan_separation",
-                 "expansion_input_separation", "input_scan", "retrain_epochs", "restart", "isolation_extra_epochs",
+                 "expansion_scan_count_sd", "expansion_input_separation", "input_scan", "retrain_epochs", "restart",
+                 "isolation_extra_epochs",
                  "expansion_union_sd", "expansion_capped_count_sd", "expansion_off_label_ratio",
                  "residual_unlearning_epochs",
                  "residual_unlearning_lr", "residual_max_ca_drop",
@@ -255,6 +261,7 @@ class ABLConfig:
             (not 0.0 < self.expansion_max_share <= 1.0, "expansion_max_share must be in (0, 1]"),
             (not 0.0 <= self.expansion_scan_share < 0.5, "expansion_scan_share must be in [0, 0.5) (0 = off)"),
             (self.expansion_scan_separation < 0, "expansion_scan_separation must be >= 0 (0 = off)"),
+            (self.expansion_scan_count_sd < 0, "expansion_scan_count_sd must be >= 0 (0 = off)"),
             (self.expansion_input_separation < 0, "expansion_input_separation must be >= 0 (0 = off)"),
             (self.lr <= 0 or self.unlearning_lr <= 0 or self.residual_unlearning_lr <= 0,
              "learning rates must be > 0"),

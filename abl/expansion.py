@@ -58,6 +58,8 @@ class Expansion:
     report: dict[str, Any] = field(default_factory=dict)
     #: the examples most likely poison (posterior >= 0.5; :func:`scan_labels` only): what the final model is probed on
     core: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: the confident class of each candidate, -1 for none (:func:`scan_off_label` only): its cells, for the report
+    cells: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def ashman_d(m1: float, s1: float, m2: float, s2: float) -> float:
@@ -270,11 +272,34 @@ def _away_from_others(s: np.ndarray, post: np.ndarray, others: np.ndarray) -> np
     return post
 
 
+#: how far, as a factor either way, a suspect component's size may be from its label's count excess to qualify it
+COUNT_BAND = 1.5
+#: the largest ratio of the other labels' largest to smallest count under which label counts are read at all
+COUNT_BALANCE = 1.2
+#: a count-matched find removes at most this many times its label's count excess (the highest scores)
+COUNT_REMOVE = 1.25
+
+
+def _count_match(sizes: dict[int, int], label: int, minority: float, min_sd: float) -> tuple[float, bool]:
+    """``(excess, match)``: how many more examples ``label`` holds than the median label, and whether that excess is
+    at least ``min_sd`` sd (Poisson: the square root of the median count), the other labels are balanced
+    (:data:`COUNT_BALANCE`) and ``minority`` (the suspect component's size) is within :data:`COUNT_BAND` x of it."""
+    others = [n for y, n in sizes.items() if y != label]
+    if len(others) < 2 or min(others) <= 0:
+        return 0.0, False
+    median = float(np.median(list(sizes.values())))
+    excess = sizes[label] - median
+    balanced = max(others) / min(others) <= COUNT_BALANCE
+    match = (balanced and excess >= min_sd * np.sqrt(median) and excess > 0
+             and 1.0 / COUNT_BAND <= minority / excess <= COUNT_BAND)
+    return excess, bool(match)
+
+
 def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, max_weight: float = 0.2,
                 min_separation: float = 2.0, min_posterior: float = 0.01, max_share: float = 0.6,
                 random_state: int = 0, method: str = "spectral", min_ratio: float = 100.0,
                 ridge: float = 1e-3, min_wide_separation: float = 5.0, min_minority: float = 0.0,
-                min_minority_count: int = 0) -> Expansion:
+                min_minority_count: int = 0, min_count_sd: float = 0.0) -> Expansion:
     """Look in every label of ``pool`` for a small population set apart from the rest; remove the clearest one.
 
     The fallback when the isolated seed did not expand or its expansion was capped (at 1% poison the loss-based
@@ -299,12 +324,20 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     at most, Trojan 5% poison 6.8 at a variance ratio of 75: ``docs/abl.md#wide-separation-route``). A label whose
     suspect component holds under ``min_minority`` of it or under ``min_minority_count`` examples never qualifies (a
     handful of outliers can sit far from the rest).
+
+    With ``min_count_sd`` > 0 (contrastive only; not in Tran et al.) a label also qualifies, whatever the share, when
+    it holds at least ``min_count_sd`` sd (the square root of the median label's count) more examples than the median
+    label, its suspect component's size is within :data:`COUNT_BAND` x of that excess and its two components are
+    ``min_separation`` apart: all-to-one dirty-label poison adds its copies to its label, and at 5% it is a third of
+    the label, beyond ``max_weight``; such a find removes at most :data:`COUNT_REMOVE` x the excess. Only when every other label's count is within :data:`COUNT_BALANCE` of each
+    other (the balanced classes the count check also assumes); measured in ``docs/abl.md#count-matched-route``.
     """
     labels = np.asarray(labels)
     pool = np.asarray(pool, np.int64)
     feats = np.asarray(features, np.float64)
     label_set = np.array([y for y in np.unique(labels[pool]) if (labels[pool] == y).sum() >= 10])
     directions = _contrastive_directions(feats, labels, pool, label_set, ridge) if method == "contrastive" else {}
+    sizes = {int(y): int((labels[pool] == y).sum()) for y in label_set}
     rows: list[dict[str, Any]] = []
     qualifying: list[int] = []
     best: tuple[float, int, np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None = None
@@ -320,6 +353,10 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
             row["ratio"] = float(round(ratio, 2))
             ok = ((mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation)
                   or ratio >= min_ratio or mix["separation"] >= min_wide_separation)
+            if min_count_sd > 0:
+                excess, by_count = _count_match(sizes, int(y), mix["weight_seedlike"] * len(idx), min_count_sd)
+                row.update(count_excess=float(round(excess, 1)), count_route=bool(by_count))
+                ok = ok or (by_count and mix["separation"] >= min_separation)
             key = ratio
         else:
             s, post, mix = _oriented_split(feats[idx], random_state)
@@ -336,23 +373,33 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
                               "min_separation": min_separation, "min_posterior": min_posterior, "labels": rows,
                               "n_seed": 0}
     if method == "contrastive":
-        report.update(min_ratio=min_ratio, min_wide_separation=min_wide_separation)
+        report.update(min_ratio=min_ratio, min_wide_separation=min_wide_separation, min_count_sd=min_count_sd)
     if best is None:
         report.update(expanded=False, n_expanded=0, target=None,
                       reason=f"no label holds a separate population of at most {max_weight:.0%} of it"
                              + (f", a variance ratio of {min_ratio:g} or a separation of {min_wide_separation:g}"
-                                if method == "contrastive" else ""))
+                                if method == "contrastive" else "")
+                             + (", or one the size of its label's count excess" if method == "contrastive"
+                                and min_count_sd > 0 else ""))
         log.info("label scan: %s", report["reason"])
         empty = np.zeros(0, np.int64)
         return Expansion(empty, -1, empty, np.zeros(0), np.zeros(0), report, empty)
     _, target, idx, s, post, mix = best
     keep, report["capped"] = _keep(post, post if method == "contrastive" else s, min_posterior, max_share)
+    row = next(r for r in rows if r["label"] == target)
+    if row.get("count_route") and keep.sum() > COUNT_REMOVE * row["count_excess"]:
+        # the label's count excess sizes the poison: the component's highest-scoring that many, with a margin
+        keep = np.zeros(len(post), bool)
+        keep[np.argsort(-s, kind="stable")[: int(np.ceil(COUNT_REMOVE * row["count_excess"]))]] = True
+        report["count_capped"] = True
     removed = np.sort(idx[keep])
     core = np.sort(idx[post >= 0.5])
     report.update(expanded=True, target=target, n_target_label=int(len(idx)), mixture=mix, n_core=int(len(core)),
                   n_expanded=int(len(removed)), n_removed=int(len(removed)),
                   expanded_share=float(len(removed) / len(idx)), estimated_poison=float(post.sum()),
                   qualifying=qualifying)
+    if row.get("count_route"):  # the count excess is the poison estimate the route was matched on
+        report["estimated_poison"] = float(row["count_excess"])
     log.info("label scan: removed %d of %d in label %d (minority %.0f%%, separation %.2f)", len(removed), len(idx),
              target, 100 * mix["weight_seedlike"], mix["separation"])
     return Expansion(removed, target, idx, s, post, report, core)
@@ -412,6 +459,10 @@ def scan_inputs(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, min
 OFF_LABEL_SPACE = "predictions"
 #: the fewest examples the off-label floor must count before :func:`scan_off_label` acts on it
 OFF_LABEL_MIN_FLOOR = 10
+#: the most examples, in units of the floor, an off-label cell may hold to enter :func:`scan_off_label`'s core: the
+#: unlearned poison puts about the floor in every cell, so a fuller cell also holds the label's clean confusions
+#: (docs/abl.md#off-label-scan)
+OFF_LABEL_CORE_RATIO = 1.25
 
 
 def confident_classes(probs: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
@@ -439,7 +490,8 @@ def _floor(row: np.ndarray, label: int, present: list[int], rank: int) -> int:
 
 
 def scan_off_label(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, min_ratio: float = 4.0,
-                   min_floor: int = OFF_LABEL_MIN_FLOOR, rank: int = 2, max_share: float = 0.6) -> Expansion:
+                   min_floor: int = OFF_LABEL_MIN_FLOOR, rank: int = 2, max_share: float = 0.6,
+                   core_ratio: float = OFF_LABEL_CORE_RATIO) -> Expansion:
     """Look for the label that images of *every* other class were given, by what the model predicts for them.
 
     ``probs`` holds the model's class probabilities for each entry of ``pool``. All-to-one dirty-label poison is
@@ -454,9 +506,10 @@ def scan_off_label(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     (argmax) as another class are removed, unless they are more than ``max_share`` of the label (a label mistaken for
     everything is hard, not poisoned: nothing found). ``core`` — what the final model is probed on — is the label's
     examples confidently predicted as a class ``b`` whose own examples are predicted as ``t`` no more often than the
-    floor (cells the poison explains and no clean confusion does); the poison estimate is the floor times the other
-    classes. Not in ABL: confident learning's joint, specialised to all-to-one noise and read from in-sample
-    predictions during the isolation epochs, measured in ``docs/abl.md#off-label-scan``.
+    floor and whose cell holds at most ``core_ratio`` times the floor (cells the poison explains and no clean
+    confusion, either way, does); the poison estimate is the floor times the other classes. Not in ABL: confident
+    learning's joint, specialised to all-to-one noise and read from in-sample predictions during the isolation
+    epochs, measured in ``docs/abl.md#off-label-scan``.
     """
     pool = np.asarray(pool, np.int64)
     probs = np.asarray(probs, np.float64)
@@ -490,16 +543,18 @@ def scan_off_label(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
         return Expansion(empty, -1, empty, np.zeros(0), np.zeros(0), report, empty)
     idx = pool[in_t]
     removed = np.sort(idx[off])
-    core_classes = [b for b in present if b != t and counts[b, t] <= floor]
+    core_classes = [b for b in present if b != t and counts[b, t] <= floor and counts[t, b] <= core_ratio * floor]
     core = np.sort(idx[np.isin(conf[in_t], core_classes)])
     report.update(expanded=True, capped=False, target=int(t), n_target_label=int(len(idx)), n_core=int(len(core)),
+                  core_ratio=core_ratio,
                   n_expanded=int(len(removed)), n_removed=int(len(removed)),
                   expanded_share=float(len(removed) / len(idx)), estimated_poison=float(floor * (len(present) - 1)),
                   off_label_row={str(b): int(counts[t, b]) for b in range(k)}, core_classes=core_classes)
     log.info("off-label scan: label %d is confidently predicted as every other class (floor %d, next label %d); "
              "removed the %d of its %d examples predicted as another class", t, floor, runner_up, len(removed),
              len(idx))
-    return Expansion(removed, int(t), idx, off.astype(np.float64), off.astype(np.float64), report, core)
+    return Expansion(removed, int(t), idx, off.astype(np.float64), off.astype(np.float64), report, core,
+                     conf[in_t].astype(np.int64))
 
 
 def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,

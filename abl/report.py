@@ -113,6 +113,18 @@ def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray |
         core = np.asarray(exp.core, np.int64)
         if len(core):  # what the final model is probed on (a scan's find)
             rep["core_precision"] = float(np.isin(core, poison).mean())
+        row = next((r for r in exp.report.get("labels", []) if r.get("label") == exp.target), {})
+        if row.get("count_excess", 0) > 0 and len(exp.scores) == len(exp.candidates) > 0:
+            # how much of the poison the label's top-scoring k x its count excess holds (a count-matched find's cap)
+            order = np.asarray(exp.candidates, np.int64)[np.argsort(-np.asarray(exp.scores), kind="stable")]
+            rep["poison_at_count_excess"] = {
+                str(k): [int(np.isin(order[: int(np.ceil(k * row["count_excess"]))], poison).sum()),
+                         int(min(len(order), np.ceil(k * row["count_excess"])))] for k in (1.0, 1.25, 1.5, 2.0)}
+        cells = np.asarray(getattr(exp, "cells", np.zeros(0)), np.int64)
+        if len(cells) and len(cells) == len(exp.candidates):  # the off-label scan: each cell's size and poison
+            bad = np.isin(np.asarray(exp.candidates, np.int64), poison)
+            rep["cell_poison"] = {str(b): [int((cells == b).sum()), int((bad & (cells == b)).sum())]
+                                  for b in np.unique(cells) if b != exp.target}
     return rep
 
 
@@ -289,8 +301,11 @@ def expansion_evidence(exp: dict[str, Any]) -> str:
         took = (f"{exp['n_removed']} examples removed instead" if not union else
                 f"it and the capped expansion removed, {exp['n_removed']} examples, because the held-out split holds "
                 f"{union['short_sd']:.1f} sd more of the label than the scan's find explains")
+        row = next((r for r in exp.get("labels", []) if r.get("label") == exp["target"]), {})
+        count = (f"; the label holds {row['count_excess']:.0f} more examples than the median label, about the "
+                 "population's size (what all-to-one dirty-label poison adds)" if row.get("count_route") else "")
         return (f"{why}; a scan of every label found a separate population of {mix['weight_seedlike']:.0%} of label "
-                f"{exp['target']} (separation {mix['separation']:.1f}): {took}")
+                f"{exp['target']} (separation {mix['separation']:.1f}{count}): {took}")
     if exp.get("expanded"):
         return (f"the seed of {exp['n_seed']} grew to {exp['n_removed']} removed examples of label {exp['target']} "
                 f"({exp['n_target_label']} in the label; estimated poison "

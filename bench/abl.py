@@ -80,7 +80,7 @@ ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "ho
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
             "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart",
-            "expansion_capped_count_sd", "expansion_off_label_ratio")
+            "expansion_capped_count_sd", "expansion_off_label_ratio", "expansion_scan_count_sd")
 #: the Setting sentence's words for each --restart (after "a fresh model trained the full T on the rest")
 RESTART_SETTING = {"always": "",
                    "found": " — or, when nothing beyond the seed was found, the isolation model continued to T",
@@ -151,6 +151,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before the off-label scan existed (off)
             **({"expansion_off_label_ratio": args.off_label_ratio}
                if args.abl_mode == "retrain" and args.off_label_ratio else {}),
+            # nor before the contrastive scan's count-matched route existed (off)
+            **({"expansion_scan_count_sd": args.scan_count_sd}
+               if args.abl_mode == "retrain" and args.scan_method == "contrastive" and args.scan_count_sd else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -338,6 +341,7 @@ class Bench:
                       "restart": a.restart if a.abl_mode == "retrain" else None,
                       "expansion_capped_count_sd": a.capped_count_sd if a.abl_mode == "retrain" else None,
                       "expansion_off_label_ratio": a.off_label_ratio if a.abl_mode == "retrain" else None,
+                      "expansion_scan_count_sd": a.scan_count_sd if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -846,6 +850,9 @@ def main() -> None:
     ap.add_argument("--capped-count-sd", type=float, default=ABLConfig.expansion_capped_count_sd,
                     help="retrain mode: keep an unconfirmed capped expansion only with this held-out count excess "
                          "(sd; 0 = off, as before 2026-12-03)")
+    ap.add_argument("--scan-count-sd", type=float, default=ABLConfig.expansion_scan_count_sd,
+                    help="retrain mode's contrastive scan: also take a label whose split matches its count excess of "
+                         "this many sd (0 = off, as before 2026-12-03)")
     ap.add_argument("--off-label-ratio", type=float, default=ABLConfig.expansion_off_label_ratio,
                     help="retrain mode: the off-label scan's floor ratio when nothing else was found (0 = off, as "
                          "before 2026-12-03)")

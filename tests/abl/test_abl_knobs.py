@@ -180,6 +180,7 @@ ABL_FLAGS = {
     "expansion_method": ("--abl-expansion-method", "classifier", "classifier"),
     "expansion_scan_method": ("--abl-expansion-scan-method", "spectral", "spectral"),
     "expansion_scan_separation": ("--abl-expansion-scan-separation", "0", 0.0),
+    "expansion_scan_count_sd": ("--abl-expansion-scan-count-sd", "0", 0.0),
     "expansion_input_separation": ("--abl-expansion-input-separation", "0", 0.0),
     "input_scan": ("--abl-input-scan", "last", "last"),
     "retrain_epochs": ("--abl-retrain-epochs", "remaining", "remaining"),

@@ -245,3 +245,17 @@ def test_an_input_scan_find_its_label_count_does_not_show_is_clean_label_poison(
     rep["expansion"].update(space="input", n_removed=587, estimated_poison=587.0)
     rep["unlearning"]["guard"].update(n_nontarget=1057, target_prior=0.0991666)
     assert clean_label_find(rep) is None
+
+
+def test_the_evidence_names_a_count_matched_scan_find():
+    from abl_guard.abl.report import expansion_evidence
+
+    exp = {"method": "spectral-scan", "expanded": True, "target": 0, "n_removed": 3400,
+           "mixture": {"weight_seedlike": 0.39, "separation": 2.16},
+           "seed": {"expanded": False, "reason": "capped expansion refused by the held-out count"},
+           "labels": [{"label": 0, "count_excess": 3260.0, "count_route": True},
+                      {"label": 1, "count_excess": -4.0, "count_route": False}]}
+    line = expansion_evidence(exp)
+    assert "39% of label 0" in line and "3260 more examples than the median label" in line
+    exp["labels"][0]["count_route"] = False
+    assert "median label" not in expansion_evidence(exp)

@@ -364,11 +364,18 @@ def test_off_label_scan_finds_the_label_given_to_every_class():
     off = pool[(labels == 0) & (probs.argmax(1) != 0)]
     np.testing.assert_array_equal(exp.removed, off)
     assert np.isin(poison, exp.removed).all() and len(exp.removed) > len(poison)  # the neighbour confusions too
-    # the core leaves out class 9, which label 9's clean neighbour confusion also feeds: no clean example of label 9
-    # predicted as 9 is there, and every poisoned image of the other classes is
-    assert 9 not in rep["core_classes"] and set(rep["core_classes"]) == set(range(1, 9))
-    assert np.isin(exp.core, exp.removed).all()
-    assert np.isin(poison[probs[poison].argmax(1) < 9], exp.core).all()
+    # the core leaves out class 9, which label 9's clean neighbour confusion also feeds, and class 1, whose cell also
+    # holds label 0's own clean confusions (about 30 beside the 20 poisons: over 1.25 x the floor): every poisoned
+    # image of classes 2-8 is there and nothing else
+    assert set(rep["core_classes"]) == set(range(2, 9)) and rep["core_ratio"] == 1.25
+    assert np.isin(exp.core, exp.removed).all() and np.isin(exp.core, poison).all()
+    src = probs[poison].argmax(1)
+    assert np.isin(poison[(src >= 2) & (src <= 8)], exp.core).all()
+    # with room for the fuller cell, class 1 and its clean confusions are in
+    wide = scan_off_label(probs, labels, pool, core_ratio=4.0)
+    assert set(wide.report["core_classes"]) == set(range(1, 9)) and not np.isin(wide.core, poison).all()
+    # each candidate's cell, for the report's per-cell poison counts
+    np.testing.assert_array_equal(exp.cells, probs[exp.candidates].argmax(1))
     assert rep["estimated_poison"] == 20 * 9 and rep["n_removed"] == len(exp.removed)
     # held-out examples are never removed
     held = poison[::3]
@@ -396,3 +403,46 @@ def test_off_label_scan_finds_nothing_without_poison_nor_in_a_hard_label():
     assert scan_off_label(probs, labels, np.arange(len(labels)), max_share=0.9).report["expanded"]
     with pytest.raises(ValueError, match="len\\(pool\\)"):
         scan_off_label(probs[1:], labels, np.arange(len(labels)))
+
+
+def test_expansion_report_counts_the_poison_of_each_off_label_cell():
+    """With the ground truth known, the report gives the core's poison share and every off-label cell's size and
+    poison count (how the core's ratio was chosen, docs/abl.md#off-label-scan)."""
+    from abl_guard.abl.report import expansion_report
+
+    probs, labels, poison = _predictions()
+    pool = np.arange(len(labels))
+    exp = scan_off_label(probs, labels, pool)
+    rep = expansion_report(exp, exp.removed, poison, pool)
+    assert rep["core_precision"] == 1.0
+    cells = rep["cell_poison"]
+    assert "0" not in cells and set(cells) == {str(b) for b in range(1, 10)}
+    assert all(p == 20 for _, p in cells.values())  # every class's poison sits in its own cell
+    assert cells["1"][0] > 30 and all(n == 20 for b, (n, _) in cells.items() if b != "1")
+    assert sum(n for n, _ in cells.values()) == int((probs[exp.candidates].argmax(1) != 0).sum())
+
+
+def test_contrastive_scan_takes_a_label_whose_split_matches_its_count_excess():
+    """Poison that is 35% of its label, 4 sd away: too large a share, too small a variance ratio and too close for the
+    other routes, but its label holds that many more examples than the median label — what all-to-one dirty-label
+    poison adds — and the split's smaller component is about that size: the count-matched route takes it. Not when
+    the label holds no excess, nor when the other labels' counts are not balanced."""
+    feats, labels, poison = _shared_subtypes(0.35, shift=4.0)
+    pool = np.arange(len(labels))
+    assert not scan_labels(feats, labels, pool, method="contrastive").report["expanded"]
+    exp = scan_labels(feats, labels, pool, method="contrastive", min_count_sd=3.0)
+    row = next(r for r in exp.report["labels"] if r["label"] == 2)
+    assert exp.target == 2 and exp.report["qualifying"] == [2] and exp.report["min_count_sd"] == 3.0
+    assert row["count_route"] and row["count_excess"] == len(poison) and row["separation"] < 5.0
+    assert not any(r["count_route"] for r in exp.report["labels"] if r["label"] != 2)
+    assert np.isin(poison, exp.removed).mean() >= 0.9
+    assert len(exp.removed) <= np.ceil(1.25 * len(poison))  # at most 1.25 x the excess, the highest scores
+    assert exp.report["estimated_poison"] == len(poison)  # the excess the route matched, for the count checks
+    # the same poison in a label that holds no excess (as many clean examples of it left out of the pool)
+    clean2 = np.flatnonzero(labels == 2)[: len(poison)]
+    no_excess = np.setdiff1d(pool, clean2)
+    exp = scan_labels(feats, labels, no_excess, method="contrastive", min_count_sd=3.0)
+    assert not exp.report["expanded"] and "count excess" in exp.report["reason"]
+    # counts are read only when the other labels are balanced (within 1.2x of each other)
+    unbalanced = np.setdiff1d(pool, np.flatnonzero(labels == 0)[:200])
+    assert not scan_labels(feats, labels, unbalanced, method="contrastive", min_count_sd=3.0).report["expanded"]
