@@ -329,8 +329,10 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     it holds at least ``min_count_sd`` sd (the square root of the median label's count) more examples than the median
     label, its suspect component's size is within :data:`COUNT_BAND` x of that excess and its two components are
     ``min_separation`` apart: all-to-one dirty-label poison adds its copies to its label, and at 5% it is a third of
-    the label, beyond ``max_weight``; such a find removes at most :data:`COUNT_REMOVE` x the excess. Only when every other label's count is within :data:`COUNT_BALANCE` of each
-    other (the balanced classes the count check also assumes); measured in ``docs/abl.md#count-matched-route``.
+    the label, beyond ``max_weight``; such a find removes at most :data:`COUNT_REMOVE` x the excess, the highest
+    projections, and gives the excess as its poison estimate. Only when every other label's count is within
+    :data:`COUNT_BALANCE` of each other (the balanced classes the count check also assumes); measured in
+    ``docs/abl.md#count-matched-route``.
     """
     labels = np.asarray(labels)
     pool = np.asarray(pool, np.int64)
