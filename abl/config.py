@@ -124,7 +124,8 @@ class ABLConfig:
                                            "when it holds this many sd more examples than the median label and its "
                                            "split's smaller component is about that excess (all-to-one dirty-label "
                                            "poison adds its copies to its label; read only when the other labels' "
-                                           "counts are balanced); 0 = off (docs/abl.md#count-matched-route).")
+                                           "counts are balanced); 0 = off (before 2026-12-04; "
+                                           "docs/abl.md#count-matched-route).")
     expansion_input_separation: float = _knob(10.0, "retrain mode: scan every label's raw inputs the contrastive "
                                               "way (no model; when: --abl-input-scan); a label whose two "
                                               "components are at least this far apart (Ashman's D) is removed "

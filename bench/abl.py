@@ -852,7 +852,7 @@ def main() -> None:
                          "(sd; 0 = off, as before 2026-12-03)")
     ap.add_argument("--scan-count-sd", type=float, default=ABLConfig.expansion_scan_count_sd,
                     help="retrain mode's contrastive scan: also take a label whose split matches its count excess of "
-                         "this many sd (0 = off, as before 2026-12-03)")
+                         "this many sd (0 = off, as before 2026-12-04)")
     ap.add_argument("--off-label-ratio", type=float, default=ABLConfig.expansion_off_label_ratio,
                     help="retrain mode: the off-label scan's floor ratio when nothing else was found (0 = off, as "
                          "before 2026-12-03)")
