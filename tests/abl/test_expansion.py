@@ -438,6 +438,13 @@ def test_contrastive_scan_takes_a_label_whose_split_matches_its_count_excess():
     assert np.isin(poison, exp.removed).mean() >= 0.9
     assert len(exp.removed) <= np.ceil(1.25 * len(poison))  # at most 1.25 x the excess, the highest scores
     assert exp.report["estimated_poison"] == len(poison)  # the excess the route matched, for the count checks
+    # with the ground truth, the report says how much poison the top 1-2 x the excess hold (how 1.25 was chosen)
+    from abl_guard.abl.report import expansion_report
+
+    at = expansion_report(exp, exp.removed, poison, pool)["poison_at_count_excess"]
+    assert list(at) == ["1.0", "1.25", "1.5", "2.0"] and at["1.25"][1] == int(np.ceil(1.25 * len(poison)))
+    hits = [at[k][0] for k in at]
+    assert hits == sorted(hits) and at["1.25"][0] == int(np.isin(exp.removed, poison).sum())
     # the same poison in a label that holds no excess (as many clean examples of it left out of the pool)
     clean2 = np.flatnonzero(labels == 2)[: len(poison)]
     no_excess = np.setdiff1d(pool, clean2)
