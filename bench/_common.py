@@ -28,11 +28,15 @@ def write_markdown_keeping_notes(path: str | Path, text: str) -> None:
     md.write_text(text.rstrip("\n") + "\n" + ("\n" + NOTES_MARK + notes if notes else ""))
 
 
-def write_results(out: str | Path, record: dict, markdown: str) -> Path:
-    """Write ``out``.json (the record) and ``out``.md (its rendering), creating the folder; returns the .md path."""
+def write_results(out: str | Path, record: dict, markdown: str, keep_notes: bool = False) -> Path:
+    """Write ``out``.json (the record) and ``out``.md (its rendering), creating the folder; returns the .md path.
+    ``keep_notes``: hand-written notes below :data:`NOTES_MARK` in the old page survive."""
     base = Path(out)
     base.parent.mkdir(parents=True, exist_ok=True)
     base.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    base.with_suffix(".md").write_text(markdown)
+    if keep_notes:
+        write_markdown_keeping_notes(base.with_suffix(".md"), markdown)
+    else:
+        base.with_suffix(".md").write_text(markdown)
     print(f"-> {base.with_suffix('.md')}")
     return base.with_suffix(".md")

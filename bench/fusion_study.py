@@ -27,14 +27,13 @@ share of resamples below -0.005 — with ~100 CW inputs a shortfall of 0.01 is w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import cpu_name, write_markdown_keeping_notes
+from _common import cpu_name, write_results
 from detect import metrics
 from detect_converged import EXTRA_TAP_ROWS, FIVE, FPR, ROWS, extra_tap_rows, load_scores, two_sided
 
@@ -201,11 +200,7 @@ def main() -> None:
         models.append({"file": path.name, "studies": studies})
     record = {"command": "python bench/fusion_study.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(), "fpr": FPR,
               "models": models}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    write_markdown_keeping_notes(out.with_suffix(".md"), render(record))
-    print(f"-> {out.with_suffix('.md')}")
+    write_results(args.out, record, render(record), keep_notes=True)
 
 
 if __name__ == "__main__":

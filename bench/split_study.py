@@ -14,13 +14,12 @@ flagged share. The spread is what a user calibrating on 1,000 clean images shoul
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import cpu_name, write_markdown_keeping_notes
+from _common import cpu_name, write_results
 from detect_converged import FPR, load_scores, two_sided
 from fusion_study import ALL_ROWS, NOT_POSITIVE
 
@@ -94,11 +93,7 @@ def main() -> None:
         models.append({"file": path.name, **spread(scores, preds, members, two, args.classes, args.splits)})
     record = {"command": "python bench/split_study.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(), "fpr": FPR,
               "models": models}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    write_markdown_keeping_notes(out.with_suffix(".md"), render(record))
-    print(f"-> {out.with_suffix('.md')}")
+    write_results(args.out, record, render(record), keep_notes=True)
 
 
 if __name__ == "__main__":
