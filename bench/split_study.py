@@ -6,7 +6,8 @@ This script pools the calibration and evaluation splits' clean scores (2,000 ima
 ``--splits`` random halves, calibrates the member set on one half exactly as the guard does
 (``guard.calibration.Calibrator``: conformal p-values with exponential tails, Fisher's combination, the threshold
 from leave-one-out calibration p-values) and measures the other half's false-positive rate and every positive set's
-flagged share. The spread is what a user calibrating on 1,000 clean images should expect. Run:
+flagged share. The spread is what a user calibrating on 1,000 clean images should expect; ``--alone`` also calibrates
+each member by itself on the same draws. Run:
 
     .venv/bin/python bench/split_study.py DIR/badnets-none-scores.npz [...] --out bench/results/split_study
 """
@@ -71,8 +72,14 @@ def render(r: dict[str, Any]) -> str:
             return (f"**{100 * v['mean']:.1f}** ({100 * v['p5']:.1f}–{100 * v['p95']:.1f}; "
                     f"{100 * v['min']:.1f}–{100 * v['max']:.1f})")
 
-        lines.append(f"| clean (held-out half) | {cell(m['clean_fpr'])} |")
-        lines += [f"| {s} | {cell(v)} |" for s, v in m["flagged"].items()]
+        alone = m.get("alone", {})
+        if alone:
+            lines[-2:] = ["| set | guard: flagged % | " + " | ".join(f"{a} alone" for a in alone) + " |",
+                          "|---|---|" + "---|" * len(alone)]
+        lines.append(f"| clean (held-out half) | {cell(m['clean_fpr'])} |"
+                     + "".join(f" {cell(a['clean_fpr'])} |" for a in alone.values()))
+        lines += [f"| {s} | {cell(v)} |" + "".join(f" {cell(a['flagged'][s])} |" for a in alone.values())
+                  for s, v in m["flagged"].items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -81,6 +88,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("scores", nargs="+", help="npz files written by detect_converged.py --save-scores")
     ap.add_argument("--members", default=DEFAULT, help="the guard's detector rows (default: calibrate's default set)")
+    ap.add_argument("--alone", action="store_true",
+                    help="also calibrate each member alone on the same draws (which member sees what)")
     ap.add_argument("--splits", type=int, default=100)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "split_study"))
@@ -91,6 +100,8 @@ def main() -> None:
     for path in map(Path, args.scores):
         scores, preds = load_scores(path)
         models.append({"file": path.name, **spread(scores, preds, members, two, args.classes, args.splits)})
+        if args.alone and len(members) > 1:
+            models[-1]["alone"] = {m: spread(scores, preds, [m], two, args.classes, args.splits) for m in members}
     record = {"command": "python bench/split_study.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(), "fpr": FPR,
               "models": models}
     write_results(args.out, record, render(record), keep_notes=True)
