@@ -120,7 +120,7 @@ def expansion_report(exp: Any, removed: np.ndarray, poison_indices: np.ndarray |
             rep["poison_at_count_excess"] = {
                 str(k): [int(np.isin(order[: int(np.ceil(k * row["count_excess"]))], poison).sum()),
                          int(min(len(order), np.ceil(k * row["count_excess"])))] for k in (1.0, 1.25, 1.5, 2.0)}
-        cells = np.asarray(getattr(exp, "cells", np.zeros(0)), np.int64)
+        cells = np.asarray(exp.cells, np.int64)
         if len(cells) and len(cells) == len(exp.candidates):  # the off-label scan: each cell's size and poison
             bad = np.isin(np.asarray(exp.candidates, np.int64), poison)
             rep["cell_poison"] = {str(b): [int((cells == b).sum()), int((bad & (cells == b)).sum())]

@@ -57,6 +57,12 @@ def spread(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
             "clean_fpr": summary(fpr), "flagged": {s: summary(v) for s, v in flagged.items()}}
 
 
+def _cell(v: dict[str, float]) -> str:
+    """A summary cell: the mean in bold, then (5th–95th percentile; min–max), in percent."""
+    return (f"**{100 * v['mean']:.1f}** ({100 * v['p5']:.1f}–{100 * v['p95']:.1f}; "
+            f"{100 * v['min']:.1f}–{100 * v['max']:.1f})")
+
+
 def render(r: dict[str, Any]) -> str:
     lines = ["# The guard's threshold over random calibration splits", "",
              f"`{r['command']}` — {r['cpu']}.", "",
@@ -66,19 +72,12 @@ def render(r: dict[str, Any]) -> str:
              f"{r['fpr']:.0%} FPR calibrated as `calibrate` does. Cells: **mean %** (5th–95th percentile; min–max).",
              ""]
     for m in r["models"]:
-        lines += [f"## {m['file']}", "", "| set | flagged % |", "|---|---|"]
-
-        def cell(v: dict[str, float]) -> str:
-            return (f"**{100 * v['mean']:.1f}** ({100 * v['p5']:.1f}–{100 * v['p95']:.1f}; "
-                    f"{100 * v['min']:.1f}–{100 * v['max']:.1f})")
-
         alone = m.get("alone", {})
-        if alone:
-            lines[-2:] = ["| set | guard: flagged % | " + " | ".join(f"{a} alone" for a in alone) + " |",
-                          "|---|---|" + "---|" * len(alone)]
-        lines.append(f"| clean (held-out half) | {cell(m['clean_fpr'])} |"
-                     + "".join(f" {cell(a['clean_fpr'])} |" for a in alone.values()))
-        lines += [f"| {s} | {cell(v)} |" + "".join(f" {cell(a['flagged'][s])} |" for a in alone.values())
+        head = "guard: flagged % | " + " | ".join(f"{a} alone" for a in alone) if alone else "flagged %"
+        lines += [f"## {m['file']}", "", f"| set | {head} |", "|---|---|" + "---|" * len(alone)]
+        lines.append(f"| clean (held-out half) | {_cell(m['clean_fpr'])} |"
+                     + "".join(f" {_cell(a['clean_fpr'])} |" for a in alone.values()))
+        lines += [f"| {s} | {_cell(v)} |" + "".join(f" {_cell(a['flagged'][s])} |" for a in alone.values())
                   for s, v in m["flagged"].items()]
         lines.append("")
     return "\n".join(lines)
