@@ -173,6 +173,15 @@ class ABLConfig:
                                              "cell — must reach 10 and this many times the next label's + 1, and its "
                                              "examples predicted as another class are removed. 0 = off "
                                              "(docs/abl.md#off-label-scan).")
+    expansion_recheck_epoch: int = _knob(0, "retrain mode: after this epoch of a fresh model's clean stage, remove "
+                                         "the removed label's remaining examples that the fresh model gives less "
+                                         "than the label's mean probability (confident learning's threshold): "
+                                         "poison the removal missed, not learned yet, and the label's least typical "
+                                         "clean examples. Off by default: it costs 1.3-1.7 CA points "
+                                         "(docs/abl.md#clean-stage-recheck); 0 = off.")
+    expansion_recheck_scale: float = _knob(1.0, "the clean-stage recheck's threshold as a multiple of the label's "
+                                           "mean probability (1: confident learning's; lower takes fewer clean "
+                                           "examples and less of the missed poison).")
     residual_unlearning_epochs: int = _knob(5, "retrain mode: when the retrained model's own evidence says the "
                                             "backdoor is still there (verdict likely-present: the held-out probe "
                                             "fires), unlearn the removed set from it for this many epochs — joint, "
@@ -227,6 +236,7 @@ class ABLConfig:
                  "expansion_scan_count_sd", "expansion_input_separation", "input_scan", "retrain_epochs", "restart",
                  "isolation_extra_epochs",
                  "expansion_union_sd", "expansion_capped_count_sd", "expansion_off_label_ratio",
+                 "expansion_recheck_epoch", "expansion_recheck_scale",
                  "residual_unlearning_epochs",
                  "residual_unlearning_lr", "residual_max_ca_drop",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
@@ -252,6 +262,8 @@ class ABLConfig:
             (self.residual_unlearning_epochs < 0, "residual_unlearning_epochs must be >= 0 (0 = off)"),
             (self.expansion_union_sd < 0, "expansion_union_sd must be >= 0 (0 = off)"),
             (self.expansion_capped_count_sd < 0, "expansion_capped_count_sd must be >= 0 (0 = off)"),
+            (self.expansion_recheck_epoch < 0, "expansion_recheck_epoch must be >= 0 (0 = off)"),
+            (not 0.0 < self.expansion_recheck_scale <= 1.0, "expansion_recheck_scale must be in (0, 1]"),
             (not 0.0 < self.isolation_ratio < 1.0, f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}"),
             (not 0.0 <= self.holdout < 0.5, f"holdout must be in [0, 0.5), got {self.holdout}"),
             (self.unlearning_bound < 0, "unlearning_bound must be >= 0 (0 = unbounded ascent)"),

@@ -559,6 +559,28 @@ def scan_off_label(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
                      conf[in_t].astype(np.int64))
 
 
+def below_own_threshold(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray,
+                        target: int, scale: float = 1.0) -> tuple[np.ndarray, dict[str, Any]]:
+    """``target``'s examples of ``pool`` that the model does not confidently place in it: confident learning's per-class
+    threshold (Northcutt et al., JAIR 2021) — the mean probability of ``target`` over the label's examples — applied
+    to that one label; returns ``(removed dataset indices, report)``. ``probs`` holds one row per entry of ``pool``.
+    Used by ABL's clean-stage recheck on a fresh model that has not learned the poison the removal missed, which it
+    predicts as the images' own classes (``docs/abl.md#clean-stage-recheck``)."""
+    pool = np.asarray(pool, np.int64)
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or len(probs) != len(pool):
+        raise ValueError(f"probs must be (len(pool), K) = ({len(pool)}, K), got {probs.shape}")
+    in_t = np.asarray(labels)[pool] == target
+    if not in_t.any():
+        return np.zeros(0, np.int64), {"target": int(target), "n_target_label": 0, "n_removed": 0}
+    p = probs[in_t, target]
+    thr = float(p.mean()) * scale
+    removed = np.sort(pool[in_t][p < thr])
+    row = np.bincount(probs[in_t].argmax(1), minlength=probs.shape[1])
+    return removed, {"target": int(target), "threshold": thr, "n_target_label": int(in_t.sum()),
+                     "n_removed": int(len(removed)), "predicted_row": {str(b): int(c) for b, c in enumerate(row)}}
+
+
 def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,
                          batch_size: int = 512) -> np.ndarray:
     """The features entering the model's final linear layer (its ``penultimate`` tap, or the input of its last

@@ -323,6 +323,27 @@ def _residual_lines(un: dict[str, Any]) -> list[str]:
             f"{un.get('epochs_run', 0)} kept by the guard"]
 
 
+def _recheck_lines(report: dict[str, Any]) -> list[str]:
+    """The evidence line of retrain mode's clean-stage recheck when it ran (``abl.py``'s ``_Stages._recheck``)."""
+    rec = report.get("recheck")
+    if not rec:
+        return []
+    return [f"the clean-stage recheck after epoch {rec['epoch']} removed {rec['n_removed']} more of label "
+            f"{rec['target']}'s {rec['n_target_label']} remaining examples (under its mean probability "
+            f"{rec.get('threshold', float('nan')):.2f})"]
+
+
+def _recheck_hint(status: str, report: dict[str, Any], cfg: ABLConfig) -> list[str]:
+    """A retrain-mode verdict of ``likely-present`` without the clean-stage recheck: the knob that may help, and its
+    measured cost."""
+    if status != "likely-present" or not cfg.retrain or cfg.expansion_recheck_epoch or "recheck" in report:
+        return []
+    return ["poison the removal missed can teach a fresh model the backdoor again: the clean-stage recheck "
+            "(--abl-expansion-recheck-epoch 1) removes what the fresh model does not place in the label after one "
+            "epoch (WaNet 10%: ASR to about 1% for 1.3-1.7 CA points; --abl-expansion-recheck-scale 0.5 takes fewer "
+            "clean images: 2.3-7.9% for 0.6-0.7; docs/abl.md#clean-stage-recheck)"]
+
+
 def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     """Whether the backdoor is gone, with the evidence, from quantities available without ground truth.
 
@@ -369,7 +390,7 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         evidence.append(f"held-out probe {held:.2f}: the final model predicts label {target} for "
                         f"{held:.0%} of the held-out split's excess of that label (0: a clean model, 1: the poison "
                         "still fires)")
-    evidence += _residual_lines(un)
+    evidence += _residual_lines(un) + _recheck_lines(report)
     if held is not None and held >= HELD_OUT_FIRING:
         status = "likely-present"
     elif share < cfg.isolation_concentration and not exp.get("expanded"):
@@ -399,6 +420,7 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
         status = "likely-present"
         evidence.append("a clean model predicts a triggered image's own content; if the poison is clean-label (images "
                         "of the target class) this probe cannot tell")
+    evidence += _recheck_hint(status, report, cfg)
     return {"status": status, "target": target, "evidence": evidence, "held_out_probe": held}
 
 

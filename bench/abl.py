@@ -80,7 +80,8 @@ ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "ho
             "isolation_score", "unlearning", "isolation_ratio", "unlearning_bound", "isolation_labels", "abl_mode",
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
             "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart",
-            "expansion_capped_count_sd", "expansion_off_label_ratio", "expansion_scan_count_sd")
+            "expansion_capped_count_sd", "expansion_off_label_ratio", "expansion_scan_count_sd",
+            "expansion_recheck_epoch", "expansion_recheck_scale")
 #: the Setting sentence's words for each --restart (after "a fresh model trained the full T on the rest")
 RESTART_SETTING = {"always": "",
                    "found": " — or, when nothing beyond the seed was found, the isolation model continued to T",
@@ -154,6 +155,11 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before the contrastive scan's count-matched route existed (off)
             **({"expansion_scan_count_sd": args.scan_count_sd}
                if args.abl_mode == "retrain" and args.scan_method == "contrastive" and args.scan_count_sd else {}),
+            # nor before the clean stage's recheck existed (off)
+            **({"expansion_recheck_epoch": args.recheck_epoch}
+               if args.abl_mode == "retrain" and args.recheck_epoch else {}),
+            **({"expansion_recheck_scale": args.recheck_scale}
+               if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_scale != 1.0 else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -342,6 +348,8 @@ class Bench:
                       "expansion_capped_count_sd": a.capped_count_sd if a.abl_mode == "retrain" else None,
                       "expansion_off_label_ratio": a.off_label_ratio if a.abl_mode == "retrain" else None,
                       "expansion_scan_count_sd": a.scan_count_sd if a.abl_mode == "retrain" else None,
+                      "expansion_recheck_epoch": a.recheck_epoch if a.abl_mode == "retrain" else None,
+                      "expansion_recheck_scale": a.recheck_scale if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -370,7 +378,8 @@ class Bench:
             **self.key(attack, seed, "abl"),
             **self.end_to_end(model, data, attack, seed, "abl",
                               kept=np.setdiff1d(np.arange(len(data.train.labels)), res.dropped)),
-            "expansion": rep.get("expansion"), "verdict": rep.get("verdict"), "n_removed": int(len(res.removed)),
+            "expansion": rep.get("expansion"), "recheck": rep.get("recheck"), "verdict": rep.get("verdict"),
+            "n_removed": int(len(res.removed)),
             "history_stages": [h["stage"] for h in res.history],
             "clean_accuracy": final["clean_accuracy"], "attack_success_rate": final["attack_success_rate"],
             "seconds": rep["seconds"].get("total", float("nan")), "seconds_by_stage": rep["seconds"],
@@ -511,6 +520,9 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             + RESTART_SETTING[a.restart]
             + (f"; a capped expansion no scan confirmed kept only with a held-out count excess of its label of "
                f"{a.capped_count_sd:g} sd or more" if a.capped_count_sd else "")
+            + (f"; after the fresh model's clean epoch {a.recheck_epoch}, the removed label's examples it gives less "
+               f"than {a.recheck_scale:g} × the label's mean probability removed too (the clean-stage recheck)"
+               if a.recheck_epoch else "")
             + "; no unlearning). "
             "The unlearning columns below do not apply to it." if a.abl_mode != "unlearn" else "") + (
         f"ABL: T = {a.epochs} epochs = isolation T_te = "
@@ -707,7 +719,8 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
         return []
     out = ["", "## Retrain mode: isolation, seed expansion, verdict", "",
            "T_te = isolation epochs run (auto stop); seed = isolated examples of the majority label (precision %); "
-           "removed = seed + expansion; poison recall % of everything removed, poison missed, clean removed; "
+           "removed = seed + expansion (+ the clean-stage recheck when on: missed and clean removed count it too); "
+           "poison recall % of the seed + expansion, poison missed, clean removed; "
            "time = ABL total / plain training, its clean stage's time per example-epoch × every training image × "
            "--epochs, in the same run; "
            "verdict: `report.verdict` of the current code on the run's stored report (the held-out probe in "
@@ -719,9 +732,13 @@ def retrain_lines(rows: list[dict[str, Any]], attacks: list[str], seeds: list[in
         for r in sorted((r for r in abl if r["attack"] == attack), key=lambda r: r["seed"]):
             e = r["expansion"]
             sep = e.get("mixture", {}).get("separation", float("nan"))
+            missed, clean = e.get("missed_poison", "—"), e.get("removed_clean", "—")
+            rec = r.get("recheck") or {}
+            if "removed_poison" in rec and isinstance(missed, int) and isinstance(clean, int):
+                missed, clean = missed - rec["removed_poison"], clean + rec["removed_clean"]
             out.append(f"| {attack} | {r['seed']} | {seed_cells(r, '.1f', '')} | {r['n_removed']} "
-                       f"| {100 * e.get('recall', float('nan')):.2f} | {e.get('missed_poison', '—')} "
-                       f"| {e.get('removed_clean', '—')} | {sep:.1f} | {verdict_cell(r)} "
+                       f"| {100 * e.get('recall', float('nan')):.2f} | {missed} "
+                       f"| {clean} | {sep:.1f} | {verdict_cell(r)} "
                        f"| {100 * r['clean_accuracy']:.2f} | {100 * r['attack_success_rate']:.2f} "
                        f"| {time_ratio(r):.2f} |")
     return out
@@ -853,6 +870,11 @@ def main() -> None:
     ap.add_argument("--scan-count-sd", type=float, default=ABLConfig.expansion_scan_count_sd,
                     help="retrain mode's contrastive scan: also take a label whose split matches its count excess of "
                          "this many sd (0 = off, as before 2026-12-04)")
+    ap.add_argument("--recheck-epoch", type=int, default=ABLConfig.expansion_recheck_epoch,
+                    help="retrain mode: the fresh model's clean-stage epoch after which the removed label is "
+                         "rechecked for poison the removal missed (0 = off, the default)")
+    ap.add_argument("--recheck-scale", type=float, default=ABLConfig.expansion_recheck_scale,
+                    help="the recheck's threshold as a multiple of the label's mean probability")
     ap.add_argument("--off-label-ratio", type=float, default=ABLConfig.expansion_off_label_ratio,
                     help="retrain mode: the off-label scan's floor ratio when nothing else was found (0 = off, as "
                          "before 2026-12-03)")

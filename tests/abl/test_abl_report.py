@@ -102,6 +102,25 @@ def test_verdict_trusts_the_held_out_probe_over_the_seed_probe():
     assert verdict(low, ABLConfig())["status"] == "likely-present"
 
 
+def test_a_firing_verdict_points_to_the_recheck_and_a_recheck_is_evidence():
+    from abl_guard.abl.config import ABLConfig
+    from abl_guard.abl.report import verdict
+
+    rep = _report(0.95, 0.05)
+    rep["unlearning"]["guard"] = {"n_holdout": 1200, "n_nontarget": 948, "target_prior": 0.09,
+                                  "final": {"target_rate": 0.2}}
+    hint = "--abl-expansion-recheck-epoch 1"
+    assert ABLConfig().retrain and any(hint in e for e in verdict(rep, ABLConfig())["evidence"])
+    assert not any(hint in e for e in verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"])
+    assert not any(hint in e for e in verdict(rep, ABLConfig.for_mode("paper"))["evidence"])
+    rep["unlearning"]["guard"]["final"] = {"target_rate": 0.095}  # removed: no hint
+    assert not any(hint in e for e in verdict(rep, ABLConfig())["evidence"])
+    rep["recheck"] = {"epoch": 1, "target": 0, "threshold": 0.66, "n_target_label": 4180, "n_removed": 1568}
+    ev = verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"]
+    assert "the clean-stage recheck after epoch 1 removed 1568 more of label 0's 4180 remaining examples " \
+           "(under its mean probability 0.66)" in ev
+
+
 @pytest.mark.parametrize("probe, status", [(0.05, "removed-unconfirmed"), (0.9, "likely-present")])
 def test_verdict_of_a_label_scan_names_the_scanned_label(probe, status):
     from abl_guard.abl.config import ABLConfig

@@ -733,3 +733,68 @@ def test_off_label_scan_acts_when_nothing_else_is_found(small_poisoned, monkeypa
     seen.clear()
     res = run_abl(d.model(width=8), d.images, d.labels, replace(cfg, expansion_off_label_ratio=0.0), quiet=True)
     assert not seen and "off_label_scan" not in res.report["expansion"]
+
+
+def test_clean_stage_recheck_removes_the_poison_the_removal_missed(small_poisoned, monkeypatch):
+    """The clean stage's recheck: after the fresh model's first epoch its class probabilities for the removed label's
+    remaining examples go to :func:`below_own_threshold`, whose examples are removed from the next epoch on (run.removed
+    and the batches), with the counts in ``report["recheck"]``; 0 turns it off, and a continued isolation model
+    (nothing found) is not rechecked."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.expansion import Expansion
+
+    d = small_poisoned
+    half = d.poison[: len(d.poison) // 2]
+
+    def isolation_find(probs, labels, pool, **kw):  # the isolation's off-label scan finds half the poison
+        p = np.intersect1d(half, pool)
+        return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
+                         {"method": "spectral-scan", "space": "predictions", "expanded": True, "capped": False,
+                          "target": 0, "n_removed": len(p), "n_seed": 0, "n_expanded": len(p), "target_floor": 12,
+                          "runner_up_floor": 0, "estimated_poison": float(len(p))}, p)
+
+    seen: list = []
+    real_rule = abl_mod.below_own_threshold
+
+    def rule(probs, labels, pool, target, scale=1.0):  # the real rule's report, the rest of the poison as its removal
+        seen.append((probs, np.asarray(pool), target))
+        _, rep = real_rule(probs, labels, pool, target, scale)
+        return np.intersect1d(d.poison, pool), rep
+
+    trained: list[set[int]] = []
+    real_epoch = abl_mod.train_one_epoch
+
+    def epoch(model, batches, *a, **kw):
+        trained.append(set(batches.indices.tolist()))
+        return real_epoch(model, batches, *a, **kw)
+
+    monkeypatch.setattr(abl_mod, "train_one_epoch", epoch)
+    monkeypatch.setattr(abl_mod, "scan_off_label", isolation_find)
+    monkeypatch.setattr(abl_mod, "below_own_threshold", rule)
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=3, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0, expansion_recheck_epoch=1)
+    assert ABLConfig().expansion_recheck_epoch == 0  # off by default: its CA cost where the removal was whole
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    pool = np.setdiff1d(np.arange(len(d.labels)), res.holdout)
+    rest_half = np.setdiff1d(pool, half)
+    rec = res.report["recheck"]
+    assert len(seen) == 1 and seen[0][2] == 0
+    np.testing.assert_array_equal(seen[0][1], rest_half[d.labels[rest_half] == 0])  # what the model trains on
+    assert seen[0][0].shape == (len(seen[0][1]), 10)
+    np.testing.assert_allclose(seen[0][0].sum(1), 1.0, atol=1e-9)
+    missed = len(np.intersect1d(d.poison, pool)) - len(np.intersect1d(half, pool))
+    assert rec["epoch"] == 1 and rec["target"] == 0 and rec["n_target_label"] == len(seen[0][1])
+    assert rec["n_poison_in_rest"] == missed and rec["removed_poison"] == missed and rec["removed_clean"] == 0
+    np.testing.assert_array_equal(res.removed, np.intersect1d(d.poison, pool))
+    assert trained[-3:] == [set(rest_half.tolist())] + [set(np.setdiff1d(pool, d.poison).tolist())] * 2
+
+    seen.clear()
+    res = run_abl(d.model(width=8), d.images, d.labels, replace(cfg, expansion_recheck_epoch=0), quiet=True)
+    assert not seen and "recheck" not in res.report
+
+    monkeypatch.setattr(abl_mod, "scan_off_label", lambda probs, labels, pool, **kw: Expansion(
+        np.zeros(0, np.int64), -1, np.zeros(0, np.int64), np.zeros(0), np.zeros(0),
+        {"expanded": False, "n_seed": 0, "reason": "none"}))
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, quiet=True)
+    assert res.report["clean_stage"]["continued"] and "recheck" not in res.report and not seen

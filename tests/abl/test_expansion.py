@@ -8,6 +8,7 @@ import torch
 
 from abl_guard.abl.expansion import (
     ashman_d,
+    below_own_threshold,
     expand_seed,
     input_features,
     penultimate_features,
@@ -453,3 +454,26 @@ def test_contrastive_scan_takes_a_label_whose_split_matches_its_count_excess():
     # counts are read only when the other labels are balanced (within 1.2x of each other)
     unbalanced = np.setdiff1d(pool, np.flatnonzero(labels == 0)[:200])
     assert not scan_labels(feats, labels, unbalanced, method="contrastive", min_count_sd=3.0).report["expanded"]
+
+
+def test_below_own_threshold_takes_what_the_model_does_not_place_in_the_label():
+    """Confident learning's per-class threshold on one label: its examples whose probability of it is under the mean
+    over them; other labels' examples are never taken; the report counts what the model predicts for the label."""
+    labels = np.array([0] * 6 + [1] * 4)
+    pool = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]) + 100  # dataset indices, not positions
+    full = np.zeros(110, np.int64)
+    full[pool] = labels
+    p0 = np.array([0.9, 0.95, 0.85, 0.1, 0.2, 0.9, 0.05, 0.05, 0.9, 0.1])  # mean over label 0: 0.65
+    probs = np.stack([p0, 1 - p0], 1)
+    removed, rep = below_own_threshold(probs, full, pool, 0)
+    np.testing.assert_array_equal(removed, [103, 104])
+    assert rep["threshold"] == pytest.approx(0.65, abs=1e-12) and rep["n_target_label"] == 6
+    assert rep["n_removed"] == 2 and rep["predicted_row"] == {"0": 4, "1": 2}
+    removed, rep = below_own_threshold(probs, full, pool, 0, scale=0.25)  # under 0.1625: only the 0.1
+    np.testing.assert_array_equal(removed, [103])
+    assert rep["threshold"] == pytest.approx(0.1625, abs=1e-12)
+    removed, rep = below_own_threshold(probs, full, pool, 1)  # label 1: p1 = 0.95, 0.95, 0.1, 0.9; mean 0.725
+    np.testing.assert_array_equal(removed, [108])
+    assert below_own_threshold(probs, full, pool, 7)[1]["n_removed"] == 0
+    with pytest.raises(ValueError):
+        below_own_threshold(probs[1:], full, pool, 0)
