@@ -562,10 +562,10 @@ def scan_off_label(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
 def below_own_threshold(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray,
                         target: int, scale: float = 1.0) -> tuple[np.ndarray, dict[str, Any]]:
     """``target``'s examples of ``pool`` that the model does not confidently place in it: confident learning's per-class
-    threshold (Northcutt et al., JAIR 2021) — the mean probability of ``target`` over the label's examples — applied
-    to that one label; returns ``(removed dataset indices, report)``. ``probs`` holds one row per entry of ``pool``.
-    Used by ABL's clean-stage recheck on a fresh model that has not learned the poison the removal missed, which it
-    predicts as the images' own classes (``docs/abl.md#clean-stage-recheck``)."""
+    threshold (Northcutt et al., JAIR 2021) — the mean probability of ``target`` over the label's examples, times
+    ``scale`` (1: theirs) — applied to that one label; returns ``(removed dataset indices, report)``. ``probs`` holds
+    one row per entry of ``pool``. Used by ABL's clean-stage recheck on a fresh model that has not learned the poison
+    the removal missed, which it predicts as the images' own classes (``docs/abl.md#clean-stage-recheck``)."""
     pool = np.asarray(pool, np.int64)
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or len(probs) != len(pool):

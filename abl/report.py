@@ -329,8 +329,8 @@ def _recheck_lines(report: dict[str, Any]) -> list[str]:
     if not rec:
         return []
     return [f"the clean-stage recheck after epoch {rec['epoch']} removed {rec['n_removed']} more of label "
-            f"{rec['target']}'s {rec['n_target_label']} remaining examples (under its mean probability "
-            f"{rec.get('threshold', float('nan')):.2f})"]
+            f"{rec['target']}'s {rec['n_target_label']} remaining examples (under its mean probability x "
+            f"{rec.get('scale', 1.0):g}: {rec.get('threshold', float('nan')):.2f})"]
 
 
 def _recheck_hint(status: str, report: dict[str, Any], cfg: ABLConfig) -> list[str]:

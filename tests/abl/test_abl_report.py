@@ -118,7 +118,9 @@ def test_a_firing_verdict_points_to_the_recheck_and_a_recheck_is_evidence():
     rep["recheck"] = {"epoch": 1, "target": 0, "threshold": 0.66, "n_target_label": 4180, "n_removed": 1568}
     ev = verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"]
     assert "the clean-stage recheck after epoch 1 removed 1568 more of label 0's 4180 remaining examples " \
-           "(under its mean probability 0.66)" in ev
+           "(under its mean probability x 1: 0.66)" in ev
+    rep["recheck"].update(scale=0.5, threshold=0.33)
+    assert any("(under its mean probability x 0.5: 0.33)" in e for e in verdict(rep, ABLConfig())["evidence"])
 
 
 @pytest.mark.parametrize("probe, status", [(0.05, "removed-unconfirmed"), (0.9, "likely-present")])
