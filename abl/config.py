@@ -177,7 +177,7 @@ class ABLConfig:
                                          "the removed label's remaining examples that the fresh model gives less "
                                          "than the label's mean probability (confident learning's threshold): "
                                          "poison the removal missed, not learned yet, and the label's least typical "
-                                         "clean examples. Off by default: it costs 1.3-1.7 CA points "
+                                         "clean examples. Off by default: it costs 0.8-2.2 CA points "
                                          "(docs/abl.md#clean-stage-recheck); 0 = off.")
     expansion_recheck_scale: float = _knob(1.0, "the clean-stage recheck's threshold as a multiple of the label's "
                                            "mean probability (1: confident learning's; lower takes fewer clean "
