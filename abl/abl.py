@@ -286,9 +286,7 @@ class _Stages:
                 run.isolated = distributed.broadcast_array(exp.core)
             run.removed = distributed.broadcast_array(exp.removed)  # rank 0's, so every rank trains on the same set
             run.report["expansion"] = expansion_report(exp, run.removed, poison_indices, pool)
-            if self.out is not None and distributed.is_main():
-                np.save(self.out / "removed_indices.npy", run.removed.astype(np.int64))
-                run.report["files"]["removed_indices"] = "removed_indices.npy"
+            self._save_removed()
             self.pool_features, self.pool_logits = None, None
             # rank 0's decision, as for the removed set, so that every rank starts the clean stage from one model
             fresh = cfg.restart == "always" or (cfg.restart == "found" and bool(exp.report.get("expanded")))
@@ -531,6 +529,12 @@ class _Stages:
         run.stage, run.epoch = "unlearning", 0
         run.snapshot("unlearning", 0, None, None)
 
+    def _save_removed(self) -> None:
+        """Write ``run.removed`` (retrain mode's removed set) to the run directory, and name it in the report."""
+        if self.out is not None and distributed.is_main():
+            np.save(self.out / "removed_indices.npy", self.run.removed.astype(np.int64))
+            self.run.report["files"]["removed_indices"] = "removed_indices.npy"
+
     def _recheck(self, pool: np.ndarray, batches: ArrayBatches,
                  poison_indices: np.ndarray | None) -> Callable[[], bool] | None:
         """Retrain mode's recheck of the fresh model (``expansion_recheck_epoch``; one process): after that clean-stage
@@ -563,9 +567,8 @@ class _Stages:
                 hits = int(np.isin(more, missed).sum())
                 rec.update(n_poison_in_rest=int(len(missed)), removed_poison=hits, removed_clean=int(len(more) - hits))
             run.removed = np.union1d(run.removed, more)
-            batches.indices = torch.as_tensor(np.setdiff1d(pool, run.removed), device=batches.images.device)
-            if self.out is not None:
-                np.save(self.out / "removed_indices.npy", run.removed.astype(np.int64))
+            batches.indices = torch.as_tensor(np.setdiff1d(rest, more), device=batches.images.device)
+            self._save_removed()
             log.info("ABL recheck after clean epoch %d: %d of label %d's %d remaining examples are under %.2f "
                      "(its mean probability x %g); removed too", run.epoch, len(more), t, rec["n_target_label"],
                      rec.get("threshold", float("nan")), cfg.expansion_recheck_scale)

@@ -467,12 +467,28 @@ OFF_LABEL_MIN_FLOOR = 10
 OFF_LABEL_CORE_RATIO = 1.25
 
 
+def self_confidence(probs: np.ndarray, given: np.ndarray, c: int) -> float:
+    """Confident learning's threshold for class ``c``: its mean probability over the examples given it (inf when
+    none is)."""
+    mine = np.asarray(given) == c
+    return float(probs[mine, c].mean()) if mine.any() else float("inf")
+
+
+def _pool_probs(probs: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pool`` as int64 indices and ``probs`` as float64, one row per pool entry (ValueError otherwise)."""
+    pool = np.asarray(pool, np.int64)
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or len(probs) != len(pool):
+        raise ValueError(f"probs must be (len(pool), K) = ({len(pool)}, K), got {probs.shape}")
+    return probs, pool
+
+
 def confident_classes(probs: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
     """Confident learning's per-example class (Northcutt et al., JAIR 2021): the most probable class among those
     whose probability reaches that class's threshold — the mean probability of the class over the examples given it
     — or -1 where no class does."""
     probs = np.asarray(probs, np.float64)
-    thr = np.array([probs[given == c, c].mean() if (given == c).any() else np.inf for c in range(num_classes)])
+    thr = np.array([self_confidence(probs, given, c) for c in range(num_classes)])
     above = np.where(probs >= thr, probs, -1.0)
     return np.where(above.max(1) >= 0, above.argmax(1), -1)
 
@@ -513,10 +529,7 @@ def scan_off_label(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     learning's joint, specialised to all-to-one noise and read from in-sample predictions during the isolation
     epochs, measured in ``docs/abl.md#off-label-scan``.
     """
-    pool = np.asarray(pool, np.int64)
-    probs = np.asarray(probs, np.float64)
-    if probs.ndim != 2 or len(probs) != len(pool):
-        raise ValueError(f"probs must be (len(pool), K) = ({len(pool)}, K), got {probs.shape}")
+    probs, pool = _pool_probs(probs, pool)
     given = np.asarray(labels)[pool]
     k = probs.shape[1]
     conf = confident_classes(probs, given, k)
@@ -566,15 +579,13 @@ def below_own_threshold(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray,
     ``scale`` (1: theirs) — applied to that one label; returns ``(removed dataset indices, report)``. ``probs`` holds
     one row per entry of ``pool``. Used by ABL's clean-stage recheck on a fresh model that has not learned the poison
     the removal missed, which it predicts as the images' own classes (``docs/abl.md#clean-stage-recheck``)."""
-    pool = np.asarray(pool, np.int64)
-    probs = np.asarray(probs, np.float64)
-    if probs.ndim != 2 or len(probs) != len(pool):
-        raise ValueError(f"probs must be (len(pool), K) = ({len(pool)}, K), got {probs.shape}")
-    in_t = np.asarray(labels)[pool] == target
+    probs, pool = _pool_probs(probs, pool)
+    given = np.asarray(labels)[pool]
+    in_t = given == target
     if not in_t.any():
         return np.zeros(0, np.int64), {"target": int(target), "n_target_label": 0, "n_removed": 0}
     p = probs[in_t, target]
-    thr = float(p.mean()) * scale
+    thr = self_confidence(probs, given, target) * scale
     removed = np.sort(pool[in_t][p < thr])
     row = np.bincount(probs[in_t].argmax(1), minlength=probs.shape[1])
     return removed, {"target": int(target), "threshold": thr, "n_target_label": int(in_t.sum()),
