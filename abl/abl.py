@@ -61,6 +61,7 @@ from .expansion import (
     expansion_features,
     logits_and_pooled_features,
     pooled_features,
+    recheck_totals,
     scan_inputs,
     scan_labels,
     scan_off_label,
@@ -538,13 +539,15 @@ class _Stages:
     def _recheck(self, pool: np.ndarray, batches: ArrayBatches,
                  poison_indices: np.ndarray | None) -> Callable[[], bool] | None:
         """Retrain mode's recheck of the fresh model (``expansion_recheck_epoch``; one process): after that clean-stage
-        epoch, the removed label's examples that the fresh model does not confidently place in it
-        (:func:`below_own_threshold`, confident learning's per-class threshold × ``expansion_recheck_scale``) are
-        removed too, from the next epoch on, and recorded in ``report["recheck"]``. The poison the removal missed
-        (WaNet at 10%: 600-1,000 copies, about 1% of what the fresh model trains on) is not learned yet after one
-        epoch, so the model predicts those copies as their own classes; the rule also takes the label's least typical
-        clean examples, at a cost in clean accuracy (``docs/abl.md#clean-stage-recheck``). The stage never stops
-        early. None when it does not apply (no fresh model, no target)."""
+        epoch (and each of the next ``expansion_recheck_passes`` - 1), the removed label's examples that the fresh
+        model does not confidently place in it (:func:`below_own_threshold`, confident learning's per-class threshold
+        × ``expansion_recheck_scale``; a pass is skipped when the label's mean probability is under
+        ``expansion_recheck_min_mean``) are removed too, from the next epoch on, and recorded in
+        ``report["recheck"]``: the totals, and each pass under ``passes``. The poison the removal missed (WaNet at
+        10%: 600-1,000 copies, about 1% of what the fresh model trains on) is not learned yet after one epoch, so the
+        model predicts those copies as their own classes; the rule also takes the label's least typical clean
+        examples, at a cost in clean accuracy (``docs/abl.md#clean-stage-recheck``). The stage never stops early.
+        None when it does not apply (no fresh model, no target)."""
         run, cfg = self.run, self.run.cfg
         target = run.report.get("expansion", {}).get("target")
         fresh = cfg.retrain and not run.report.get("clean_stage", {}).get("continued", False)
@@ -552,16 +555,19 @@ class _Stages:
                 and distributed.current() is None):
             return None
         t = int(target)
+        first = cfg.expansion_recheck_epoch
 
         def check() -> bool:
-            if run.epoch != cfg.expansion_recheck_epoch or "recheck" in run.report:
+            done = {p["epoch"] for p in run.report.get("recheck", {}).get("passes", [])}
+            if not first <= run.epoch < first + cfg.expansion_recheck_passes or run.epoch in done:
                 return False
             t0 = time.perf_counter()
             rest = np.setdiff1d(pool, run.removed)
             in_t = rest[self.labels[rest] == t]
             logits = predict_logits(run.model, self.images[in_t], run.device, max(512, cfg.batch_size))
-            more, rec = below_own_threshold(softmax_rows(logits), self.labels, in_t, t, cfg.expansion_recheck_scale)
-            rec = {"epoch": int(run.epoch), "scale": cfg.expansion_recheck_scale, **rec}
+            more, rec = below_own_threshold(softmax_rows(logits), self.labels, in_t, t, cfg.expansion_recheck_scale,
+                                            cfg.expansion_recheck_min_mean)
+            rec = {"epoch": int(run.epoch), **rec}
             if poison_indices is not None:
                 missed = np.intersect1d(np.asarray(poison_indices, np.int64), rest)
                 hits = int(np.isin(more, missed).sum())
@@ -569,10 +575,15 @@ class _Stages:
             run.removed = np.union1d(run.removed, more)
             batches.indices = torch.as_tensor(np.setdiff1d(rest, more), device=batches.images.device)
             self._save_removed()
-            log.info("ABL recheck after clean epoch %d: %d of label %d's %d remaining examples are under %.2f "
-                     "(its mean probability x %g); removed too", run.epoch, len(more), t, rec["n_target_label"],
-                     rec.get("threshold", float("nan")), cfg.expansion_recheck_scale)
-            run.report["recheck"] = rec
+            if rec.get("skipped"):
+                log.info("ABL recheck after clean epoch %d skipped: label %d's mean probability %.2f is under %g",
+                         run.epoch, t, rec["mean_probability"], cfg.expansion_recheck_min_mean)
+            else:
+                log.info("ABL recheck after clean epoch %d: %d of label %d's %d remaining examples are under %.2f "
+                         "(its mean probability x %g); removed too", run.epoch, len(more), t, rec["n_target_label"],
+                         rec.get("threshold", float("nan")), cfg.expansion_recheck_scale)
+            run.report["recheck"] = recheck_totals(run.report.get("recheck", {}).get("passes", []) + [rec],
+                                                   cfg.expansion_recheck_scale)
             run.add_time("expansion", time.perf_counter() - t0)
             return False
 

@@ -182,6 +182,12 @@ class ABLConfig:
     expansion_recheck_scale: float = _knob(1.0, "the clean-stage recheck's threshold as a multiple of the label's "
                                            "mean probability (1: confident learning's; lower takes fewer clean "
                                            "examples and less of the missed poison).")
+    expansion_recheck_passes: int = _knob(1, "the clean-stage recheck's passes: one after each epoch from "
+                                          "--abl-expansion-recheck-epoch on (a second pass takes poison the first "
+                                          "left, once the model places the label's clean examples more surely).")
+    expansion_recheck_min_mean: float = _knob(0.5, "a clean-stage recheck pass is skipped when the label's mean "
+                                              "probability over its remaining examples is under this: a model that "
+                                              "has not learned the label would put the threshold in its clean bulk.")
     residual_unlearning_epochs: int = _knob(5, "retrain mode: when the retrained model's own evidence says the "
                                             "backdoor is still there (verdict likely-present: the held-out probe "
                                             "fires), unlearn the removed set from it for this many epochs — joint, "
@@ -236,7 +242,8 @@ class ABLConfig:
                  "expansion_scan_count_sd", "expansion_input_separation", "input_scan", "retrain_epochs", "restart",
                  "isolation_extra_epochs",
                  "expansion_union_sd", "expansion_capped_count_sd", "expansion_off_label_ratio",
-                 "expansion_recheck_epoch", "expansion_recheck_scale",
+                 "expansion_recheck_epoch", "expansion_recheck_scale", "expansion_recheck_passes",
+                 "expansion_recheck_min_mean",
                  "residual_unlearning_epochs",
                  "residual_unlearning_lr", "residual_max_ca_drop",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",
@@ -264,6 +271,8 @@ class ABLConfig:
             (self.expansion_capped_count_sd < 0, "expansion_capped_count_sd must be >= 0 (0 = off)"),
             (self.expansion_recheck_epoch < 0, "expansion_recheck_epoch must be >= 0 (0 = off)"),
             (not 0.0 < self.expansion_recheck_scale <= 1.0, "expansion_recheck_scale must be in (0, 1]"),
+            (self.expansion_recheck_passes < 1, "expansion_recheck_passes must be >= 1"),
+            (not 0.0 <= self.expansion_recheck_min_mean < 1.0, "expansion_recheck_min_mean must be in [0, 1)"),
             (not 0.0 < self.isolation_ratio < 1.0, f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}"),
             (not 0.0 <= self.holdout < 0.5, f"holdout must be in [0, 0.5), got {self.holdout}"),
             (self.unlearning_bound < 0, "unlearning_bound must be >= 0 (0 = unbounded ascent)"),

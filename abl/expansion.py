@@ -572,24 +572,44 @@ def scan_off_label(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
                      conf[in_t].astype(np.int64))
 
 
-def below_own_threshold(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray,
-                        target: int, scale: float = 1.0) -> tuple[np.ndarray, dict[str, Any]]:
+def below_own_threshold(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray, target: int, scale: float = 1.0,
+                        min_mean: float = 0.0) -> tuple[np.ndarray, dict[str, Any]]:
     """``target``'s examples of ``pool`` that the model does not confidently place in it: confident learning's per-class
     threshold (Northcutt et al., JAIR 2021) — the mean probability of ``target`` over the label's examples, times
     ``scale`` (1: theirs) — applied to that one label; returns ``(removed dataset indices, report)``. ``probs`` holds
-    one row per entry of ``pool``. Used by ABL's clean-stage recheck on a fresh model that has not learned the poison
-    the removal missed, which it predicts as the images' own classes (``docs/abl.md#clean-stage-recheck``)."""
+    one row per entry of ``pool``. Nothing is removed (``report["skipped"]``) when that mean is under ``min_mean``: a
+    model that has not learned the label yet puts the threshold inside its clean bulk. Used by ABL's clean-stage
+    recheck on a fresh model that has not learned the poison the removal missed, which it predicts as the images' own
+    classes (``docs/abl.md#clean-stage-recheck``)."""
     probs, pool = _pool_probs(probs, pool)
     given = np.asarray(labels)[pool]
     in_t = given == target
     if not in_t.any():
         return np.zeros(0, np.int64), {"target": int(target), "n_target_label": 0, "n_removed": 0}
     p = probs[in_t, target]
-    thr = self_confidence(probs, given, target) * scale
-    removed = np.sort(pool[in_t][p < thr])
+    mean = self_confidence(probs, given, target)
+    thr = mean * scale
+    skipped = mean < min_mean
+    removed = np.zeros(0, np.int64) if skipped else np.sort(pool[in_t][p < thr])
     row = np.bincount(probs[in_t].argmax(1), minlength=probs.shape[1])
-    return removed, {"target": int(target), "threshold": thr, "n_target_label": int(in_t.sum()),
-                     "n_removed": int(len(removed)), "predicted_row": {str(b): int(c) for b, c in enumerate(row)}}
+    return removed, {"target": int(target), "mean_probability": mean, "threshold": thr,
+                     "n_target_label": int(in_t.sum()), "n_removed": int(len(removed)),
+                     "predicted_row": {str(b): int(c) for b, c in enumerate(row)},
+                     **({"skipped": True} if skipped else {})}
+
+
+def recheck_totals(passes: list[dict[str, Any]], scale: float) -> dict[str, Any]:
+    """``report["recheck"]`` from its passes' reports (:func:`below_own_threshold`'s, with their ``epoch``): the first
+    pass's epoch, label count, mean, threshold and predicted row, the removed counts summed over the passes, and the
+    passes themselves."""
+    first = passes[0]
+    out = {k: first[k] for k in ("epoch", "target", "mean_probability", "threshold", "n_target_label",
+                                 "predicted_row", "n_poison_in_rest") if k in first}
+    out.update(scale=scale, n_removed=sum(p["n_removed"] for p in passes), passes=passes)
+    if all("removed_poison" in p for p in passes):
+        out.update(removed_poison=sum(p["removed_poison"] for p in passes),
+                   removed_clean=sum(p["removed_clean"] for p in passes))
+    return out
 
 
 def penultimate_features(model: Any, images: np.ndarray, indices: np.ndarray, device: Any,

@@ -324,13 +324,23 @@ def _residual_lines(un: dict[str, Any]) -> list[str]:
 
 
 def _recheck_lines(report: dict[str, Any]) -> list[str]:
-    """The evidence line of retrain mode's clean-stage recheck when it ran (``abl.py``'s ``_Stages._recheck``)."""
+    """The evidence line of retrain mode's clean-stage recheck when it ran (``abl.py``'s ``_Stages._recheck``): one
+    clause per pass, a skipped pass with the mean that skipped it."""
     rec = report.get("recheck")
     if not rec:
         return []
-    return [f"the clean-stage recheck after epoch {rec['epoch']} removed {rec['n_removed']} more of label "
-            f"{rec['target']}'s {rec['n_target_label']} remaining examples (under its mean probability x "
-            f"{rec.get('scale', 1.0):g}: {rec.get('threshold', float('nan')):.2f})"]
+    passes = rec.get("passes") or [rec]
+    scale = rec.get("scale", 1.0)
+    if len(passes) == 1 and not passes[0].get("skipped"):
+        return [f"the clean-stage recheck after epoch {rec['epoch']} removed {rec['n_removed']} more of label "
+                f"{rec['target']}'s {rec['n_target_label']} remaining examples (under its mean probability x "
+                f"{scale:g}: {rec.get('threshold', float('nan')):.2f})"]
+    parts = [f"after epoch {p['epoch']}: skipped, the label's mean probability {p.get('mean_probability', 0.0):.2f} "
+             f"too low" if p.get("skipped") else
+             f"after epoch {p['epoch']}: {p['n_removed']} of {p['n_target_label']} under "
+             f"{p.get('threshold', float('nan')):.2f}" for p in passes]
+    return [f"the clean-stage recheck removed {rec['n_removed']} more of label {rec['target']}'s examples (under its "
+            f"mean probability x {scale:g}; " + "; ".join(parts) + ")"]
 
 
 def _recheck_hint(status: str, report: dict[str, Any], cfg: ABLConfig) -> list[str]:
@@ -340,8 +350,9 @@ def _recheck_hint(status: str, report: dict[str, Any], cfg: ABLConfig) -> list[s
         return []
     return ["poison the removal missed can teach a fresh model the backdoor again: the clean-stage recheck "
             "(--abl-expansion-recheck-epoch 1) removes what the fresh model does not place in the label after one "
-            "epoch (WaNet 10%: ASR to about 1% for 1.3-1.7 CA points; --abl-expansion-recheck-scale 0.5 takes fewer "
-            "clean images: 2.3-7.9% for 0.6-0.7; docs/abl.md#clean-stage-recheck)"]
+            "epoch (WaNet 10%: ASR to about 1% for 1.3-1.7 CA points; at half the threshold in two passes, "
+            "--abl-expansion-recheck-scale 0.5 --abl-expansion-recheck-passes 2: 2.0-2.3% for 0.7-0.8, but 1.1-1.6 "
+            "where nothing was missed; docs/abl.md#clean-stage-recheck)"]
 
 
 def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:

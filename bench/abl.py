@@ -81,7 +81,8 @@ ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "ho
             "expansion_method", "expansion_scan_share", "isolation_extra_epochs", "expansion_scan_method",
             "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart",
             "expansion_capped_count_sd", "expansion_off_label_ratio", "expansion_scan_count_sd",
-            "expansion_recheck_epoch", "expansion_recheck_scale")
+            "expansion_recheck_epoch", "expansion_recheck_scale", "expansion_recheck_passes",
+            "expansion_recheck_min_mean")
 #: the Setting sentence's words for each --restart (after "a fresh model trained the full T on the rest")
 RESTART_SETTING = {"always": "",
                    "found": " — or, when nothing beyond the seed was found, the isolation model continued to T",
@@ -160,8 +161,19 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
                if args.abl_mode == "retrain" and args.recheck_epoch else {}),
             **({"expansion_recheck_scale": args.recheck_scale}
                if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_scale != 1.0 else {}),
+            # nor before a recheck could make more than one pass, or skip one (a single pass; no run was skipped)
+            **({"expansion_recheck_passes": args.recheck_passes}
+               if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_passes != 1 else {}),
+            **({"expansion_recheck_min_mean": args.recheck_min_mean}
+               if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_min_mean != 0.5 else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
+
+
+def recheck_epochs(a: argparse.Namespace) -> str:
+    """The clean-stage epochs after which the recheck runs, in words ("1", "1 and 2", "1, 2 and 3")."""
+    epochs = [str(a.recheck_epoch + i) for i in range(max(1, a.recheck_passes))]
+    return epochs[0] if len(epochs) == 1 else ", ".join(epochs[:-1]) + " and " + epochs[-1]
 
 
 def milestones_of(args: argparse.Namespace) -> list[int]:
@@ -350,6 +362,8 @@ class Bench:
                       "expansion_scan_count_sd": a.scan_count_sd if a.abl_mode == "retrain" else None,
                       "expansion_recheck_epoch": a.recheck_epoch if a.abl_mode == "retrain" else None,
                       "expansion_recheck_scale": a.recheck_scale if a.abl_mode == "retrain" else None,
+                      "expansion_recheck_passes": a.recheck_passes if a.abl_mode == "retrain" else None,
+                      "expansion_recheck_min_mean": a.recheck_min_mean if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -520,8 +534,9 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             + RESTART_SETTING[a.restart]
             + (f"; a capped expansion no scan confirmed kept only with a held-out count excess of its label of "
                f"{a.capped_count_sd:g} sd or more" if a.capped_count_sd else "")
-            + (f"; after the fresh model's clean epoch {a.recheck_epoch}, the removed label's examples it gives less "
-               f"than {a.recheck_scale:g} × the label's mean probability removed too (the clean-stage recheck)"
+            + (f"; after the fresh model's clean epoch {recheck_epochs(a)}, the removed label's examples it gives "
+               f"less than {a.recheck_scale:g} × the label's mean probability removed too (the clean-stage recheck; "
+               f"a pass skipped when that mean is under {a.recheck_min_mean:g})"
                if a.recheck_epoch else "")
             + "; no unlearning). "
             "The unlearning columns below do not apply to it." if a.abl_mode != "unlearn" else "") + (
@@ -875,6 +890,10 @@ def main() -> None:
                          "rechecked for poison the removal missed (0 = off, the default)")
     ap.add_argument("--recheck-scale", type=float, default=ABLConfig.expansion_recheck_scale,
                     help="the recheck's threshold as a multiple of the label's mean probability")
+    ap.add_argument("--recheck-passes", type=int, default=ABLConfig.expansion_recheck_passes,
+                    help="the recheck's passes, one after each epoch from --recheck-epoch on")
+    ap.add_argument("--recheck-min-mean", type=float, default=ABLConfig.expansion_recheck_min_mean,
+                    help="skip a recheck pass when the label's mean probability is under this")
     ap.add_argument("--off-label-ratio", type=float, default=ABLConfig.expansion_off_label_ratio,
                     help="retrain mode: the off-label scan's floor ratio when nothing else was found (0 = off, as "
                          "before 2026-12-03)")

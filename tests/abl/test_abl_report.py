@@ -121,6 +121,13 @@ def test_a_firing_verdict_points_to_the_recheck_and_a_recheck_is_evidence():
            "(under its mean probability x 1: 0.66)" in ev
     rep["recheck"].update(scale=0.5, threshold=0.33)
     assert any("(under its mean probability x 0.5: 0.33)" in e for e in verdict(rep, ABLConfig())["evidence"])
+    rep["recheck"].update(n_removed=1700, passes=[
+        {"epoch": 1, "n_removed": 1700, "n_target_label": 4180, "threshold": 0.33, "mean_probability": 0.66},
+        {"epoch": 2, "n_removed": 0, "n_target_label": 2480, "threshold": 0.05, "mean_probability": 0.10,
+         "skipped": True}])
+    assert "the clean-stage recheck removed 1700 more of label 0's examples (under its mean probability x 0.5; " \
+           "after epoch 1: 1700 of 4180 under 0.33; after epoch 2: skipped, the label's mean probability 0.10 too " \
+           "low)" in verdict(rep, ABLConfig())["evidence"]
 
 
 @pytest.mark.parametrize("probe, status", [(0.05, "removed-unconfirmed"), (0.9, "likely-present")])

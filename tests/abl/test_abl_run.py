@@ -756,9 +756,9 @@ def test_clean_stage_recheck_removes_the_poison_the_removal_missed(small_poisone
     seen: list = []
     real_rule = abl_mod.below_own_threshold
 
-    def rule(probs, labels, pool, target, scale=1.0):  # the real rule's report, the rest of the poison as its removal
+    def rule(probs, labels, pool, target, scale=1.0, min_mean=0.0):  # the real rule's report, the rest of the poison
         seen.append((probs, np.asarray(pool), target))
-        _, rep = real_rule(probs, labels, pool, target, scale)
+        _, rep = real_rule(probs, labels, pool, target, scale, min_mean)
         return np.intersect1d(d.poison, pool), rep
 
     trained: list[set[int]] = []
@@ -798,3 +798,65 @@ def test_clean_stage_recheck_removes_the_poison_the_removal_missed(small_poisone
         {"expanded": False, "n_seed": 0, "reason": "none"}))
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, quiet=True)
     assert res.report["clean_stage"]["continued"] and "recheck" not in res.report and not seen
+
+
+def test_clean_stage_recheck_passes_take_what_the_earlier_ones_left(small_poisoned, monkeypatch):
+    """``expansion_recheck_passes`` = 2: a pass after clean epochs 1 and 2, each on what the model still trains on,
+    with the skip threshold passed to the rule; ``report["recheck"]`` sums the passes and lists them, and the verdict's
+    evidence names each."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.expansion import Expansion
+
+    d = small_poisoned
+    half = d.poison[: len(d.poison) // 2]
+
+    def isolation_find(probs, labels, pool, **kw):  # the isolation's off-label scan finds half the poison
+        p = np.intersect1d(half, pool)
+        return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
+                         {"method": "spectral-scan", "space": "predictions", "expanded": True, "capped": False,
+                          "target": 0, "n_removed": len(p), "n_seed": 0, "n_expanded": len(p), "target_floor": 12,
+                          "runner_up_floor": 0, "estimated_poison": float(len(p))}, p)
+
+    seen: list = []
+    real_rule = abl_mod.below_own_threshold
+
+    def rule(probs, labels, pool, target, scale=1.0, min_mean=0.0):  # each pass takes half of the poison left
+        seen.append((np.asarray(pool), scale, min_mean))
+        _, rep = real_rule(probs, labels, pool, target, scale, 0.0)
+        left = np.intersect1d(d.poison, pool)
+        take = left[: (len(left) + 1) // 2] if len(seen) == 1 else left
+        return take, {**rep, "n_removed": len(take)}
+
+    trained: list[set[int]] = []
+    real_epoch = abl_mod.train_one_epoch
+
+    def epoch(model, batches, *a, **kw):
+        trained.append(set(batches.indices.tolist()))
+        return real_epoch(model, batches, *a, **kw)
+
+    monkeypatch.setattr(abl_mod, "train_one_epoch", epoch)
+    monkeypatch.setattr(abl_mod, "scan_off_label", isolation_find)
+    monkeypatch.setattr(abl_mod, "below_own_threshold", rule)
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=4, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0, expansion_recheck_epoch=1, expansion_recheck_passes=2,
+                    expansion_recheck_scale=0.5, expansion_recheck_min_mean=0.3)
+    assert ABLConfig().expansion_recheck_passes == 1 and ABLConfig().expansion_recheck_min_mean == 0.5
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    pool = np.setdiff1d(np.arange(len(d.labels)), res.holdout)
+    rest = np.setdiff1d(pool, half)
+    missed = np.intersect1d(d.poison, rest)
+    first = missed[: (len(missed) + 1) // 2]
+    assert [(s, m) for _, s, m in seen] == [(0.5, 0.3), (0.5, 0.3)]
+    np.testing.assert_array_equal(seen[0][0], rest[d.labels[rest] == 0])
+    after = np.setdiff1d(rest, first)
+    np.testing.assert_array_equal(seen[1][0], after[d.labels[after] == 0])
+    clean = set(np.setdiff1d(pool, d.poison).tolist())
+    assert trained[-4:] == [set(rest.tolist()), set(after.tolist()), clean, clean]
+    rec = res.report["recheck"]
+    assert [p["epoch"] for p in rec["passes"]] == [1, 2] and rec["epoch"] == 1
+    assert [p["removed_poison"] for p in rec["passes"]] == [len(first), len(missed) - len(first)]
+    assert rec["removed_poison"] == rec["n_poison_in_rest"] == len(missed) and rec["removed_clean"] == 0
+    assert rec["n_removed"] == len(missed) and rec["scale"] == 0.5
+    ev = [e for e in res.report["verdict"]["evidence"] if "clean-stage recheck" in e]
+    assert len(ev) == 1 and "after epoch 1: " in ev[0] and "after epoch 2: " in ev[0]

@@ -13,6 +13,7 @@ from abl_guard.abl.expansion import (
     input_features,
     penultimate_features,
     pooled_features,
+    recheck_totals,
     scan_inputs,
     scan_labels,
     scan_off_label,
@@ -477,3 +478,33 @@ def test_below_own_threshold_takes_what_the_model_does_not_place_in_the_label():
     assert below_own_threshold(probs, full, pool, 7)[1]["n_removed"] == 0
     with pytest.raises(ValueError):
         below_own_threshold(probs[1:], full, pool, 0)
+
+
+def test_below_own_threshold_skips_a_label_the_model_has_not_learned():
+    """Under ``min_mean`` (the label's mean probability) nothing is removed and the report says so; at or above it the
+    rule is unchanged."""
+    labels = np.array([0] * 6 + [1] * 4)
+    pool = np.arange(10)
+    p0 = np.array([0.9, 0.95, 0.85, 0.1, 0.2, 0.9, 0.05, 0.05, 0.9, 0.1])  # mean over label 0: 0.65
+    probs = np.stack([p0, 1 - p0], 1)
+    removed, rep = below_own_threshold(probs, labels, pool, 0, min_mean=0.7)
+    assert len(removed) == 0 and rep["skipped"] and rep["n_removed"] == 0
+    assert rep["mean_probability"] == pytest.approx(0.65, abs=1e-12) and rep["n_target_label"] == 6
+    removed, rep = below_own_threshold(probs, labels, pool, 0, min_mean=0.6)
+    np.testing.assert_array_equal(removed, [3, 4])
+    assert "skipped" not in rep
+
+
+def test_recheck_totals_sum_the_passes_and_keep_the_first_passs_label_statistics():
+    first = {"epoch": 1, "target": 0, "mean_probability": 0.6, "threshold": 0.3, "n_target_label": 100,
+             "predicted_row": {"0": 90, "1": 10}, "n_removed": 12, "n_poison_in_rest": 9, "removed_poison": 8,
+             "removed_clean": 4}
+    second = {"epoch": 2, "target": 0, "mean_probability": 0.7, "threshold": 0.35, "n_target_label": 88,
+              "predicted_row": {"0": 85, "1": 3}, "n_removed": 5, "n_poison_in_rest": 1, "removed_poison": 1,
+              "removed_clean": 4}
+    tot = recheck_totals([first, second], 0.5)
+    assert tot["epoch"] == 1 and tot["threshold"] == 0.3 and tot["n_target_label"] == 100
+    assert tot["n_poison_in_rest"] == 9 and tot["scale"] == 0.5 and tot["passes"] == [first, second]
+    assert (tot["n_removed"], tot["removed_poison"], tot["removed_clean"]) == (17, 9, 8)
+    unknown = recheck_totals([{k: v for k, v in first.items() if "poison" not in k and k != "removed_clean"}], 1.0)
+    assert unknown["n_removed"] == 12 and "removed_poison" not in unknown and "removed_clean" not in unknown
