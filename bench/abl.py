@@ -171,9 +171,10 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def recheck_epochs(a: argparse.Namespace) -> str:
-    """The clean-stage epochs after which the recheck runs, in words ("1", "1 and 2", "1, 2 and 3")."""
+    """The clean-stage epochs after which the recheck runs, in words ("epoch 1", "epochs 1 and 2", "epochs 1, 2
+    and 3")."""
     epochs = [str(a.recheck_epoch + i) for i in range(max(1, a.recheck_passes))]
-    return epochs[0] if len(epochs) == 1 else ", ".join(epochs[:-1]) + " and " + epochs[-1]
+    return f"epoch {epochs[0]}" if len(epochs) == 1 else "epochs " + ", ".join(epochs[:-1]) + " and " + epochs[-1]
 
 
 def milestones_of(args: argparse.Namespace) -> list[int]:
@@ -534,7 +535,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             + RESTART_SETTING[a.restart]
             + (f"; a capped expansion no scan confirmed kept only with a held-out count excess of its label of "
                f"{a.capped_count_sd:g} sd or more" if a.capped_count_sd else "")
-            + (f"; after the fresh model's clean epoch {recheck_epochs(a)}, the removed label's examples it gives "
+            + (f"; after the fresh model's clean {recheck_epochs(a)}, the removed label's examples it gives "
                f"less than {a.recheck_scale:g} × the label's mean probability removed too (the clean-stage recheck; "
                f"a pass skipped when that mean is under {a.recheck_min_mean:g})"
                if a.recheck_epoch else "")
