@@ -735,6 +735,31 @@ def test_off_label_scan_acts_when_nothing_else_is_found(small_poisoned, monkeypa
     assert not seen and "off_label_scan" not in res.report["expansion"]
 
 
+def _half_found_and_epochs_recorded(monkeypatch: pytest.MonkeyPatch, half: np.ndarray) -> list[set[int]]:
+    """The recheck tests' setting: the isolation's off-label scan finds ``half`` the poison (label 0), and every
+    training epoch's example indices are recorded in the returned list."""
+    import abl_guard.abl.abl as abl_mod
+    from abl_guard.abl.expansion import Expansion
+
+    def isolation_find(probs, labels, pool, **kw):
+        p = np.intersect1d(half, pool)
+        return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
+                         {"method": "spectral-scan", "space": "predictions", "expanded": True, "capped": False,
+                          "target": 0, "n_removed": len(p), "n_seed": 0, "n_expanded": len(p), "target_floor": 12,
+                          "runner_up_floor": 0, "estimated_poison": float(len(p))}, p)
+
+    trained: list[set[int]] = []
+    real_epoch = abl_mod.train_one_epoch
+
+    def epoch(model, batches, *a, **kw):
+        trained.append(set(batches.indices.tolist()))
+        return real_epoch(model, batches, *a, **kw)
+
+    monkeypatch.setattr(abl_mod, "train_one_epoch", epoch)
+    monkeypatch.setattr(abl_mod, "scan_off_label", isolation_find)
+    return trained
+
+
 def test_clean_stage_recheck_removes_the_poison_the_removal_missed(small_poisoned, monkeypatch):
     """The clean stage's recheck: after the fresh model's first epoch its class probabilities for the removed label's
     remaining examples go to :func:`below_own_threshold`, whose examples are removed from the next epoch on (run.removed
@@ -746,13 +771,6 @@ def test_clean_stage_recheck_removes_the_poison_the_removal_missed(small_poisone
     d = small_poisoned
     half = d.poison[: len(d.poison) // 2]
 
-    def isolation_find(probs, labels, pool, **kw):  # the isolation's off-label scan finds half the poison
-        p = np.intersect1d(half, pool)
-        return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
-                         {"method": "spectral-scan", "space": "predictions", "expanded": True, "capped": False,
-                          "target": 0, "n_removed": len(p), "n_seed": 0, "n_expanded": len(p), "target_floor": 12,
-                          "runner_up_floor": 0, "estimated_poison": float(len(p))}, p)
-
     seen: list = []
     real_rule = abl_mod.below_own_threshold
 
@@ -761,15 +779,7 @@ def test_clean_stage_recheck_removes_the_poison_the_removal_missed(small_poisone
         _, rep = real_rule(probs, labels, pool, target, scale, min_mean)
         return np.intersect1d(d.poison, pool), rep
 
-    trained: list[set[int]] = []
-    real_epoch = abl_mod.train_one_epoch
-
-    def epoch(model, batches, *a, **kw):
-        trained.append(set(batches.indices.tolist()))
-        return real_epoch(model, batches, *a, **kw)
-
-    monkeypatch.setattr(abl_mod, "train_one_epoch", epoch)
-    monkeypatch.setattr(abl_mod, "scan_off_label", isolation_find)
+    trained = _half_found_and_epochs_recorded(monkeypatch, half)
     monkeypatch.setattr(abl_mod, "below_own_threshold", rule)
     cfg = ABLConfig(isolation_epochs=2, clean_epochs=3, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
                     eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
@@ -805,17 +815,9 @@ def test_clean_stage_recheck_passes_take_what_the_earlier_ones_left(small_poison
     with the skip threshold passed to the rule; ``report["recheck"]`` sums the passes and lists them, and the verdict's
     evidence names each."""
     import abl_guard.abl.abl as abl_mod
-    from abl_guard.abl.expansion import Expansion
 
     d = small_poisoned
     half = d.poison[: len(d.poison) // 2]
-
-    def isolation_find(probs, labels, pool, **kw):  # the isolation's off-label scan finds half the poison
-        p = np.intersect1d(half, pool)
-        return Expansion(p, 0, p, np.ones(len(p)), np.ones(len(p)),
-                         {"method": "spectral-scan", "space": "predictions", "expanded": True, "capped": False,
-                          "target": 0, "n_removed": len(p), "n_seed": 0, "n_expanded": len(p), "target_floor": 12,
-                          "runner_up_floor": 0, "estimated_poison": float(len(p))}, p)
 
     seen: list = []
     real_rule = abl_mod.below_own_threshold
@@ -827,15 +829,7 @@ def test_clean_stage_recheck_passes_take_what_the_earlier_ones_left(small_poison
         take = left[: (len(left) + 1) // 2] if len(seen) == 1 else left
         return take, {**rep, "n_removed": len(take)}
 
-    trained: list[set[int]] = []
-    real_epoch = abl_mod.train_one_epoch
-
-    def epoch(model, batches, *a, **kw):
-        trained.append(set(batches.indices.tolist()))
-        return real_epoch(model, batches, *a, **kw)
-
-    monkeypatch.setattr(abl_mod, "train_one_epoch", epoch)
-    monkeypatch.setattr(abl_mod, "scan_off_label", isolation_find)
+    trained = _half_found_and_epochs_recorded(monkeypatch, half)
     monkeypatch.setattr(abl_mod, "below_own_threshold", rule)
     cfg = ABLConfig(isolation_epochs=2, clean_epochs=4, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
                     eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
