@@ -102,7 +102,7 @@ def test_verdict_trusts_the_held_out_probe_over_the_seed_probe():
     assert verdict(low, ABLConfig())["status"] == "likely-present"
 
 
-def test_a_firing_verdict_points_to_the_recheck_and_a_recheck_is_evidence():
+def test_a_firing_or_removed_verdict_points_to_the_recheck_and_a_recheck_is_evidence():
     from abl_guard.abl.config import ABLConfig
     from abl_guard.abl.report import verdict
 
@@ -113,8 +113,15 @@ def test_a_firing_verdict_points_to_the_recheck_and_a_recheck_is_evidence():
     assert ABLConfig().retrain and any(hint in e for e in verdict(rep, ABLConfig())["evidence"])
     assert not any(hint in e for e in verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"])
     assert not any(hint in e for e in verdict(rep, ABLConfig.for_mode("paper"))["evidence"])
-    rep["unlearning"]["guard"]["final"] = {"target_rate": 0.095}  # removed: no hint
-    assert not any(hint in e for e in verdict(rep, ABLConfig())["evidence"])
+    rep["unlearning"]["guard"]["final"] = {"target_rate": 0.095}  # removed: a partial removal reads the same
+    caveat = "a removal that missed part of the poison reads the same on both probes"
+    ev = verdict(rep, ABLConfig())["evidence"]
+    assert verdict(rep, ABLConfig())["status"] == "removed"
+    assert any(caveat in e for e in ev) and any(hint in e for e in ev)
+    ev = verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"]  # the caveat stays, the hint goes
+    assert any(caveat in e for e in ev) and not any(hint in e for e in ev)
+    ev = verdict(rep, ABLConfig.for_mode("paper"))["evidence"]  # measured in retrain mode only
+    assert not any(caveat in e for e in ev) and not any(hint in e for e in ev)
     rep["recheck"] = {"epoch": 1, "target": 0, "threshold": 0.66, "n_target_label": 4180, "n_removed": 1568}
     ev = verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"]
     assert "the clean-stage recheck after epoch 1 removed 1568 more of label 0's 4180 remaining examples " \
