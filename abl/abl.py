@@ -73,6 +73,7 @@ from .report import (
     HELD_OUT_FIRING,
     expansion_report,
     failure_warnings,
+    found_by_input_scan,
     found_by_scan,
     held_out_counts,
     held_out_excess,
@@ -547,14 +548,21 @@ class _Stages:
         10%: 600-1,000 copies, about 1% of what the fresh model trains on) is not learned yet after one epoch, so the
         model predicts those copies as their own classes; the rule also takes the label's least typical clean
         examples, at a cost in clean accuracy (``docs/abl.md#clean-stage-recheck``). The stage never stops early.
-        None when it does not apply (no fresh model, no target)."""
+        None when it does not apply (no fresh model, no target), and when the input scan found the population: its
+        finds were whole in every stored run, so the recheck could only take clean examples there (the report says
+        it did not run)."""
         run, cfg = self.run, self.run.cfg
-        target = run.report.get("expansion", {}).get("target")
+        exp = run.report.get("expansion", {})
+        target = exp.get("target")
         fresh = cfg.retrain and not run.report.get("clean_stage", {}).get("continued", False)
         if not (fresh and cfg.expansion_recheck_epoch and target is not None and int(target) >= 0
                 and distributed.current() is None):
             return None
         t = int(target)
+        if found_by_input_scan(exp):
+            log.info("ABL recheck not run: the input scan found label %d's population, whole in every measured run", t)
+            run.report["recheck"] = {"target": t, "n_removed": 0, "passes": [], "not_run": "input-scan"}
+            return None
         first = cfg.expansion_recheck_epoch
 
         def check() -> bool:

@@ -329,6 +329,9 @@ def _recheck_lines(report: dict[str, Any]) -> list[str]:
     rec = report.get("recheck")
     if not rec:
         return []
+    if rec.get("not_run") == "input-scan":
+        return ["the clean-stage recheck did not run: the input scan found the population, and its finds missed no "
+                "poison in any stored run, so the recheck could only remove clean examples"]
     passes = rec.get("passes") or [rec]
     scale = rec.get("scale", 1.0)
     if len(passes) == 1 and not passes[0].get("skipped"):

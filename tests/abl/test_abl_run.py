@@ -854,3 +854,23 @@ def test_clean_stage_recheck_passes_take_what_the_earlier_ones_left(small_poison
     assert rec["n_removed"] == len(missed) and rec["scale"] == 0.5
     ev = [e for e in res.report["verdict"]["evidence"] if "clean-stage recheck" in e]
     assert len(ev) == 1 and "after epoch 1: " in ev[0] and "after epoch 2: " in ev[0]
+
+
+def test_clean_stage_recheck_does_not_run_after_an_input_scan_find(small_poisoned, monkeypatch):
+    """The input scan's find (the BadNets patch) was whole in every stored run, so the recheck, though asked for, is
+    not run: the fresh model is not queried, nothing beyond the scan's find is removed, and the report and the
+    verdict's evidence say why."""
+    import abl_guard.abl.abl as abl_mod
+
+    d = small_poisoned
+    called: list = []
+    monkeypatch.setattr(abl_mod, "below_own_threshold", lambda *a, **k: called.append(a))
+    cfg = ABLConfig(isolation_epochs=1, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, retrain_epochs="remaining", expansion_recheck_epoch=1)
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert res.report["expansion"]["space"] == "input" and not called
+    np.testing.assert_array_equal(res.removed, np.setdiff1d(d.poison, res.holdout))
+    assert res.report["recheck"] == {"target": 0, "n_removed": 0, "passes": [], "not_run": "input-scan"}
+    assert any("the clean-stage recheck did not run: the input scan found the population" in e
+               for e in res.report["verdict"]["evidence"])
+    assert not any("--abl-expansion-recheck-epoch 1" in e for e in res.report["verdict"]["evidence"])
