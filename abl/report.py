@@ -355,8 +355,10 @@ PARTIAL_REMOVAL_LINE = ("a removal that missed part of the poison reads the same
 
 def _recheck_hint(status: str, report: dict[str, Any], cfg: ABLConfig) -> list[str]:
     """A retrain-mode verdict of ``removed``: :data:`PARTIAL_REMOVAL_LINE`; of ``likely-present`` or ``removed``
-    without the clean-stage recheck: the knob that may help, and its measured cost."""
-    if not cfg.retrain or status not in ("likely-present", "removed"):
+    without the clean-stage recheck: the knob that may help, and its measured cost. Neither after an input-scan find,
+    which missed no poison in any stored run and after which the recheck does not run."""
+    exp = report.get("expansion", {})
+    if not cfg.retrain or status not in ("likely-present", "removed") or found_by_input_scan(exp):
         return []
     caveat = [PARTIAL_REMOVAL_LINE] if status == "removed" else []
     if cfg.expansion_recheck_epoch or "recheck" in report:

@@ -122,6 +122,12 @@ def test_a_firing_or_removed_verdict_points_to_the_recheck_and_a_recheck_is_evid
     assert any(caveat in e for e in ev) and not any(hint in e for e in ev)
     ev = verdict(rep, ABLConfig.for_mode("paper"))["evidence"]  # measured in retrain mode only
     assert not any(caveat in e for e in ev) and not any(hint in e for e in ev)
+    scanned = {**rep, "expansion": {**rep.get("expansion", {}), "method": "spectral-scan", "space": "input",
+                                    "expanded": True, "target": 0,
+                                    "mixture": {"weight_seedlike": 0.5, "separation": 286.0}}}
+    ev = verdict(scanned, ABLConfig())["evidence"]  # an input-scan find: whole in every stored run, no recheck there
+    assert verdict(scanned, ABLConfig())["status"] == "removed"
+    assert not any(caveat in e for e in ev) and not any(hint in e for e in ev)
     rep["recheck"] = {"epoch": 1, "target": 0, "threshold": 0.66, "n_target_label": 4180, "n_removed": 1568}
     ev = verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"]
     assert "the clean-stage recheck after epoch 1 removed 1568 more of label 0's 4180 remaining examples " \
