@@ -580,9 +580,10 @@ class _Stages:
                 missed = np.intersect1d(np.asarray(poison_indices, np.int64), rest)
                 hits = int(np.isin(more, missed).sum())
                 rec.update(n_poison_in_rest=int(len(missed)), removed_poison=hits, removed_clean=int(len(more) - hits))
-            run.removed = np.union1d(run.removed, more)
-            batches.indices = torch.as_tensor(np.setdiff1d(rest, more), device=batches.images.device)
-            self._save_removed()
+            if len(more):  # a skipped or empty pass leaves the removed set, the batches and the file as they are
+                run.removed = np.union1d(run.removed, more)
+                batches.indices = torch.as_tensor(np.setdiff1d(rest, more), device=batches.images.device)
+                self._save_removed()
             if rec.get("skipped"):
                 log.info("ABL recheck after clean epoch %d skipped: label %d's mean probability %.2f is under %g",
                          run.epoch, t, rec["mean_probability"], cfg.expansion_recheck_min_mean)
