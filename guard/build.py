@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -139,8 +140,11 @@ def _check_split(n: int, parts: Sequence[np.ndarray], fpr: float) -> None:
         raise ValueError(f"too few calibration images ({n}) for a fit/calibration/validation split")
     n_cal, need = len(parts[1]), min_calibration_size(fpr)
     if n_cal < need:
+        share = n_cal / max(1, n)  # the calibration part's share of the images the split was given
+        more = f"give at least {math.ceil(need / share)} clean images, " if share > 0 else ""
         raise ValueError(f"{n_cal} calibration inputs cannot resolve a false-positive rate of {fpr}; "
-                         f"need at least {need} in the calibration part")
+                         f"need at least {need} in the calibration part: {more}raise --fpr to at least "
+                         f"{1 / (n_cal + 1):.3g}, or give the calibration part more of them with --fractions")
 
 
 #: bytes the fit pass may hold in taps, logits and images at once (``calibrate --fit-memory``)

@@ -71,6 +71,7 @@ from .sources import (
     error_text,
     iter_inputs,
     safe_text,
+    unreadable_image,
 )
 
 try:
@@ -183,7 +184,7 @@ def _decode_item(iid: str, value: Any, input_shape: Sequence[int], limits: Sourc
         except SourceError as e:
             return InputItem(iid, error=error_text(str(e)), source=ref)
         except Exception as e:  # noqa: BLE001 - PIL raises many types; every input still gets an answer
-            return InputItem(iid, error=error_text(f"unreadable image: {type(e).__name__}: {e}"), source=ref)
+            return InputItem(iid, error=unreadable_image(e), source=ref)
     try:
         arr = np.asarray(value)
         if arr.dtype == object:

@@ -151,6 +151,15 @@ def error_text(s: str) -> str:
     return s if len(s) <= _MAX_MESSAGE_CHARS else s[: _MAX_MESSAGE_CHARS - 1] + "…"
 
 
+def unreadable_image(e: Exception) -> str:
+    """The error text of an image Pillow could not decode: the reason, without Pillow's file-object repr."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):  # "cannot identify image file <_io.BufferedReader name=7>"
+        return "unreadable image: not an image format Pillow reads (or an empty file)"
+    return error_text(f"unreadable image: {type(e).__name__}: {e}")
+
+
 def canonical_id(path: str | os.PathLike) -> str:
     """The id a scan gives the file at ``path`` (its rows: ``ID#ROW``, its JSONL lines: ``ID:LINE``): absolute,
     normalised lexically without resolving symlinks, valid Unicode — the same however the path is spelled."""
@@ -268,7 +277,7 @@ def _image_item(path: str, input_shape: Sequence[int], limits: SourceLimits, ite
     except SourceError as e:
         return InputItem(iid, error=error_text(str(e)), source=src)
     except Exception as e:  # noqa: BLE001 - PIL raises many types; every input still gets an answer
-        return InputItem(iid, error=error_text(f"unreadable image: {type(e).__name__}: {e}"), source=src)
+        return InputItem(iid, error=unreadable_image(e), source=src)
 
 
 def _bytes_item(raw: bytes, input_shape: Sequence[int], limits: SourceLimits, iid: str, ref: str) -> InputItem:
@@ -278,7 +287,7 @@ def _bytes_item(raw: bytes, input_shape: Sequence[int], limits: SourceLimits, ii
     except SourceError as e:
         return InputItem(iid, error=error_text(str(e)), source=ref)
     except Exception as e:  # noqa: BLE001
-        return InputItem(iid, error=error_text(f"unreadable image: {type(e).__name__}: {e}"), source=ref)
+        return InputItem(iid, error=unreadable_image(e), source=ref)
 
 
 # ------------------------------------------------------------------------------------------------ arrays

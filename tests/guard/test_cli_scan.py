@@ -86,3 +86,8 @@ def test_calibrate_cli_mondrian_archive(tiny_onnx, tmp_path):
     r = run("calibrate", tiny_onnx, "--dataset", "digits", "--split", "train", "--count", "100", "--fpr", "0.01",
             "-o", tmp_path / "small")
     assert r.exit_code == 2 and "cannot resolve a false-positive rate" in r.output  # a usage error (--count/--fpr)
+    # the message says what would do: 330 images give the calibration part (0.3) the 99 that 1% needs
+    assert "give at least 330 clean images" in r.output and "--fpr to at least 0.0323" in r.output
+    r = run("calibrate", tiny_onnx, "--dataset", "digits", "--split", "train", "--count", "330", "--fpr", "0.01",
+            "-o", tmp_path / "enough")
+    assert r.exit_code == 0, r.output

@@ -41,7 +41,7 @@ def messy(tmp_path, digits_test):
     (d / "sub" / "deeper" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     exp[str(d / "sub" / "deeper" / "corrupt.png")] = "unreadable image"
     (d / "empty.jpg").write_bytes(b"")
-    exp[str(d / "empty.jpg")] = "unreadable image"
+    exp[str(d / "empty.jpg")] = "unreadable image: not an image format Pillow reads"  # no file-object repr
     (d / "notes.txt").write_text("not an image")
     exp[str(d / "notes.txt")] = "unsupported file type"
     (d / ".hidden.png").write_bytes(b"scanned: hiding a file must not hide it from the guard")
