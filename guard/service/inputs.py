@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..preprocess import InputError, to_model_input
-from ..sources import SourceError, b64_image_bytes, decode_image, read_npy_header
+from ..sources import SourceError, b64_image_bytes, decode_image, read_npy_header, unreadable_image
 
 NPY_MAGIC = b"\x93NUMPY"
 NPY_TYPES = ("application/x-npy", "application/npy")
@@ -81,7 +81,7 @@ def decode_one_image(data: bytes, input_shape: Sequence[int], limits: Limits, wh
     except InputError as e:
         raise RequestError(422, "invalid_input", f"{what}: {e}") from e
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for undecodable data
-        raise RequestError(400, "undecodable_image", f"{what}: unreadable image: {type(e).__name__}: {e}") from e
+        raise RequestError(400, "undecodable_image", f"{what}: {unreadable_image(e)}") from e
 
 
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}  # header text -> parsed (bounded)

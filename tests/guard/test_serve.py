@@ -338,6 +338,12 @@ def test_bad_requests_get_a_one_line_4xx(main, ctype, body, status, reason):
     assert out["request_id"]
 
 
+def test_an_unrecognised_image_is_named_without_pillows_internals(main):
+    status, out = main.post("/v1/inspect", b"not an image at all", "image/png")
+    assert (status, out["error"]) == (400, "undecodable_image")
+    assert out["detail"] == "input '0': unreadable image: not an image format Pillow reads (or an empty file)", out
+
+
 def test_too_many_pixels_is_refused_before_decoding(main):
     status, out = main.post("/v1/inspect", png(np.zeros((101, 100), np.uint8)), "image/png")
     assert (status, out["error"]) == (413, "too_many_pixels")
