@@ -276,7 +276,7 @@ def peek_num_classes(name: str, root: str | os.PathLike | None = None) -> int:
             except (ValueError, KeyError, TypeError) as e:
                 raise DatasetError(f"{name}: invalid dataset spec ({type(e).__name__}: {e})") from e
     if name not in LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(LOADERS)} or a .npz path")
+        raise ValueError(_unknown_dataset(name))
     if name == "fashion-mnist":
         _find(Path(root) if root else FASHION_MNIST_DEFAULT_ROOT, "train-labels-idx1-ubyte")
         return len(FASHION_MNIST_CLASSES)
@@ -314,6 +314,13 @@ def _check_split(split: str) -> str:
     return split
 
 
+def _unknown_dataset(name: str) -> str:
+    """The message for a dataset name that is none of :data:`LOADERS` (a folder gets the imagefolder spelling)."""
+    hint = (f"; a folder of class sub-folders is --dataset imagefolder --data-root {name}" if Path(name).is_dir()
+            else "")
+    return f"unknown dataset {name!r}; choose from {sorted(LOADERS)} or a .npz path{hint}"
+
+
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None) -> LabelledImages:
     """Load ``name`` (one of :data:`LOADERS`, or a path to an abl-guard ``.npz`` dataset) as arrays."""
     if name.endswith(".npz"):
@@ -321,7 +328,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     try:
         loader = LOADERS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(LOADERS)} or a .npz path") from None
+        raise ValueError(_unknown_dataset(name)) from None
     data = loader(split, root)
     log.info("loaded %s/%s: %d images %s", name, split, len(data), data.images.shape[1:])
     return data

@@ -378,6 +378,8 @@ class DriftAlarm:
         parts = "; ".join(f"{t['name']} {t['summary']} (p = {t['p_value']:.2g})" for t in self.tests)
         if self.fired:
             return f"DRIFT: the stream departs from the clean calibration data — {parts}"
+        if not self.tests:  # nothing scored yet (every input an error): no test ran
+            return "no drift alarm (no input scored: no test ran)"
         return f"no drift alarm (smallest Bonferroni p = {self.p_value:.2g}, alpha {self.alpha:g}; {parts})"
 
     def to_json(self) -> dict[str, Any]:

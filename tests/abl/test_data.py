@@ -40,6 +40,9 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
         load_dataset("cifar10", "train", tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet-1k")
+    # a folder given as the dataset: the message spells the imagefolder options for it
+    with pytest.raises(ValueError, match=f"--dataset imagefolder --data-root {tmp_path}"):
+        load_dataset(str(tmp_path))
 
 
 def test_digits_split_is_deterministic_and_disjoint(digits_train, digits_test):

@@ -234,6 +234,8 @@ def test_drift_alarm_tests_and_malformed_sections():
                "validation": {"k": 5, "n": 2}}
     alarm = stream_alarms([0, 9, 0, 0, 0], [10] * K, section)
     assert not alarm.conditional and alarm.drift.tests == []
+    # nothing scored (every input of a scan an error): no test ran, and the message says so in words
+    assert drift_alarm(0, 0, clean_flags=(10, 1000)).message() == "no drift alarm (no input scored: no test ran)"
     assert stream_alarms([0] * K, [0] * K, {"alarm_null": None}) is None
 
 
