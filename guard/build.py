@@ -142,9 +142,10 @@ def _check_split(n: int, parts: Sequence[np.ndarray], fpr: float) -> None:
     if n_cal < need:
         share = n_cal / max(1, n)  # the calibration part's share of the images the split was given
         more = f"give at least {math.ceil(need / share)} clean images, " if share > 0 else ""
+        lowest = math.ceil(1e4 / (n_cal + 1)) / 1e4  # 1 / (n_cal + 1) rounded *up*, so the suggestion resolves
         raise ValueError(f"{n_cal} calibration inputs cannot resolve a false-positive rate of {fpr}; "
                          f"need at least {need} in the calibration part: {more}raise --fpr to at least "
-                         f"{1 / (n_cal + 1):.3g}, or give the calibration part more of them with --fractions")
+                         f"{lowest:g}, or give the calibration part more of them with --fractions")
 
 
 #: bytes the fit pass may hold in taps, logits and images at once (``calibrate --fit-memory``)

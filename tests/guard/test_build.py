@@ -165,3 +165,24 @@ def test_fit_pass_stays_within_its_memory_budget(tiny_onnx, digits_train, digits
                          fit_memory=len(digits_train.images) * per)
     assert m["calibration"]["split"]["fit"] == len(digits_train.images)
     assert "fit_offered" not in m["calibration"]["split"]
+
+
+@pytest.mark.parametrize("n_cal", [30, 90, 120, 607])
+def test_too_small_a_calibration_part_names_an_fpr_and_a_count_that_resolve(n_cal):
+    """The suggested --fpr is rounded up (1/121 would print as 0.00826, which 120 inputs cannot resolve) and the
+    suggested image count gives the part enough at the same share."""
+    import math
+    import re
+
+    from abl_guard.guard.build import _check_split
+    from abl_guard.guard.calibration import min_calibration_size
+
+    n = int(n_cal / 0.3)
+    parts = (np.arange(n // 2), np.arange(n_cal), np.arange(max(10, n - n // 2 - n_cal)))
+    with pytest.raises(ValueError) as e:
+        _check_split(n, parts, 0.001)
+    msg = str(e.value)
+    fpr = float(re.search(r"--fpr to at least ([0-9.e-]+)", msg).group(1))
+    assert min_calibration_size(fpr) <= n_cal and fpr <= 1 / (n_cal + 1) + 1e-4  # resolves, and no more than that
+    count = int(re.search(r"give at least (\d+) clean images", msg).group(1))
+    assert math.floor(count * n_cal / n) >= min_calibration_size(0.001) - 1  # the same share, enough (±1 rounding)
