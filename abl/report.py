@@ -243,6 +243,33 @@ def count_contradicts(report: dict[str, Any]) -> tuple[float, float, float] | No
     return count_shortfall(report)
 
 
+def _clean_sub_type_line(report: dict[str, Any], target: Any) -> str | None:
+    """The verdict's line when the label's held-out count calls the seed's capped expansion a clean sub-type — it
+    claimed poison the count does not show (:func:`count_contradicts`), or was refused for it
+    (:func:`refused_by_count`) — and no scan found another population; None otherwise."""
+    if (short := count_contradicts(report)) is not None:
+        return _count_line(short, target) + "so it is a clean sub-type, and the label scan found no other population"
+    if (refused := refused_by_count(report)) is not None:
+        return (f"the seed's capped expansion ({refused['n_capped_removal']} examples of label {target}) was refused: "
+                f"the held-out split holds {refused['excess_sd']:.1f} sd of that label beyond a clean class's share "
+                f"(need {refused['need_sd']:g}), so it is a clean sub-type, the seed a part of it, and the label scan "
+                "found no other population")
+    return None
+
+
+def refused_by_count(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``capped_count`` record of a capped seed expansion that the count refused (only the seed removed, the
+    outcome "nothing found"; ``--abl-expansion-capped-count-sd``), when no scan found anything instead: the
+    refusal's reading is a clean sub-type, and the seed is part of it, so the seed probe (a clean model still calls
+    clean examples by their label) says nothing (clean data seed 1, Intel Xeon, 2026-12-04: 587 sandals, 1.8 sd,
+    ``bench/results/abl_retrain_clean_data_today_s1_intel.md``). None otherwise."""
+    exp = report.get("expansion", {})
+    rec = exp.get("capped_count")
+    if found_by_scan(exp) or not isinstance(rec, dict) or rec.get("kept") is not False:
+        return None
+    return rec
+
+
 def clean_label_find(report: dict[str, Any]) -> tuple[float, float, float] | None:
     """:func:`count_shortfall` of the input scan's find (:func:`abl_guard.abl.expansion.scan_inputs`): a
     fixed-pattern population that adds nothing to its label is clean-label poison (SIG 5%: 60 expected, 3 found;
@@ -382,7 +409,8 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     most :data:`PROBE_CLEAN` and the held-out probe was read (below the firing level), ``removed-unconfirmed`` when
     the seed probe is that low but the held-out probe cannot be read (at 1% poison: about 12 poisoned copies in 1,200),
     ``not-found`` also when a capped seed expansion claims poison its label's held-out count does not show
-    (:func:`count_contradicts`: a clean sub-type), ``removed-unconfirmed`` also when the input scan's find is such a
+    (:func:`count_contradicts`: a clean sub-type) or was refused for it (:func:`refused_by_count`),
+    ``removed-unconfirmed`` also when the input scan's find is such a
     population (:func:`clean_label_find`: clean-label poison), else ``likely-present`` (with a clean-label attack,
     whose poison really is of the target class, the seed probe cannot tell, and the evidence says so). When a label
     scan (not the seed) found the suspected poison, the target is the scanned label and the seed probe reads the
@@ -434,10 +462,9 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
             if short is not None else
             "too few poisoned copies are held out to read whether they still fire, and a backdoor left partly in place "
             "can read the same on the probe above (Trojan 1%: ASR 30.7%, probe 14%)"))
-    elif (short := count_contradicts(report)) is not None:
+    elif (sub_type := _clean_sub_type_line(report, target)) is not None:
         status = "not-found"
-        evidence.append(_count_line(short, target) + "so it is a clean sub-type, and the label scan found no other "
-                        "population" + NOT_PROOF)
+        evidence.append(sub_type + NOT_PROOF)
     elif (short := clean_label_find(report)) is not None:
         status = "removed-unconfirmed"
         evidence.append(_count_line(short, target) + "so the removed fixed-pattern population is clean-label poison "

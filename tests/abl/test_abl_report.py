@@ -300,3 +300,33 @@ def test_the_evidence_names_a_count_matched_scan_find():
     assert "39% of label 0" in line and "3260 more examples than the median label" in line
     exp["labels"][0]["count_route"] = False
     assert "median label" not in expansion_evidence(exp)
+
+
+def test_a_capped_expansion_refused_by_the_count_reads_not_found():
+    """Clean data seed 1 with the defaults of 2026-12-04 (bench/results/abl_retrain_clean_data_today_s1_intel.json):
+    the seed (587 sandals) expanded to the cap, the count refused it (1.8 sd < 3), only the seed was removed and no
+    scan found anything; the final model still calls the seed's sandals sandals. That is a clean sub-type, not a
+    backdoor left in place: `not-found`, where the seed probe alone said `likely-present`."""
+    from abl_guard.abl.config import ABLConfig
+    from abl_guard.abl.report import refused_by_count, verdict
+
+    def rep(probe: float, kept: bool = False) -> dict:
+        r = _report(0.95, probe, expanded=kept)
+        r["isolation"]["isolated_majority_label"] = 5
+        r["expansion"].update(target=5, capped=True, n_removed=587, scan={"expanded": False},
+                              capped_count={"excess": 18.2, "excess_sd": 1.8, "need_sd": 3.0,
+                                            "n_capped_removal": 3753, "kept": kept},
+                              reason="capped expansion refused by the held-out count (1.8 sd < 3)")
+        return r
+
+    v = verdict(rep(1.0), ABLConfig())
+    assert v["status"] == "not-found" and v["target"] == 5
+    assert any("capped expansion (3753 examples of label 5) was refused" in e and "1.8 sd" in e
+               and "not proof" in e for e in v["evidence"])
+    # a seed the final model no longer calls by its label was poison: the removal reads as before
+    assert verdict(rep(0.05), ABLConfig())["status"] == "removed-unconfirmed"
+    # a kept capped expansion, or the scan's own find, is not a refusal
+    assert refused_by_count(rep(1.0, kept=True)) is None
+    found = rep(1.0)
+    found["expansion"].update(method="spectral-scan", expanded=True)
+    assert refused_by_count(found) is None
