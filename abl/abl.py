@@ -566,8 +566,9 @@ class _Stages:
         first = cfg.expansion_recheck_epoch
 
         def check() -> bool:
-            done = {p["epoch"] for p in run.report.get("recheck", {}).get("passes", [])}
-            if not first <= run.epoch < first + cfg.expansion_recheck_passes or run.epoch in done:
+            passes = run.report.get("recheck", {}).get("passes", [])
+            if not first <= run.epoch < first + cfg.expansion_recheck_passes \
+                    or run.epoch in {p["epoch"] for p in passes}:
                 return False
             t0 = time.perf_counter()
             rest = np.setdiff1d(pool, run.removed)
@@ -591,8 +592,7 @@ class _Stages:
                 log.info("ABL recheck after clean epoch %d: %d of label %d's %d remaining examples are under %.2f "
                          "(its mean probability x %g); removed too", run.epoch, len(more), t, rec["n_target_label"],
                          rec.get("threshold", float("nan")), cfg.expansion_recheck_scale)
-            run.report["recheck"] = recheck_totals(run.report.get("recheck", {}).get("passes", []) + [rec],
-                                                   cfg.expansion_recheck_scale)
+            run.report["recheck"] = recheck_totals(passes + [rec], cfg.expansion_recheck_scale)
             run.add_time("expansion", time.perf_counter() - t0)
             return False
 
