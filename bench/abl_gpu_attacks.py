@@ -18,6 +18,9 @@ the largest training set (a seeded subset, the same for every job) whose project
 the workers go on. A job still running at the deadline is stopped and reported as such. Each job's result, the plan,
 the probes and the logs come back as one JSON, one markdown page and one log file (the device tool returns at most 8
 files).
+The probe is optimistic: on the first lease (13 jobs, 4,000 images, 3 epochs) it read 0.164 ms per image-epoch per
+job and the jobs then ran at 0.32 (workers that finish their probe early leave the card to the rest), so every job was
+stopped near epoch 40 of 100; hence the default ``--safety`` 2.2, and ``--n-train`` to fix the size from a past run.
 Deviations: one seed; a subset of the 60,000 images when the lease is short (the page says how many); a small-CNN
 clean surrogate (8 epochs) for label-consistent's PGD, as in ``bench/abl.py``; the paper's Cutout is not applied.
 
@@ -217,6 +220,8 @@ def coordinator(args: argparse.Namespace) -> None:
     n_fit = (left - args.reserve) / (per_image * epochs_equiv) if args.budget else float("inf")
     n_full = 60000 if not args.smoke else args.smoke_images
     n_train = int(min(n_full, max(args.min_images, n_fit)) // 1000 * 1000) if not args.smoke else n_full
+    if args.n_train:
+        n_train = args.n_train
     deadline = t_start + args.budget - args.finish if args.budget else float("inf")
     plan = {"n_train": n_train, "n_fit": n_fit if n_fit != float("inf") else None, "seconds_per_image": per_image,
             "seconds_left_at_plan": left if left != float("inf") else None, "epochs_equiv": epochs_equiv,
@@ -274,31 +279,47 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.2f}" if isinstance(v, (int, float)) and v == v else "—"
 
 
+def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' records as one page's: each result keeps the index of its run (``run``), so that times are
+    compared only inside one run (jobs sharing a card run at the speed of what shares it)."""
+    first = records[0]
+    results: dict[str, Any] = {}
+    for i, r in enumerate(records):
+        results.update({k: {**v, "run": i} for k, v in r["results"].items()})
+    return {**first, "jobs": [j for r in records for j in r["jobs"]], "results": results, "runs": [
+        {"jobs": r["jobs"], "plan": r["plan"], "script_seconds": r["script_seconds"]} for r in records]}
+
+
 def render(r: dict[str, Any]) -> str:
-    s, plan, res = r["settings"], r["plan"], r["results"]
+    s, res = r["settings"], r["results"]
+    runs = r.get("runs") or [{"jobs": r["jobs"], "plan": r["plan"], "script_seconds": r["script_seconds"]}]
     attacks = list(dict.fromkeys(j.split(":")[0] for j in r["jobs"]))
-    n_train = next((v["n_train"] for v in res.values() if "n_train" in v), plan["n_train"])
+    n_train = next((v["n_train"] for v in res.values() if "n_train" in v), r["plan"]["n_train"])
+    sharing = " / ".join(f"{len(x['jobs'])} jobs ({x['plan']['seconds_per_image'] * 1000:.3f} ms per image-epoch "
+                         "per job in the probe)" for x in runs)
     lines = [
         "# ABL on the six attacks at the paper's setting, one GPU (`bench/abl_gpu_attacks.py`)", "",
         f"Device: **{r['device']}**, torch {r['torch']}, Python {r['python']}. PreAct-ResNet-18, Fashion-MNIST padded "
-        f"to 32×32, **{n_train:,} training images** (a seeded subset of 60,000 sized to the lease: "
-        f"{plan['seconds_per_image'] * 1000:.3f} ms per image-epoch per job with all {len(r['jobs'])} jobs sharing "
-        f"the card), T = {s['epochs']}, SGD lr {s['lr']} / 10 at {s['milestones']}, batch {s['batch_size']}, "
-        f"crop + flip, target 0, seed {s['seed']}; BadNets / Blend / Trojan / WaNet at {s['rate']:.0%}, SIG and "
-        f"label-consistent at {CLEAN_LABEL_RATE:.0%} (half of the target class). Test: "
-        f"{s['test_limit'] or 10000:,} clean images and their triggered versions (target-class images excluded).",
+        f"to 32×32, **{n_train:,} training images** (a seeded subset of 60,000, sized to the lease), T = "
+        f"{s['epochs']}, SGD lr {s['lr']} / 10 at {s['milestones']}, batch {s['batch_size']}, crop + flip, target 0, "
+        f"seed {s['seed']}; BadNets / Blend / Trojan / WaNet at {s['rate']:.0%}, SIG and label-consistent at "
+        f"{CLEAN_LABEL_RATE:.0%} (half of the target class). Test: {s['test_limit'] or 10000:,} clean images and "
+        f"their triggered versions (target-class images excluded). {len(runs)} run(s) sharing the card: {sharing}.",
         "",
         "No defence: the `none` job is plain training (BadNets only); for every attack, paper mode's model *before* "
         "unlearning (the whole schedule on 99% of the poisoned set) is the no-defence reference.", "",
         "| attack | no defence CA / ASR % | retrain (default) CA / ASR % | removed (poison / all) | isolation epochs | "
-        "verdict | paper mode CA / ASR % | paper isolation precision % | time / plain (retrain, paper) |",
+        "verdict | paper mode CA / ASR % | paper isolation precision % | time / plain of its run (retrain, paper) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    plain = {v.get("run", 0): v["seconds"] for k, v in res.items() if k.endswith(":none") and "seconds" in v}
     for a in attacks:
         rt, pp, nd = res.get(f"{a}:retrain", {}), res.get(f"{a}:paper", {}), res.get(f"{a}:none")
-        ref = (nd if nd and "clean_accuracy" in nd else (pp.get("stages") or {}).get("clean"))
-        ref_s = (f"{_pct(ref.get('clean_accuracy'))} / {_pct(ref.get('attack_success_rate'))}"
-                 + (" (plain)" if ref is nd else " (paper, before unlearning)") if ref else "—")
+        before = (pp.get("stages") or {}).get("clean")
+        refs = ([f"{_pct(nd['clean_accuracy'])} / {_pct(nd.get('attack_success_rate'))} (plain)"]
+                if nd and "clean_accuracy" in nd else [])
+        refs += ([f"{_pct(before['clean_accuracy'])} / {_pct(before.get('attack_success_rate'))} (paper, before "
+                  "unlearning)"] if before else [])
         if "failed" in rt or not rt:
             rt_s, rm, ep, vd = f"({rt.get('failed', 'not run')})", "—", "—", "—"
         else:
@@ -311,25 +332,24 @@ def render(r: dict[str, Any]) -> str:
         else:
             pp_s = f"{_pct(pp['clean_accuracy'])} / {_pct(pp['attack_success_rate'])}"
             prec = _pct((pp.get("isolation") or {}).get("precision"))
-        plain_s = next((v["seconds"] for k, v in res.items() if k.endswith(":none") and "seconds" in v), None)
-        ratio = ", ".join(f"{x['seconds'] / plain_s:.2f}" if plain_s and x.get("seconds") else "—" for x in (rt, pp))
-        lines.append(f"| {a} | {ref_s} | {rt_s} | {rm} | {ep} | {vd} | {pp_s} | {prec} | {ratio} |")
-    nd = next((v for k, v in res.items() if k.endswith(":none") and "seconds" in v), None)
-    lines += ["", "Seconds per job (every job shared the card with the others, so these are comparable only as "
-              "ratios inside this run): " + ", ".join(
-                  f"{k} {v['seconds']:.0f}" for k, v in res.items() if "seconds" in v) + "."]
-    if nd:
-        lines.append(f"Plain training ({nd['job']}): {nd['seconds']:.0f} s for {s['epochs']} epochs.")
+        ratio = ", ".join(f"{x['seconds'] / plain[x.get('run', 0)]:.2f}"
+                          if x.get("seconds") and x.get("run", 0) in plain else "—" for x in (rt, pp))
+        lines.append(f"| {a} | {'; '.join(refs) or '—'} | {rt_s} | {rm} | {ep} | {vd} | {pp_s} | {prec} | {ratio} |")
+    lines += ["", "Seconds per job (jobs shared the card with the others of their run, so these are comparable only "
+              "as ratios inside one run): " + ", ".join(
+                  f"{k} {v['seconds']:.0f}" + (f" (run {v['run']})" if len(runs) > 1 else "")
+                  for k, v in res.items() if "seconds" in v) + "."]
     fails = {k: v for k, v in res.items() if "failed" in v}
     if fails:
         lines += ["", "Jobs that did not finish: " + "; ".join(f"{k}: {v['failed']}" for k, v in fails.items())]
-    verdicts = [(k, v["verdict"]) for k, v in res.items() if v.get("verdict")]
+    verdicts = [(k, v["verdict"]) for k, v in res.items() if v.get("verdict") and k.endswith(":retrain")]
     if verdicts:
         lines += ["", "Verdict evidence (retrain mode):", ""]
-        lines += [f"- {k}: **{v['status']}** — " + "; ".join(v.get("evidence", [])[:3])
-                  for k, v in verdicts if k.endswith(":retrain")]
-    lines += ["", f"Plan: {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in plan.items()})}; "
-              f"script {r['script_seconds']:.0f} s."]
+        lines += [f"- {k}: **{v['status']}** — " + "; ".join(v.get("evidence", [])[:3]) for k, v in verdicts]
+    for i, x in enumerate(runs):
+        plan = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in x["plan"].items()}
+        lines += ["", f"Run {i}: jobs {', '.join(x['jobs'])}; plan {json.dumps(plan)}; script "
+                  f"{x['script_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -351,7 +371,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.0, help="seconds for the whole script (0: no limit)")
     ap.add_argument("--reserve", type=float, default=45.0, help="seconds kept for data preparation and evaluation")
     ap.add_argument("--finish", type=float, default=15.0, help="seconds before the budget's end to stop jobs")
-    ap.add_argument("--safety", type=float, default=1.1, help="margin on the projected schedule")
+    ap.add_argument("--safety", type=float, default=2.2, help="margin on the projected schedule (see the docstring)")
     ap.add_argument("--min-images", type=int, default=3000)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--run-dir", default="/tmp/abl-gpu-attacks")
@@ -359,13 +379,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "abl_gpu_attacks"))
     ap.add_argument("--smoke", action="store_true", help="2 epochs on a tiny set: checks the path only")
     ap.add_argument("--smoke-images", type=int, default=2000)
-    ap.add_argument("--render", action="store_true", help="re-render --out's page from its JSON")
+    ap.add_argument("--render", action="store_true", help="re-render --out's page from its JSON (or --merge's)")
+    ap.add_argument("--merge", default=None, help="with --render: comma-separated run JSONs shown on one page")
+    ap.add_argument("--n-train", type=int, default=None, help="training images (skips the projection)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.render:
+        sources = args.merge.split(",") if args.merge else [str(Path(args.out).with_suffix(".json"))]
         write_markdown_keeping_notes(Path(args.out).with_suffix(".md"),
-                                     render(json.loads(Path(args.out).with_suffix(".json").read_text())))
+                                     render(merge([json.loads(Path(f).read_text()) for f in sources])))
         return
     if args.smoke and not args.worker:
         args.epochs, args.milestones, args.probe_epochs, args.test_limit, args.lc_steps = 5, [3], 2, 300, 2
