@@ -332,7 +332,9 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     the label, beyond ``max_weight``; such a find removes at most :data:`COUNT_REMOVE` x the excess, the highest
     projections, and gives the excess as its poison estimate. Only when every other label's count is within
     :data:`COUNT_BALANCE` of each other (the balanced classes the count check also assumes); measured in
-    ``docs/abl.md#count-matched-route``.
+    ``docs/abl.md#count-matched-route``. A label qualifying by its count outranks every label that qualifies by its
+    split alone: on 5,000 images and PreAct-ResNet-18 features five clean labels reached variance ratios of 232-1,389
+    and the largest was chosen over the poisoned label's count excess of 584 (``docs/abl.md#count-matched-route``).
     """
     labels = np.asarray(labels)
     pool = np.asarray(pool, np.int64)
@@ -342,7 +344,7 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     sizes = {int(y): int((labels[pool] == y).sum()) for y in label_set}
     rows: list[dict[str, Any]] = []
     qualifying: list[int] = []
-    best: tuple[float, int, np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None = None
+    found: list[tuple[bool, float, int, np.ndarray, np.ndarray, np.ndarray, dict[str, float]]] = []
     for y in label_set:
         idx = pool[labels[pool] == y]
         row: dict[str, Any] = {"label": int(y), "n": int(len(idx))}
@@ -369,8 +371,9 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
         ok = ok and mix["weight_seedlike"] >= min_minority and mix["weight_seedlike"] * len(idx) >= min_minority_count
         if ok:
             qualifying.append(int(y))
-            if best is None or key > best[0]:
-                best = (key, int(y), idx, s, post, mix)
+            found.append((bool(row.get("count_route")), key, int(y), idx, s, post, mix))
+    # a label whose count excess matches its component outranks labels that qualify by their split alone
+    best = max(found, key=lambda f: (f[0], f[1]))[1:] if found else None
     report: dict[str, Any] = {"method": SCAN_METHOD, "scan_method": method, "max_weight": max_weight,
                               "min_separation": min_separation, "min_posterior": min_posterior, "labels": rows,
                               "n_seed": 0}

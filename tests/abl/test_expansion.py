@@ -457,6 +457,21 @@ def test_contrastive_scan_takes_a_label_whose_split_matches_its_count_excess():
     assert not scan_labels(feats, labels, unbalanced, method="contrastive", min_count_sd=3.0).report["expanded"]
 
 
+def test_contrastive_scan_prefers_the_label_whose_count_matches_over_a_larger_ratio():
+    """A clean label that varies widely along a direction of its own reaches a larger variance ratio than the poisoned
+    label (as five clean labels did on 5,000 images of PreAct-ResNet-18 features, bench/results/abl_gpu_attacks.md):
+    by ratio alone the scan takes the clean label; a label that also qualifies by its count excess outranks it."""
+    feats, labels, poison = _shared_subtypes(0.35, shift=4.0)
+    feats[labels == 4, 3] *= 6.0  # label 4: a wide clean direction, a variance ratio far above label 2's
+    pool = np.arange(len(labels))
+    by_ratio = scan_labels(feats, labels, pool, method="contrastive", min_ratio=10.0)
+    assert by_ratio.target == 4 and by_ratio.report["qualifying"] == [4]
+    exp = scan_labels(feats, labels, pool, method="contrastive", min_ratio=10.0, min_count_sd=3.0)
+    ratios = {r["label"]: r["ratio"] for r in exp.report["labels"]}
+    assert exp.report["qualifying"] == [2, 4] and ratios[4] > ratios[2]
+    assert exp.target == 2 and np.isin(poison, exp.removed).mean() >= 0.9
+
+
 def test_below_own_threshold_takes_what_the_model_does_not_place_in_the_label():
     """Confident learning's per-class threshold on one label: its examples whose probability of it is under the mean
     over them; other labels' examples are never taken; the report counts what the model predicts for the label."""
