@@ -348,6 +348,7 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     for y in label_set:
         idx = pool[labels[pool] == y]
         row: dict[str, Any] = {"label": int(y), "n": int(len(idx))}
+        counted = False  # qualifies by the count-matched route
         if method == "contrastive":
             u, ratio = directions[int(y)]
             mu = feats[idx].mean(0)
@@ -360,7 +361,8 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
             if min_count_sd > 0:
                 excess, by_count = _count_match(sizes, int(y), mix["weight_seedlike"] * len(idx), min_count_sd)
                 row.update(count_excess=float(round(excess, 1)), count_route=bool(by_count))
-                ok = ok or (by_count and mix["separation"] >= min_separation)
+                counted = by_count and mix["separation"] >= min_separation
+                ok = ok or counted
             key = ratio
         else:
             s, post, mix = _oriented_split(feats[idx], random_state)
@@ -371,7 +373,7 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
         ok = ok and mix["weight_seedlike"] >= min_minority and mix["weight_seedlike"] * len(idx) >= min_minority_count
         if ok:
             qualifying.append(int(y))
-            found.append((bool(row.get("count_route")), key, int(y), idx, s, post, mix))
+            found.append((counted, key, int(y), idx, s, post, mix))
     # a label whose count excess matches its component outranks labels that qualify by their split alone
     best = max(found, key=lambda f: (f[0], f[1]))[1:] if found else None
     report: dict[str, Any] = {"method": SCAN_METHOD, "scan_method": method, "max_weight": max_weight,
