@@ -478,6 +478,11 @@ def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:
     return {"status": status, "target": target, "evidence": evidence, "held_out_probe": held}
 
 
+#: the label scan's qualifying labels from which a run warns: at most 1 in 241 stored scans of the small CNN on
+#: 20,000-60,000 images, 6-7 with PreAct-ResNet-18 on 5,000 (``docs/abl.md#failure-warnings``)
+SCAN_MANY_QUALIFYING = 3
+
+
 def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
     """Evidence that ABL likely failed, from quantities available without ground truth.
 
@@ -508,6 +513,13 @@ def failure_warnings(report: dict[str, Any], cfg: ABLConfig) -> list[str]:
                    "costs clean accuracy here (the isolated set holds clean examples, the unlearning lr is too high, "
                    "or the model's backdoor and clean features are entangled); the backdoor is probably still in "
                    "place")
+    scan = report.get("expansion") or {}  # a label scan's find records its qualifying labels
+    many = scan.get("qualifying") or []
+    if len(many) >= SCAN_MANY_QUALIFYING:
+        out.append(f"the label scan qualified {len(many)} labels ({', '.join(map(str, many))}): an all-to-one "
+                   "backdoor sets one label apart, so its routes do not separate poison from clean sub-types at this "
+                   "data size and feature width (wide features, a few hundred examples per label), and its find "
+                   f"(label {scan.get('target')}) may be a clean population (docs/abl.md#failure-warnings)")
     if "precision" in iso and iso["precision"] < 0.5:
         out.append(f"isolation precision is {iso['precision']:.0%} against the known poison indices")
     return out

@@ -330,3 +330,19 @@ def test_a_capped_expansion_refused_by_the_count_reads_not_found():
     found = rep(1.0)
     found["expansion"].update(method="spectral-scan", expanded=True)
     assert refused_by_count(found) is None
+
+
+def test_a_label_scan_that_qualifies_many_labels_warns():
+    """An all-to-one backdoor sets one label apart; when the scan qualifies three or more (PreAct-ResNet-18 features
+    on 5,000 images: six or seven), the run warns that its find may be a clean population; one or two qualifying
+    labels (every stored small-CNN scan) do not warn."""
+    from abl_guard.abl.abl import ABLConfig
+    from abl_guard.abl.report import SCAN_MANY_QUALIFYING, failure_warnings
+
+    cfg = ABLConfig()
+    many = {"expanded": True, "target": 1, "qualifying": [0, 1, 3, 5, 7, 8]}
+    found = failure_warnings({"expansion": many}, cfg)
+    assert SCAN_MANY_QUALIFYING == 3
+    assert [w for w in found if "qualified 6 labels (0, 1, 3, 5, 7, 8)" in w and "label 1" in w]
+    for q in ([0], [0, 4]):
+        assert not any("qualified" in w for w in failure_warnings({"expansion": {**many, "qualifying": q}}, cfg))
