@@ -5,7 +5,8 @@ whole run needs a GPU.
 Trains the isolation stage of ``mode="retrain"`` (the library's defaults: the input scan first, isolation epochs
 until the isolated set concentrates in one label, the seed expansion and the label scans) on a seeded subset of
 Fashion-MNIST, then stops before the clean stage (``clean_epochs = 0``). The record keeps the expansion report (every
-label's split, the qualifying labels, the chosen target), the removed poison / clean counts and the isolation numbers.
+label's split, the qualifying labels, the chosen target), the removed poison / clean counts, the isolation numbers
+and the run's warnings; not the verdict, whose probes would read the untrained model a skipped clean stage leaves.
 
     python bench/abl_scan_check.py --arch preact-resnet18 --pad 32 --train-limit 5000 --epochs 100 --lr 0.1 \\
         --milestones 20,70 --weight-decay 1e-4 --augment crop-flip --attack wanet --rate 0.1 \
@@ -84,7 +85,7 @@ def main() -> None:
         "n_removed": int(len(res.removed)), "removed_poison": int(np.isin(res.removed, poison).sum()),
         "poison_in_pool": int(len(np.setdiff1d(poison, res.holdout))),
         "target": exp.get("target"), "qualifying": exp.get("qualifying"), "labels": rows, "expansion": exp,
-        "verdict": rep.get("verdict"),
+        "warnings": rep.get("warnings"),
     }
     md = "\n".join([
         f"# ABL's scans alone: {a.attack} {a.rate:.0%}, {a.arch}, {len(data.train):,} images "
@@ -93,6 +94,7 @@ def main() -> None:
         f"Isolation epochs run: {record['isolation_epochs_run']}; isolation {record['isolation']}.",
         f"Chosen label: **{record['target']}** (qualifying: {record['qualifying']}); removed {record['n_removed']:,}, "
         f"of which poison {record['removed_poison']:,} of the pool's {record['poison_in_pool']:,}.", "",
+        *[f"Warning: {w}" for w in record["warnings"] or []], "",
         "| label | n | variance ratio | count excess | count route | minority | separation |",
         "|---|---|---|---|---|---|---|",
         *[f"| {r['label']} | {r['n']} | {r.get('ratio', '—')} | {r.get('count_excess', '—')} | "
