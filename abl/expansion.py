@@ -278,6 +278,10 @@ COUNT_BAND = 1.5
 COUNT_BALANCE = 1.2
 #: a count-matched find removes at most this many times its label's count excess (the highest scores)
 COUNT_REMOVE = 1.25
+#: the contrastive scan reads a label's variance ratio only when the label holds at least this many examples per
+#: feature dimension: below about one, its covariance is singular and the ratio along its own span is unbounded
+#: (clean labels of PreAct-ResNet-18, 512 features from ~450 examples: 115-16,264); the small CNN's scans had 39 or more
+RATIO_MIN_PER_DIM = 2.0
 
 
 def _count_match(sizes: dict[int, int], label: int, minority: float, min_sd: float) -> tuple[float, bool]:
@@ -319,7 +323,9 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
     one farther from the other labels' median projection, a label also qualifies when its variance ratio reaches
     ``min_ratio`` (5-10% poison is too large a share of its label for ``max_weight``), and the qualifying label with
     the largest ratio is chosen. ``min_ratio`` = 100 was set on 15 saved isolation-stage models (clean labels <= 66,
-    5-10% poison 122-362), measured in ``docs/abl.md#contrastive-label-scan``. A label also qualifies, whatever the
+    5-10% poison 122-362), measured in ``docs/abl.md#contrastive-label-scan``; the ratio is read only for a label of at
+    least :data:`RATIO_MIN_PER_DIM` examples per feature dimension (``docs/abl.md#failure-warnings``: wide features on
+    a few hundred examples per label gave clean labels ratios of 115-16,264). A label also qualifies, whatever the
     share, when its two components are ``min_wide_separation`` apart (clean labels' contrastive splits reached D 4.0
     at most, Trojan 5% poison 6.8 at a variance ratio of 75: ``docs/abl.md#wide-separation-route``). A label whose
     suspect component holds under ``min_minority`` of it or under ``min_minority_count`` examples never qualifies (a
@@ -356,8 +362,11 @@ def scan_labels(features: np.ndarray, labels: np.ndarray, pool: np.ndarray, *, m
             others = sign * (feats[pool[labels[pool] != y]] @ u - mu @ u)
             post = _away_from_others(s, post, others)
             row["ratio"] = float(round(ratio, 2))
+            ratio_read = len(idx) >= RATIO_MIN_PER_DIM * feats.shape[1]
+            if not ratio_read:
+                row["ratio_read"] = False
             ok = ((mix["weight_seedlike"] <= max_weight and mix["separation"] >= min_separation)
-                  or ratio >= min_ratio or mix["separation"] >= min_wide_separation)
+                  or (ratio_read and ratio >= min_ratio) or mix["separation"] >= min_wide_separation)
             if min_count_sd > 0:
                 excess, by_count = _count_match(sizes, int(y), mix["weight_seedlike"] * len(idx), min_count_sd)
                 row.update(count_excess=float(round(excess, 1)), count_route=bool(by_count))

@@ -523,3 +523,24 @@ def test_recheck_totals_sum_the_passes_and_keep_the_first_passs_label_statistics
     assert (tot["n_removed"], tot["removed_poison"], tot["removed_clean"]) == (17, 9, 8)
     unknown = recheck_totals([{k: v for k, v in first.items() if "poison" not in k and k != "removed_clean"}], 1.0)
     assert unknown["n_removed"] == 12 and "removed_poison" not in unknown and "removed_clean" not in unknown
+
+
+def test_contrastive_scan_reads_a_variance_ratio_only_with_enough_examples_per_dimension(monkeypatch):
+    """The poisoned label qualifies by its variance ratio in 12 dimensions; with 400 more dimensions of noise every
+    label holds under two examples per dimension and every label's ratio inflates past the threshold (clean labels
+    1.2-1.4 -> 4.4-4.5; PreAct-ResNet-18's 512 features on ~450 examples per label gave clean labels 115-16,264), so
+    every label would qualify: the ratio is not read there, nothing qualifies by it, and the rows say so."""
+    from abl_guard.abl import expansion
+
+    feats, labels, poison = _shared_subtypes(0.1, shift=5.0)
+    pool = np.arange(len(labels))
+    only_ratio = {"method": "contrastive", "max_weight": 0.0, "min_wide_separation": np.inf, "min_ratio": 3.0}
+    exp = scan_labels(feats, labels, pool, **only_ratio)
+    assert exp.target == 2 and exp.report["qualifying"] == [2]
+    assert not any("ratio_read" in r for r in exp.report["labels"])
+    wide = np.c_[feats, np.random.default_rng(1).normal(size=(len(feats), 400))]
+    exp = scan_labels(wide, labels, pool, **only_ratio)
+    assert not exp.report["expanded"]
+    assert all(r["ratio_read"] is False and r["ratio"] > 3.0 for r in exp.report["labels"])
+    monkeypatch.setattr(expansion, "RATIO_MIN_PER_DIM", 0.0)  # read regardless: every label qualifies
+    assert len(scan_labels(wide, labels, pool, **only_ratio).report["qualifying"]) == 6
