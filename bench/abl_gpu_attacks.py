@@ -48,7 +48,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from _common import cpu_name, write_markdown_keeping_notes  # noqa: E402
+from _common import cpu_name, write_markdown_keeping_notes, write_results  # noqa: E402
 
 log = logging.getLogger("bench.abl_gpu_attacks")
 ARCH = "preact-resnet18"
@@ -92,9 +92,9 @@ def worker(args: argparse.Namespace) -> None:
                            augment="crop-flip", seed=args.seed, device=args.device)
 
     # ---- probe: plain epochs on PROBE_IMAGES clean images, all workers at once (after the barrier)
-    full = pad_to(load_dataset("fashion-mnist", "train", args.data_root), 32)
-    sub = full.subset(np.arange(min(args.probe_images, len(full))))
-    spec = full.spec
+    full = load_dataset("fashion-mnist", "train", args.data_root)
+    sub = pad_to(full.subset(np.arange(min(args.probe_images, len(full)))), 32)  # only the probe's images padded
+    spec = sub.spec
     set_seed(args.seed)
     probe = PlainTrainer(build_model(ARCH, 1, spec.num_classes, 32, spec.mean, spec.std), sub.images, sub.labels,
                          train_cfg(args.probe_epochs, args.lr, ()))
@@ -250,13 +250,12 @@ def coordinator(args: argparse.Namespace) -> None:
               "torch": torch_version(), "settings": {k: v for k, v in vars(args).items() if k != "worker"},
               "jobs": jobs, "plan": plan, "probes": probes, "results": results,
               "script_seconds": time.time() - t_start}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=float))
+    md = render(record)
+    write_results(out, json.loads(json.dumps(record, default=float)), md, keep_notes=True)
     with open(out.parent / (out.name + "_log.txt"), "w") as f:
         for j in jobs:
             f.write(f"===== {j}\n")
             f.write("\n".join((run / f"log_{job_name(j)}.txt").read_text().splitlines()[-args.log_lines:]) + "\n")
-    md = render(record)
-    write_markdown_keeping_notes(out.with_suffix(".md"), md)
     print(md)
 
 
