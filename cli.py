@@ -649,11 +649,13 @@ def adopt(model_path: str, output: str | None, list_taps: bool, taps: tuple[str,
               help="Detector hyper-parameter (repeatable), e.g. mahalanobis.ridge=0; a detector named twice in "
                    "--detectors is knn, knn#2, ... (knn#2.tap=pool). A tap can be named by its position in the "
                    "model's tap order, penultimate last: knn#2.tap=@-2 is the tap before the last on any model.")
-@click.option("--combine", type=click.Choice(["fisher", "min-p", "cauchy", "hmp"]), default="fisher",
+@click.option("--combine", type=click.Choice(["fisher", "min-p", "cauchy", "hmp", "adaptive"]), default="fisher",
               show_default=True,
               help="How detectors' p-values are combined: Fisher adds evidence across detectors (default; measured "
                    "best on correlated detectors); min-p, Cauchy and the harmonic mean (hmp) follow the smallest "
-                   "p-value. The threshold is set on the combined p-value.")
+                   "p-value; adaptive keeps the more surprising of Fisher's and min-p's statistics, each calibrated "
+                   "on the clean inputs (flags more when one detector alone sees an input, less when the evidence "
+                   "is spread). The threshold is set on the combined p-value.")
 @click.option("--mondrian", is_flag=True,
               help="Calibrate per predicted class (each class gets its own threshold and the target FPR).")
 @click.option("--fractions", default="0.5,0.3,0.2", show_default=True,

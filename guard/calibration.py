@@ -19,6 +19,9 @@ Issue 16 asked that a combination never lose to its best detector. Two tools, an
   logs loses least to the best member, so it stays the default. No clean-data-only combination reached "never below
   the best member minus 0.005" there (re-weighting by the clean p-values' correlation, or taking the most surprising
   standardised detector, lost more than Fisher); choosing strong members matters more than the combination.
+* **The adaptive test** (:class:`AdaptiveCombiner`, ``combine="adaptive"``): Fisher's and min-p's statistics, each
+  calibrated on the clean inputs, the more surprising kept. It flags more than Fisher where one member alone sees an
+  input and less where the evidence is spread (``bench/results/fusion_study_adaptive.md``), so it is an opt-in.
 
 The guard sets its threshold on the combined value of clean inputs, so every combination is calibrated; they differ
 only in how they rank inputs.
@@ -44,7 +47,7 @@ class _LazyStats:
 
 stats = _LazyStats()
 
-COMBINERS = ("fisher", "min-p", "cauchy", "hmp")
+COMBINERS = ("fisher", "min-p", "cauchy", "hmp", "adaptive")
 #: share of the calibration scores (at least TAIL_MIN of them) whose excesses fit each exponential tail
 TAIL_SHARE = 0.05
 TAIL_MIN = 5
@@ -157,7 +160,63 @@ def combine_pvalues(pvals: np.ndarray, method: str = "fisher") -> np.ndarray:
             return np.where(t > 0, np.arctan(1.0 / np.maximum(t, 1e-300)) / np.pi, 0.5 - np.arctan(t) / np.pi)
     if method == "hmp":
         return np.minimum(1.0, k / (1.0 / p).sum(axis=1))
+    if method == "adaptive":
+        raise ValueError("the adaptive combination is calibrated on clean inputs: use Calibrator or AdaptiveCombiner")
     raise ValueError(f"unknown combination {method!r}; choose from {COMBINERS}")
+
+
+#: the adaptive combination's powers of the members' surprises: 1 ranks as Fisher's sum, inf as min-p's maximum
+ADAPTIVE_POWERS: tuple[float, ...] = (1.0, float("inf"))
+
+
+def power_statistics(pvals: np.ndarray, powers: Sequence[float] = ADAPTIVE_POWERS) -> np.ndarray:
+    """``(N, len(powers))`` power means of the members' surprises ``s = -log p``: ``(mean s^g)^(1/g)``, the maximum
+    for ``g = inf`` (Pan et al.'s sum-of-powered-scores family, Genetics 2014, on p-values instead of scores)."""
+    s = -np.log(np.clip(np.asarray(pvals, dtype=np.float64), 1e-300, 1.0))
+    if s.ndim != 2:
+        raise ValueError("pvals must be (N, k)")
+    cols = []
+    for g in powers:
+        if np.isinf(g):
+            cols.append(s.max(axis=1))
+        else:
+            cols.append(np.mean(s ** g, axis=1) ** (1.0 / g))
+    return np.stack(cols, axis=1)
+
+
+class AdaptiveCombiner:
+    """Pan et al.'s adaptive test (aSPU, Genetics 2014) over the members' p-values, calibrated on clean data.
+
+    Each power statistic of :func:`power_statistics` — power 1 ranks inputs as Fisher's sum does, power ``inf`` as
+    min-p — is turned into a conformal p-value against the same statistic of the clean calibration inputs (their
+    leave-one-out member p-values, so they are distributed as a fresh clean input's; exponential tails beyond the
+    range as for the members), and the combination is the smallest of them, corrected for their number (Sidak).
+    Fisher alone dilutes one strong member with the ones that see nothing; min-p alone misses evidence spread over
+    several; the adaptive test follows whichever statistic is more surprising *by the standard of clean inputs*,
+    which a raw ``min(Fisher p, k * min p)`` cannot do: with correlated members Fisher's chi-square p-value is far
+    too small on clean inputs, so it wins every comparison. Measured in ``bench/results/fusion_study_adaptive.md``.
+    """
+
+    def __init__(self, calibration_p: np.ndarray, powers: Sequence[float] = ADAPTIVE_POWERS,
+                 tails: bool = True) -> None:
+        self.powers = tuple(float(g) for g in powers)
+        stats_ = power_statistics(calibration_p, self.powers)
+        self.ref = [np.sort(stats_[:, j]) for j in range(len(self.powers))]
+        self._tails = [tail_scales(r) if tails else None for r in self.ref]
+
+    def __call__(self, pvals: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
+        """Combined p-values of ``(N, k)`` member p-values; with ``leave_one_out`` they must be the calibration
+        inputs' own, in calibration order."""
+        st = power_statistics(pvals, self.powers)
+        # a calibration input's q counts the other calibration inputs above it on the scale of a fresh input's,
+        # (1 + #above) / (n + 1): with leave-one-out's (1 + #above) / n the fresh inputs would gain one rank on each
+        # statistic against the threshold set on the calibration inputs, about 0.1% more clean flags per power
+        q = np.stack([_conformal(r, st[:, j], False, leave_one_out, t)[0] * (len(r) / (len(r) + 1.0)
+                                                                             if leave_one_out else 1.0)
+                      for j, (r, t) in enumerate(zip(self.ref, self._tails))], axis=1)
+        # Sidak over the powers: 1 - (1 - min q)^G is below 1 for every q below 1, so (unlike a clipped Bonferroni
+        # product) no clean-looking inputs tie at 1 and the ranking inside the calibration range stays strict
+        return -np.expm1(len(self.powers) * np.log1p(-np.minimum(q.min(axis=1), 1.0 - 1e-16)))
 
 
 def threshold_for_fpr(calibration_p: np.ndarray, fpr: float) -> float:
@@ -256,6 +315,11 @@ class Calibrator:
                 if c not in self.fallback_classes and m.any():
                     self._class_ref[c] = {n: np.sort(v[m]) for n, v in self.scores.items()}
         self._tails = {id(r): tail_scales(r) for refs in (self.ref, *self._class_ref.values()) for r in refs.values()}
+        self._adaptive: AdaptiveCombiner | None = None
+        if combine == "adaptive" and len(self.names) > 1:
+            # the second stage's reference: the calibration inputs' pooled leave-one-out member p-values
+            P_cal = self._member_pvalues(self.scores, self.pred, True, True)[0]
+            self._adaptive = AdaptiveCombiner(P_cal, tails=self.tails)
 
     @property
     def n(self) -> int:
@@ -302,6 +366,18 @@ class Calibrator:
 
         With ``leave_one_out`` the scores must be the calibration scores themselves (in calibration order).
         """
+        P, low = self._member_pvalues(scores, pred, leave_one_out, pooled)
+        if P.shape[1] == 1:
+            combined = P[:, 0].copy()
+        elif self._adaptive is not None:
+            combined = self._adaptive(P, leave_one_out)
+        else:
+            combined = combine_pvalues(P, self.combine)
+        return combined, P, low
+
+    def _member_pvalues(self, scores: Mapping[str, np.ndarray], pred: np.ndarray, leave_one_out: bool,
+                        pooled: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Each detector's conformal p-values ``(N, k)`` and which tail fired."""
         pred = np.asarray(pred, np.int64)
         N, k = len(pred), len(self.names)
         P = np.empty((N, k))
@@ -324,8 +400,7 @@ class Calibrator:
                 r = ref[name]
                 P[m, j], low[m, j] = _conformal(r, np.asarray(scores[name], np.float64)[m], self.two_sided[j],
                                                 leave_one_out, self._tails[id(r)] if self.tails else None)
-        combined = P[:, 0].copy() if k == 1 else combine_pvalues(P, self.combine)
-        return combined, P, low
+        return P, low
 
     def to_json(self) -> dict:
         return {
