@@ -204,6 +204,10 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     ("mahalanobis + knn + gram + probe + probe (second tap), fisher",
      ["mahalanobis", "knn", "gram", "probe", "probe (second tap)"], "fisher", True),
     ("probe + probe (second tap), fisher", ["probe", "probe (second tap)"], "fisher", True),
+    # Pan et al.'s adaptive test over Fisher's and min-p's statistics, each calibrated on the clean inputs
+    ("mahalanobis + knn + gram, adaptive", ["mahalanobis", "knn", "gram"], "adaptive", True),
+    ("mahalanobis + knn + gram + probe + probe (second tap), adaptive",
+     ["mahalanobis", "knn", "gram", "probe", "probe (second tap)"], "adaptive", True),
 ]
 #: fusion from clean data only (issue 16 item 3): member sets whose Fisher guard is re-weighted, see ``fusion_rows``
 FUSION_STUDY: list[tuple[str, list[str]]] = [

@@ -12,7 +12,11 @@ p-values, none of which sees attack data:
   probe also grouped by tap (the feature-tap members | the first-tap probe);
 * the *truncated product* (Zaykin et al., Genet. Epidemiol. 2002): the sum of ``-log p`` over the members with
   ``p <= tau`` only, so members that see nothing add no noise;
-* the *omnibus* of Fisher and min-p (their Bonferroni min): flags what either would.
+* the *omnibus* of Fisher and min-p (their Bonferroni min): flags what either would;
+* the *adaptive* test (``guard.calibration.AdaptiveCombiner``: Pan et al.'s aSPU, Genetics 2014): the power means
+  of the members' surprises at powers 1 (Fisher's ranking) and inf (min-p's), each made a conformal p-value against
+  the clean calibration inputs' own, the smaller one kept — the omnibus done with calibrated statistics; also with
+  the powers 1, 2, 4, inf.
 
 For every set it reports the AUROC against the clean evaluation split (``-log`` of the combined p-value), the share
 flagged at the combination's own 1% threshold, and the shortfall against the best single member (the issue's target:
@@ -37,7 +41,7 @@ from _common import cpu_name, write_results
 from detect import metrics
 from detect_converged import EXTRA_TAP_ROWS, FIVE, FPR, ROWS, extra_tap_rows, load_scores, two_sided
 
-from abl_guard.guard.calibration import Calibrator, combine_pvalues, threshold_for_fpr
+from abl_guard.guard.calibration import AdaptiveCombiner, Calibrator, combine_pvalues, threshold_for_fpr
 
 Combination = Callable[[np.ndarray], np.ndarray]
 NOT_POSITIVE = ("fit", "cal", "val", "eval")
@@ -47,6 +51,8 @@ BOOT = 1000  # bootstrap resamples of Fisher's shortfall
 STUDIES: list[tuple[str, list[str], dict[str, list[list[int]]]]] = [
     ("default", ["mahalanobis", "knn", "gram"], {}),
     ("default + probe", ["mahalanobis", "knn", "gram", "probe"], {"tap-grouped fisher": [[0, 1, 2], [3]]}),
+    ("default + two probes", ["mahalanobis", "knn", "gram", "probe", "probe (second tap)"],
+     {"tap-grouped fisher": [[0, 1, 2], [3, 4]]}),
     ("five", FIVE, {}),
     # Sastry & Oore's ten Gram orders in place of the default's first order (scores from a run with that row)
     ("default, gram at the paper's powers", ["mahalanobis", "knn", "gram (paper powers)"], {}),
@@ -88,12 +94,24 @@ def omnibus(P: np.ndarray) -> np.ndarray:
     return np.minimum(1.0, 2.0 * np.minimum(combine_pvalues(P, "fisher"), combine_pvalues(P, "min-p")))
 
 
-def combinations(groups: list[list[int]], extra: dict[str, list[list[int]]]) -> dict[str, Combination]:
+def adaptive(P_cal: np.ndarray, powers: tuple[float, ...]) -> Combination:
+    """The adaptive combination fitted on the calibration inputs' leave-one-out member p-values ``P_cal``; applied
+    to ``P_cal`` itself it compares each calibration input with the others only."""
+    comb = AdaptiveCombiner(P_cal, powers)
+
+    def f(P: np.ndarray) -> np.ndarray:
+        return comb(P, leave_one_out=P is P_cal)
+    return f
+
+
+def combinations(groups: list[list[int]], extra: dict[str, list[list[int]]],
+                 P_cal: np.ndarray) -> dict[str, Combination]:
     return {"fisher": lambda P: combine_pvalues(P, "fisher"), "hmp": lambda P: combine_pvalues(P, "hmp"),
             "min-p": lambda P: combine_pvalues(P, "min-p"),
             "lens-grouped fisher": grouped(groups, "fisher"), "lens-grouped min-p": grouped(groups, "min-p"),
             **{name: grouped(g, "fisher") for name, g in extra.items()},
-            "truncated 0.05": truncated(0.05), "truncated 0.1": truncated(0.1), "omnibus": omnibus}
+            "truncated 0.05": truncated(0.05), "truncated 0.1": truncated(0.1), "omnibus": omnibus,
+            "adaptive": adaptive(P_cal, (1.0, np.inf)), "adaptive 1,2,4,inf": adaptive(P_cal, (1.0, 2.0, 4.0, np.inf))}
 
 
 def _neglog(p: np.ndarray) -> np.ndarray:
@@ -139,7 +157,7 @@ def study(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray]
                    "members": dict(zip(members, map(float, aurocs))), "n": len(P_pos[s])}
     rows: dict[str, Any] = {}
     groups = lens_groups(members)
-    for name, comb in combinations(groups, extra).items():
+    for name, comb in combinations(groups, extra, P_cal).items():
         thr = threshold_for_fpr(comb(P_cal), FPR)
         neg = comb(P_neg)
         res: dict[str, Any] = {"clean_flagged": float((neg <= thr).mean()), "sets": {}}

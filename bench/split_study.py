@@ -4,10 +4,11 @@
 each set flagged at the guard's own threshold, and its clean false-positive rate on another 1,000. Both are one draw.
 This script pools the calibration and evaluation splits' clean scores (2,000 images of the same test set), draws
 ``--splits`` random halves, calibrates the member set on one half exactly as the guard does
-(``guard.calibration.Calibrator``: conformal p-values with exponential tails, Fisher's combination, the threshold
-from leave-one-out calibration p-values) and measures the other half's false-positive rate and every positive set's
-flagged share. The spread is what a user calibrating on 1,000 clean images should expect; ``--alone`` also calibrates
-each member by itself on the same draws. Run:
+(``guard.calibration.Calibrator``: conformal p-values with exponential tails, Fisher's combination or ``--combine``'s,
+the threshold from leave-one-out calibration p-values) and measures the other half's false-positive rate and every
+positive set's flagged share. The spread is what a user calibrating on 1,000 clean images should expect; ``--alone``
+also calibrates each member by itself on the same draws, and ``--combine fisher,adaptive`` compares combinations on
+the same draws. Run:
 
     .venv/bin/python bench/split_study.py DIR/badnets-none-scores.npz [...] --out bench/results/split_study
 """
@@ -30,7 +31,7 @@ DEFAULT = "mahalanobis,knn,gram"
 
 
 def spread(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray], members: list[str],
-           two: dict[str, bool], k: int, splits: int, seed: int = 0) -> dict[str, Any]:
+           two: dict[str, bool], k: int, splits: int, seed: int = 0, combine: str = "fisher") -> dict[str, Any]:
     """Clean FPR and each positive set's flagged share over ``splits`` random halves of the pooled clean images."""
     pooled = {m: np.r_[scores["cal"][m], scores["eval"][m]] for m in members}
     pred = np.r_[preds["cal"], preds["eval"]]
@@ -41,7 +42,7 @@ def spread(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
     for _ in range(splits):
         perm = rng.permutation(len(pred))
         cal, held = perm[:n_cal], perm[n_cal:]
-        c = Calibrator.fit({m: pooled[m][cal] for m in members}, pred[cal], [two[m] for m in members], "fisher",
+        c = Calibrator.fit({m: pooled[m][cal] for m in members}, pred[cal], [two[m] for m in members], combine,
                            FPR, k)
         thr = threshold_for_fpr(c.pvalues(c.scores, pred[cal], leave_one_out=True)[0], FPR)
         fpr.append(float((c.pvalues({m: pooled[m][held] for m in members}, pred[held])[0] <= thr).mean()))
@@ -53,7 +54,8 @@ def spread(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
         return {"mean": float(a.mean()), "sd": float(a.std()), "p5": float(np.quantile(a, 0.05)),
                 "p95": float(np.quantile(a, 0.95)), "min": float(a.min()), "max": float(a.max())}
 
-    return {"members": members, "n_calibration": n_cal, "n_held_out": len(pred) - n_cal, "splits": splits,
+    return {"members": members, "combine": combine, "n_calibration": n_cal, "n_held_out": len(pred) - n_cal,
+            "splits": splits,
             "clean_fpr": summary(fpr), "flagged": {s: summary(v) for s, v in flagged.items()}}
 
 
@@ -72,13 +74,13 @@ def render(r: dict[str, Any]) -> str:
              f"{r['fpr']:.0%} FPR calibrated as `calibrate` does. Cells: **mean %** (5th–95th percentile; min–max).",
              ""]
     for m in r["models"]:
-        alone = m.get("alone", {})
-        head = "guard: flagged % | " + " | ".join(f"{a} alone" for a in alone) if alone else "flagged %"
-        lines += [f"## {m['file']}", "", f"| set | {head} |", "|---|---|" + "---|" * len(alone)]
-        lines.append(f"| clean (held-out half) | {_cell(m['clean_fpr'])} |"
-                     + "".join(f" {_cell(a['clean_fpr'])} |" for a in alone.values()))
-        lines += [f"| {s} | {_cell(v)} |" + "".join(f" {_cell(a['flagged'][s])} |" for a in alone.values())
-                  for s, v in m["flagged"].items()]
+        cols = {f"guard ({m.get('combine', 'fisher')}): flagged %": m, **{f"guard ({c})": v for c, v in
+                                                                             m.get("combines", {}).items()},
+                **{f"{a} alone": v for a, v in m.get("alone", {}).items()}}
+        lines += [f"## {m['file']}", "", "| set | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines.append("| clean (held-out half) |" + "".join(f" {_cell(v['clean_fpr'])} |" for v in cols.values()))
+        lines += [f"| {s} |" + "".join(f" {_cell(v['flagged'][s])} |" for v in cols.values())
+                  for s in m["flagged"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--members", default=DEFAULT, help="the guard's detector rows (default: calibrate's default set)")
     ap.add_argument("--alone", action="store_true",
                     help="also calibrate each member alone on the same draws (which member sees what)")
+    ap.add_argument("--combine", default="fisher",
+                    help="combinations to compare on the same draws, comma-separated (the first is the guard's)")
     ap.add_argument("--splits", type=int, default=100)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "split_study"))
@@ -98,7 +102,12 @@ def main() -> None:
     models = []
     for path in map(Path, args.scores):
         scores, preds = load_scores(path)
-        models.append({"file": path.name, **spread(scores, preds, members, two, args.classes, args.splits)})
+        first, *more = args.combine.split(",")
+        models.append({"file": path.name, **spread(scores, preds, members, two, args.classes, args.splits,
+                                                   combine=first)})
+        if more:
+            models[-1]["combines"] = {c: spread(scores, preds, members, two, args.classes, args.splits, combine=c)
+                                      for c in more}
         if args.alone and len(members) > 1:
             models[-1]["alone"] = {m: spread(scores, preds, [m], two, args.classes, args.splits) for m in members}
     record = {"command": "python bench/split_study.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(), "fpr": FPR,
