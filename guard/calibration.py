@@ -195,6 +195,9 @@ class AdaptiveCombiner:
     several; the adaptive test follows whichever statistic is more surprising *by the standard of clean inputs*,
     which a raw ``min(Fisher p, k * min p)`` cannot do: with correlated members Fisher's chi-square p-value is far
     too small on clean inputs, so it wins every comparison. Measured in ``bench/results/fusion_study_adaptive.md``.
+    Deviation from the paper: Pan et al. raise score statistics to the powers 1-8 and inf and find the smallest
+    p-value's own null by permutation; here two powers of the members' surprises, Sidak-corrected, against clean
+    calibration inputs (other power sets trade the same way: that page's notes).
     """
 
     def __init__(self, calibration_p: np.ndarray, powers: Sequence[float] = ADAPTIVE_POWERS,
