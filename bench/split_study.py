@@ -25,7 +25,7 @@ from _common import cpu_name, write_results
 from detect_converged import FPR, load_scores, two_sided
 from fusion_study import ALL_ROWS, NOT_POSITIVE
 
-from abl_guard.guard.calibration import Calibrator, threshold_for_fpr
+from abl_guard.guard.calibration import Calibrator
 
 DEFAULT = "mahalanobis,knn,gram"
 
@@ -44,7 +44,7 @@ def spread(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray
         cal, held = perm[:n_cal], perm[n_cal:]
         c = Calibrator.fit({m: pooled[m][cal] for m in members}, pred[cal], [two[m] for m in members], combine,
                            FPR, k)
-        thr = threshold_for_fpr(c.pvalues(c.scores, pred[cal], leave_one_out=True)[0], FPR)
+        thr = c.p_threshold  # from the calibration half's leave-one-out combined p-values (Calibrator.fit)
         fpr.append(float((c.pvalues({m: pooled[m][held] for m in members}, pred[held])[0] <= thr).mean()))
         for s in positives:
             flagged[s].append(float((c.pvalues({m: scores[s][m] for m in members}, preds[s])[0] <= thr).mean()))
@@ -100,9 +100,9 @@ def main() -> None:
     two = two_sided(ALL_ROWS)
     members = args.members.split(",")
     models = []
+    first, *more = args.combine.split(",")
     for path in map(Path, args.scores):
         scores, preds = load_scores(path)
-        first, *more = args.combine.split(",")
         models.append({"file": path.name, **spread(scores, preds, members, two, args.classes, args.splits,
                                                    combine=first)})
         if more:

@@ -214,9 +214,9 @@ class AdaptiveCombiner:
         # a calibration input's q counts the other calibration inputs above it on the scale of a fresh input's,
         # (1 + #above) / (n + 1): with leave-one-out's (1 + #above) / n the fresh inputs would gain one rank on each
         # statistic against the threshold set on the calibration inputs, about 0.1% more clean flags per power
-        q = np.stack([_conformal(r, st[:, j], False, leave_one_out, t)[0] * (len(r) / (len(r) + 1.0)
-                                                                             if leave_one_out else 1.0)
-                      for j, (r, t) in enumerate(zip(self.ref, self._tails))], axis=1)
+        scale = len(self.ref[0]) / (len(self.ref[0]) + 1.0) if leave_one_out else 1.0
+        q = scale * np.stack([_conformal(r, st[:, j], False, leave_one_out, t)[0]
+                              for j, (r, t) in enumerate(zip(self.ref, self._tails))], axis=1)
         # Sidak over the powers: 1 - (1 - min q)^G is below 1 for every q below 1, so (unlike a clipped Bonferroni
         # product) no clean-looking inputs tie at 1 and the ranking inside the calibration range stays strict
         return -np.expm1(len(self.powers) * np.log1p(-np.minimum(q.min(axis=1), 1.0 - 1e-16)))
