@@ -141,6 +141,10 @@ def study(run: Path, seed: int, attack: str, rate: float, target: int, epochs: i
         "left_poison": int(is_poison.sum()), "left_clean": int((~is_poison).sum()),
         "fresh_seconds": fresh_seconds, "variants": {}}
     safe = p_rest > SAFE_MIN
+    # the rule read off the first three runs: the filtered removal when the fresh model calls at least half of the
+    # removal another class, else the whole removal (the fresh model has relearned the trigger)
+    auto = "fresh" if np.mean(p_removed < POSITIVE_MAX) >= 0.5 else "removed"
+    rec["fresh_other_share"] = float(np.mean(p_removed < POSITIVE_MAX))
     for variant in VARIANTS:
         if variant == "oracle":
             pos = removed[removed_poison]
@@ -168,7 +172,7 @@ def study(run: Path, seed: int, attack: str, rate: float, target: int, epochs: i
             "negatives": int(len(neg)), "auroc": float(roc_auc_score(is_poison, np.nan_to_num(s_rest, neginf=-1e9))),
             "flagged_poison": int((flag & is_poison).sum()), "flagged_clean": int((flag & ~is_poison).sum()),
             "poison_at_clean": at_clean, "seconds": seconds}
-        if variant == retrain_with:
+        if variant == retrain_with or (retrain_with == "auto" and variant == auto):
             rec["retrain"] = {"variant": variant, "removed_only": retrain(data, removed, seed),
                               "with_flags": retrain(data, np.r_[removed, rest[flag]], seed)}
     return rec
@@ -195,10 +199,12 @@ def render(r: dict[str, Any]) -> str:
         lines += ["", "A fresh small CNN retrained (8 epochs, lr 0.05 ÷10 at 5 and 7) on everything but the removal, "
                   "and on everything but the removal and the variant's flags (every training image counted; the "
                   "ABL pipeline also holds a split out):", "",
-                  "| run | variant | CA % / ASR %: removal only | removal + flags |", "|---|---|---|---|"]
+                  "| run | variant (share of the removal the fresh model calls another class) | "
+                  "CA % / ASR %: removal only | removal + flags |", "|---|---|---|---|"]
         for m in done:
             a, b = m["retrain"]["removed_only"], m["retrain"]["with_flags"]
-            lines.append(f"| seed {m['seed']} | {m['retrain']['variant']} | {100 * a['clean_accuracy']:.2f} / "
+            lines.append(f"| seed {m['seed']} | {m['retrain']['variant']} ({m['fresh_other_share']:.0%}) | "
+                         f"{100 * a['clean_accuracy']:.2f} / "
                          f"{100 * a['attack_success_rate']:.2f} | {100 * b['clean_accuracy']:.2f} / "
                          f"{100 * b['attack_success_rate']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -214,7 +220,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8, help="the pixel classifier's epochs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--retrain", help="per run, comma-separated: the variant whose flags to retrain without "
-                                      "(a fresh model with and without them; '-' for none)")
+                                      "(a fresh model with and without them; 'auto': fresh when the fresh model "
+                                      "calls at least half of the removal another class, else removed; '-': none)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "abl_input_recheck"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -222,8 +229,8 @@ def main() -> None:
     if len(seeds) != len(args.runs):
         raise SystemExit("give one seed per run")
     again = args.retrain.split(",") if args.retrain else ["-"] * len(seeds)
-    if len(again) != len(seeds) or not set(again) <= {*VARIANTS, "-"}:
-        raise SystemExit(f"--retrain: one of {', '.join(VARIANTS)} or '-' per run")
+    if len(again) != len(seeds) or not set(again) <= {*VARIANTS, "auto", "-"}:
+        raise SystemExit(f"--retrain: one of {', '.join(VARIANTS)}, auto or '-' per run")
     runs = [study(run, s, args.attack, args.rate, args.target, args.epochs, None if v == "-" else v)
             for run, s, v in zip(args.runs, seeds, again)]
     record = {"command": "python bench/abl_input_recheck.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(),
