@@ -42,17 +42,14 @@ from torch import nn
 from abl_guard.abl.experiment import make_evaluator, prepare_data
 from abl_guard.abl.models import build_model
 from abl_guard.abl.run_config import ExperimentConfig
-from abl_guard.abl.train import PlainTrainer, TrainConfig
+from abl_guard.abl.train import PlainTrainer, TrainConfig, predict_logits, softmax_rows, to_float
 
 VARIANTS = ("oracle", "removed", "fresh", "fresh+safe")
 QUANTILE = 0.995  # flag above this quantile of held-out other-label scores
 HELD_OUT = 10000  # other-label examples held out for the threshold
 POSITIVE_MAX = 0.05  # fresh model's probability of the target under which a removed example is a positive
+CPU = torch.device("cpu")
 SAFE_MIN = 0.5  # ... over which a remaining target-label example is a negative (fresh+safe)
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255)
 
 
 def _net(channels: int) -> nn.Module:
@@ -65,7 +62,7 @@ def _net(channels: int) -> nn.Module:
 def fit(x: np.ndarray, pos: np.ndarray, neg: np.ndarray, epochs: int) -> nn.Module:
     """A binary pixel-space CNN, ``pos`` against ``neg`` (indices into ``x``), Adam 1e-3, batch 128."""
     net = _net(x.shape[-1])
-    xt = _tensor(x[np.r_[pos, neg]])
+    xt = to_float(x[np.r_[pos, neg]])
     yt = torch.from_numpy(np.r_[np.ones(len(pos)), np.zeros(len(neg))].astype(np.int64))
     net(xt[:2])  # materialise the lazy layer before the optimiser sees it
     opt = torch.optim.Adam(net.parameters(), 1e-3)
@@ -80,17 +77,10 @@ def fit(x: np.ndarray, pos: np.ndarray, neg: np.ndarray, epochs: int) -> nn.Modu
     return net.eval()
 
 
-@torch.no_grad()
 def logit_margin(net: nn.Module, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    out = [net(_tensor(x[idx[i:i + 2048]])) for i in range(0, len(idx), 2048)]
-    lo = torch.cat(out) if out else torch.zeros(0, 2)
-    return (lo[:, 1] - lo[:, 0]).numpy()
-
-
-@torch.no_grad()
-def probabilities(model: nn.Module, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return torch.cat([torch.softmax(model(_tensor(x[idx[i:i + 2048]])), 1)
-                      for i in range(0, len(idx), 2048)]).numpy()
+    """The binary classifier's positive-minus-negative logit for ``x[idx]``."""
+    lo = predict_logits(net, x[idx], CPU)
+    return lo[:, 1] - lo[:, 0] if len(lo) else np.zeros(0, np.float32)
 
 
 def retrain(data: Any, drop: np.ndarray, seed: int) -> dict[str, float]:
@@ -106,7 +96,7 @@ def retrain(data: Any, drop: np.ndarray, seed: int) -> dict[str, float]:
     for _ in range(cfg.epochs):
         trainer.epoch(quiet=True)
     model.eval()
-    return make_evaluator(data, torch.device("cpu"))(model)
+    return make_evaluator(data, CPU)(model)
 
 
 def study(run: Path, seed: int, attack: str, rate: float, target: int, epochs: int,
@@ -132,8 +122,8 @@ def study(run: Path, seed: int, attack: str, rate: float, target: int, epochs: i
     keep = np.setdiff1d(np.arange(len(y)), removed)
     PlainTrainer(fresh, x[keep], y[keep], TrainConfig(seed=seed, device="cpu", epochs=1, lr=0.05)).epoch(quiet=True)
     fresh.eval()
-    p_removed = probabilities(fresh, x, removed)[:, target]
-    p_rest = probabilities(fresh, x, rest)[:, target]
+    p_removed = softmax_rows(predict_logits(fresh, x[removed], CPU))[:, target]
+    p_rest = softmax_rows(predict_logits(fresh, x[rest], CPU))[:, target]
     fresh_seconds = time.perf_counter() - t0
     removed_poison = np.isin(removed, poison)
     rec: dict[str, Any] = {
