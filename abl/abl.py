@@ -69,6 +69,7 @@ from .expansion import (
 )
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
+from .pixel_recheck import pixel_recheck
 from .report import (
     HELD_OUT_FIRING,
     expansion_report,
@@ -230,6 +231,8 @@ class _Stages:
     #: model: ``(pool, logits)``, a row per pool entry (the pass's own array: the probabilities are computed only when
     #: the scan runs)
     pool_logits: tuple[np.ndarray, np.ndarray] | None = None
+    #: set by the pixel-restart recheck when it removed examples: the clean stage starts again from fresh weights
+    restart_clean: bool = False
 
     def isolation(self, pool: np.ndarray, opt: torch.optim.Optimizer, poison_indices: np.ndarray | None) -> None:
         """Stage 1: LGA training on the pool, then the isolation of ``D_b`` at ``T_te``."""
@@ -514,7 +517,7 @@ class _Stages:
         rest = np.setdiff1d(pool, run.removed if cfg.retrain else run.isolated)
         batches = ArrayBatches(self.images, self.labels, run.device, cfg.batch_size, augment=cfg.augment,
                                seed=cfg.seed + 1, indices=rest)
-        recheck = self._recheck(pool, batches, poison_indices)
+        recheck = self._recheck(pool, batches, poison_indices, opt)
         # retrain mode: a fresh model on its own schedule (whole, or what the isolation left of it: then its lr
         # milestones are scaled to it), or the isolation model continued when nothing was found; otherwise the
         # schedule continues after T_te
@@ -526,6 +529,11 @@ class _Stages:
             n = cfg.clean_stage_epochs(iso_run)
             self._epochs("clean", 0 if cfg.retrain else cfg.isolation_epochs, n, batches, opt, F.cross_entropy,
                          stop=recheck, length=n if cfg.retrain else None)
+            if self.restart_clean:  # the pixel recheck took poison the model trained on: a whole schedule again
+                self.restart_clean = False
+                run.epoch = 0
+                run.snapshot("clean", 0, opt, batches)
+                self._epochs("clean", 0, n, batches, opt, F.cross_entropy, stop=recheck, length=n)
         del batches
         self._end("clean")
         run.stage, run.epoch = "unlearning", 0
@@ -537,8 +545,8 @@ class _Stages:
             np.save(self.out / "removed_indices.npy", self.run.removed.astype(np.int64))
             self.run.report["files"]["removed_indices"] = "removed_indices.npy"
 
-    def _recheck(self, pool: np.ndarray, batches: ArrayBatches,
-                 poison_indices: np.ndarray | None) -> Callable[[], bool] | None:
+    def _recheck(self, pool: np.ndarray, batches: ArrayBatches, poison_indices: np.ndarray | None,
+                 opt: torch.optim.Optimizer) -> Callable[[], bool] | None:
         """Retrain mode's recheck of the fresh model (``expansion_recheck_epoch``; one process): after that clean-stage
         epoch (and each of the next ``expansion_recheck_passes`` - 1), the removed label's examples that the fresh
         model does not confidently place in it (:func:`below_own_threshold`, confident learning's per-class threshold
@@ -550,7 +558,10 @@ class _Stages:
         examples, at a cost in clean accuracy (``docs/abl.md#clean-stage-recheck``). The stage never stops early.
         None when it does not apply (no fresh model, no target), and when the input scan found the population: its
         finds were whole in every stored run, so the recheck could only take clean examples there (the report says
-        it did not run)."""
+        it did not run). ``expansion_recheck_method`` ``pixel`` / ``pixel-restart``: one pass, whose removed examples
+        are :func:`pixel_recheck`'s flags (positives chosen by the fresh model's probabilities for the removal); with
+        ``pixel-restart`` a pass that flagged any reinitialises the model and the optimiser, and ``check`` returns
+        True so that :meth:`clean` runs the whole schedule again (``docs/abl.md#pixel-space-recheck``)."""
         run, cfg = self.run, self.run.cfg
         exp = run.report.get("expansion", {})
         target = exp.get("target")
@@ -564,18 +575,26 @@ class _Stages:
             run.report["recheck"] = {"target": t, "n_removed": 0, "passes": [], "not_run": "input-scan"}
             return None
         first = cfg.expansion_recheck_epoch
+        pixel = cfg.expansion_recheck_method.startswith("pixel")
+        n_passes = 1 if pixel else cfg.expansion_recheck_passes
 
         def check() -> bool:
             passes = run.report.get("recheck", {}).get("passes", [])
-            if not first <= run.epoch < first + cfg.expansion_recheck_passes \
+            if not first <= run.epoch < first + n_passes \
                     or run.epoch in {p["epoch"] for p in passes}:
                 return False
             t0 = time.perf_counter()
             rest = np.setdiff1d(pool, run.removed)
             in_t = rest[self.labels[rest] == t]
-            logits = predict_logits(run.model, self.images[in_t], run.device, max(512, cfg.batch_size))
-            more, rec = below_own_threshold(softmax_rows(logits), self.labels, in_t, t, cfg.expansion_recheck_scale,
-                                            cfg.expansion_recheck_min_mean)
+            if pixel:
+                p_removed = softmax_rows(predict_logits(run.model, self.images[run.removed], run.device,
+                                                        max(512, cfg.batch_size)))[:, t]
+                more, rec = pixel_recheck(self.images, self.labels, run.removed, rest, t, p_removed, cfg.seed,
+                                          run.device)
+            else:
+                logits = predict_logits(run.model, self.images[in_t], run.device, max(512, cfg.batch_size))
+                more, rec = below_own_threshold(softmax_rows(logits), self.labels, in_t, t,
+                                                cfg.expansion_recheck_scale, cfg.expansion_recheck_min_mean)
             rec = {"epoch": int(run.epoch), **rec}
             if poison_indices is not None:
                 missed = np.intersect1d(np.asarray(poison_indices, np.int64), rest)
@@ -585,16 +604,23 @@ class _Stages:
                 run.removed = np.union1d(run.removed, more)
                 batches.indices = torch.as_tensor(np.setdiff1d(rest, more), device=batches.images.device)
                 self._save_removed()
-            if rec.get("skipped"):
+            if not pixel and rec.get("skipped"):  # (pixel_recheck logs its own line)
                 log.info("ABL recheck after clean epoch %d skipped: label %d's mean probability %.2f is under %g",
                          run.epoch, t, rec["mean_probability"], cfg.expansion_recheck_min_mean)
-            else:
+            elif not pixel:
                 log.info("ABL recheck after clean epoch %d: %d of label %d's %d remaining examples are under %.2f "
                          "(its mean probability x %g); removed too", run.epoch, len(more), t, rec["n_target_label"],
                          rec.get("threshold", float("nan")), cfg.expansion_recheck_scale)
+            restart = len(more) > 0 and cfg.expansion_recheck_method == "pixel-restart"
+            if restart:  # the model has trained an epoch on what was flagged: fresh weights, the schedule again
+                rec["restarted"] = True
+                reinitialise(run.model, cfg.seed)
+                opt.state.clear()
+                self.restart_clean = True
+                log.info("ABL pixel recheck: the clean stage starts again from fresh weights without the flagged")
             run.report["recheck"] = recheck_totals(passes + [rec], cfg.expansion_recheck_scale)
             run.add_time("expansion", time.perf_counter() - t0)
-            return False
+            return restart
 
         return check
 

@@ -24,6 +24,8 @@ ISOLATION_STOPS = ("auto", "fixed")
 EXPANSION_METHODS = ("spectral", "classifier")
 #: the label scan's direction per label (abl/expansion.py scan_labels)
 SCAN_METHODS = ("spectral", "contrastive")
+#: retrain mode's clean-stage recheck rule (abl/abl.py _Stages._recheck)
+RECHECK_METHODS = ("confidence", "pixel", "pixel-restart")
 #: retrain mode's clean-stage length: a whole schedule, or what is left of it after the isolation epochs
 RETRAIN_SCHEDULES = ("full", "remaining")
 #: when retrain mode's clean stage starts from fresh weights: only after a find, every time, or never (the isolation
@@ -59,6 +61,7 @@ _CHOICES = {"mode": MODES, "isolation_stop": ISOLATION_STOPS, "expansion_method"
             "expansion_scan_method": SCAN_METHODS, "retrain_epochs": RETRAIN_SCHEDULES,
             "restart": RESTARTS, "input_scan": INPUT_SCAN_ORDERS, "lga": LGA_FORMS, "isolation_score": ISOLATION_SCORES,
             "isolation_labels": ISOLATION_LABELS,
+            "expansion_recheck_method": RECHECK_METHODS,
             "unlearning": UNLEARNING_MODES, "unlearning_ascent": ASCENT_FORMS, "unlearning_bn": BN_MODES}
 
 
@@ -179,6 +182,14 @@ class ABLConfig:
                                          "poison the removal missed, not learned yet, and the label's least typical "
                                          "clean examples. Off by default: it costs 0.8-2.2 CA points "
                                          "(docs/abl.md#clean-stage-recheck); 0 = off.")
+    expansion_recheck_method: str = _knob("confidence", "the clean-stage recheck's rule: confidence (the fresh "
+                                          "model's probability of the label under its mean), pixel (a binary CNN "
+                                          "on raw pixels trained on the removal against other labels flags the "
+                                          "label's examples that look like the removal; one pass, whatever "
+                                          "--abl-expansion-recheck-passes says) or pixel-restart (the same, then "
+                                          "the fresh model starts again when it flagged any; "
+                                          "docs/abl.md#pixel-space-recheck).",
+                                          choices=RECHECK_METHODS)
     expansion_recheck_scale: float = _knob(1.0, "the clean-stage recheck's threshold as a multiple of the label's "
                                            "mean probability (1: confident learning's; lower takes fewer clean "
                                            "examples and less of the missed poison).")
@@ -242,8 +253,8 @@ class ABLConfig:
                  "expansion_scan_count_sd", "expansion_input_separation", "input_scan", "retrain_epochs", "restart",
                  "isolation_extra_epochs",
                  "expansion_union_sd", "expansion_capped_count_sd", "expansion_off_label_ratio",
-                 "expansion_recheck_epoch", "expansion_recheck_scale", "expansion_recheck_passes",
-                 "expansion_recheck_min_mean",
+                 "expansion_recheck_epoch", "expansion_recheck_method", "expansion_recheck_scale",
+                 "expansion_recheck_passes", "expansion_recheck_min_mean",
                  "residual_unlearning_epochs",
                  "residual_unlearning_lr", "residual_max_ca_drop",
                  "unlearning", "unlearning_bound", "unlearning_ascent", "unlearning_epochs", "unlearning_lr",

@@ -613,12 +613,14 @@ def below_own_threshold(probs: np.ndarray, labels: np.ndarray, pool: np.ndarray,
 
 
 def recheck_totals(passes: list[dict[str, Any]], scale: float) -> dict[str, Any]:
-    """``report["recheck"]`` from its passes' reports (:func:`below_own_threshold`'s, with their ``epoch``): the first
-    pass's epoch, label count, mean, threshold and predicted row, the removed counts summed over the passes, and the
-    passes themselves."""
+    """``report["recheck"]`` from its passes' reports (:func:`below_own_threshold`'s or
+    :func:`abl_guard.abl.pixel_recheck.pixel_recheck`'s, with their ``epoch``): the first pass's epoch, label count,
+    mean, threshold and predicted row (or the pixel rule's positives), the removed counts summed over the passes,
+    and the passes themselves."""
     first = passes[0]
     out = {k: first[k] for k in ("epoch", "target", "mean_probability", "threshold", "n_target_label",
-                                 "predicted_row", "n_poison_in_rest") if k in first}
+                                 "predicted_row", "n_poison_in_rest", "method", "positives", "positive_rule",
+                                 "fresh_other_share", "restarted") if k in first}
     out.update(scale=scale, n_removed=sum(p["n_removed"] for p in passes), passes=passes)
     if all("removed_poison" in p for p in passes):
         out.update(removed_poison=sum(p["removed_poison"] for p in passes),

@@ -359,6 +359,21 @@ def _recheck_lines(report: dict[str, Any]) -> list[str]:
     if rec.get("not_run") == "input-scan":
         return ["the clean-stage recheck did not run: the input scan found the population, and its finds missed no "
                 "poison in any stored run, so the recheck could only remove clean examples"]
+    if rec.get("method") == "pixel":
+        if rec.get("passes") and rec["passes"][0].get("skipped"):
+            return [f"the pixel-space recheck after epoch {rec['epoch']} was skipped: too few positives "
+                    f"({rec.get('positives', 0)}) or other-label examples to train on"]
+        if rec.get("passes") and rec["passes"][0].get("inconsistent"):
+            first = rec["passes"][0]
+            return [f"the pixel-space recheck after epoch {rec['epoch']} removed nothing: its classifier recalled "
+                    f"{first['positive_recall']:.0%} of the {first['validation']} positives it did not train on, so "
+                    "the removal is no one pattern to look for"]
+        return [f"the pixel-space recheck after epoch {rec['epoch']} removed {rec['n_removed']} more of label "
+                f"{rec['target']}'s {rec['n_target_label']} remaining examples: a pixel CNN trained on "
+                f"{rec.get('positives', 0)} removed examples ({rec.get('positive_rule', '?')} rule; the fresh model "
+                f"called {rec.get('fresh_other_share', 0.0):.0%} of the removal another class) scored them above "
+                "the 99.5% quantile of held-out other labels"
+                + ("; the clean stage then started again from fresh weights" if rec.get("restarted") else "")]
     passes = rec.get("passes") or [rec]
     scale = rec.get("scale", 1.0)
     if len(passes) == 1 and not passes[0].get("skipped"):
@@ -391,11 +406,12 @@ def _recheck_hint(status: str, report: dict[str, Any], cfg: ABLConfig) -> list[s
     if cfg.expansion_recheck_epoch or "recheck" in report:
         return caveat
     return caveat + [
-        "poison the removal missed can teach a fresh model the backdoor again: the clean-stage recheck "
-        "(--abl-expansion-recheck-epoch 1) removes what the fresh model does not place in the label after one "
-        "epoch (WaNet 10%: ASR to about 1% for 1.3-1.7 CA points; at half the threshold in two passes, "
-        "--abl-expansion-recheck-scale 0.5 --abl-expansion-recheck-passes 2: 2.0-2.3% for 0.7-0.8, but 1.1-1.6 "
-        "where nothing was missed; docs/abl.md#clean-stage-recheck)"]
+        "poison the removal missed can teach a fresh model the backdoor again: the pixel-space recheck "
+        "(--abl-expansion-recheck-epoch 1 --abl-expansion-recheck-method pixel-restart) looks for more of what "
+        "the removal took and trains the fresh model again without it (WaNet 10%, three runs that had kept "
+        "1.9-19.0% ASR: 2.0% at CA -1.0 to +0.1 points; docs/abl.md#pixel-space-recheck); the confidence recheck "
+        "(--abl-expansion-recheck-epoch 1) removes what the fresh model does not place in the label after one epoch "
+        "(ASR about 1% for 1.3-1.7 CA points, and 0.8-2.2 where nothing was missed; docs/abl.md#clean-stage-recheck)"]
 
 
 def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:

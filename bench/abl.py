@@ -64,6 +64,7 @@ from abl_guard.abl.abl import (  # noqa: E402
 from abl_guard.abl.config import (  # noqa: E402
     EXPANSION_METHODS,
     INPUT_SCAN_ORDERS,
+    RECHECK_METHODS,
     RESTARTS,
     RETRAIN_SCHEDULES,
     SCAN_METHODS,
@@ -82,7 +83,7 @@ ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "ho
             "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart",
             "expansion_capped_count_sd", "expansion_off_label_ratio", "expansion_scan_count_sd",
             "expansion_recheck_epoch", "expansion_recheck_scale", "expansion_recheck_passes",
-            "expansion_recheck_min_mean")
+            "expansion_recheck_min_mean", "expansion_recheck_method")
 #: the Setting sentence's words for each --restart (after "a fresh model trained the full T on the rest")
 RESTART_SETTING = {"always": "",
                    "found": " — or, when nothing beyond the seed was found, the isolation model continued to T",
@@ -166,6 +167,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
                if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_passes != 1 else {}),
             **({"expansion_recheck_min_mean": args.recheck_min_mean}
                if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_min_mean != 0.5 else {}),
+            # nor before the pixel-space recheck existed (the confidence rule)
+            **({"expansion_recheck_method": args.recheck_method}
+               if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_method != "confidence" else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -365,6 +369,7 @@ class Bench:
                       "expansion_recheck_scale": a.recheck_scale if a.abl_mode == "retrain" else None,
                       "expansion_recheck_passes": a.recheck_passes if a.abl_mode == "retrain" else None,
                       "expansion_recheck_min_mean": a.recheck_min_mean if a.abl_mode == "retrain" else None,
+                      "expansion_recheck_method": a.recheck_method if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -538,7 +543,13 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             + (f"; after the fresh model's clean {recheck_epochs(a)}, the removed label's examples it gives "
                f"less than {a.recheck_scale:g} × the label's mean probability removed too (the clean-stage recheck; "
                f"a pass skipped when that mean is under {a.recheck_min_mean:g})"
-               if a.recheck_epoch else "")
+               if a.recheck_epoch and a.recheck_method == "confidence" else "")
+            + (f"; after the fresh model's clean epoch {a.recheck_epoch}, the removed label's examples a "
+               "pixel-space CNN trained on nine tenths of the removal flags above the 99.5% quantile of held-out "
+               "other labels removed too, unless it recalls under half of the last tenth (the pixel recheck"
+               + ("; then, when it flagged any, the clean stage again from fresh weights"
+                  if a.recheck_method == "pixel-restart" else "") + ")"
+               if a.recheck_epoch and a.recheck_method.startswith("pixel") else "")
             + "; no unlearning). "
             "The unlearning columns below do not apply to it." if a.abl_mode != "unlearn" else "") + (
         f"ABL: T = {a.epochs} epochs = isolation T_te = "
@@ -889,6 +900,9 @@ def main() -> None:
     ap.add_argument("--recheck-epoch", type=int, default=ABLConfig.expansion_recheck_epoch,
                     help="retrain mode: the fresh model's clean-stage epoch after which the removed label is "
                          "rechecked for poison the removal missed (0 = off, the default)")
+    ap.add_argument("--recheck-method", default=ABLConfig.expansion_recheck_method, choices=RECHECK_METHODS,
+                    help="the recheck's rule: confidence (the label's mean probability) or pixel (a pixel-space CNN "
+                         "trained on the removal)")
     ap.add_argument("--recheck-scale", type=float, default=ABLConfig.expansion_recheck_scale,
                     help="the recheck's threshold as a multiple of the label's mean probability")
     ap.add_argument("--recheck-passes", type=int, default=ABLConfig.expansion_recheck_passes,

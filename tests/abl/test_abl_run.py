@@ -856,6 +856,85 @@ def test_clean_stage_recheck_passes_take_what_the_earlier_ones_left(small_poison
     assert len(ev) == 1 and "after epoch 1: " in ev[0] and "after epoch 2: " in ev[0]
 
 
+def test_pixel_recheck_removes_the_missed_poison_from_the_next_epoch_on(small_poisoned, monkeypatch):
+    """``expansion_recheck_method="pixel"``: after the fresh model's first clean epoch, the fresh model's
+    probabilities for the removal choose the positives of a pixel-space CNN, whose flags among the label's remaining
+    examples (most of the BadNets poison the removal missed) are removed from the next epoch on; the report says what
+    it trained on and the verdict's evidence names it."""
+    import abl_guard.abl.abl as abl_mod
+
+    d = small_poisoned
+    half = d.poison[: len(d.poison) // 2]
+    seen: list = []
+    real = abl_mod.pixel_recheck
+
+    def spy(images, labels, removed, rest, target, p_target, seed, device="cpu", epochs=8):
+        seen.append((np.asarray(removed).copy(), np.asarray(rest).copy(), target, np.asarray(p_target)))
+        return real(images, labels, removed, rest, target, p_target, seed, device, epochs)
+
+    trained = _half_found_and_epochs_recorded(monkeypatch, half)
+    monkeypatch.setattr(abl_mod, "pixel_recheck", spy)
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=3, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0, expansion_recheck_epoch=1, expansion_recheck_method="pixel",
+                    expansion_recheck_passes=2)  # one pass whatever passes says
+    assert ABLConfig().expansion_recheck_method == "confidence"
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    pool = np.setdiff1d(np.arange(len(d.labels)), res.holdout)
+    rest = np.setdiff1d(pool, half)
+    missed = np.intersect1d(d.poison, rest)
+    assert len(seen) == 1 and seen[0][2] == 0
+    np.testing.assert_array_equal(seen[0][0], np.intersect1d(half, pool))
+    np.testing.assert_array_equal(seen[0][1], rest)
+    assert seen[0][3].shape == (len(seen[0][0]),) and ((seen[0][3] >= 0) & (seen[0][3] <= 1)).all()
+    rec = res.report["recheck"]
+    assert rec["method"] == "pixel" and rec["epoch"] == 1 and rec["positives"] > 0
+    assert rec["n_poison_in_rest"] == len(missed) and rec["removed_poison"] >= 0.8 * len(missed)
+    assert rec["removed_clean"] <= 3
+    flagged = np.setdiff1d(res.removed, np.intersect1d(half, pool))
+    assert len(flagged) == rec["n_removed"] and set(flagged) <= set(rest[d.labels[rest] == 0])
+    assert trained[-3:] == [set(rest.tolist())] + [set(np.setdiff1d(rest, flagged).tolist())] * 2
+    ev = [e for e in res.report["verdict"]["evidence"] if "pixel-space recheck" in e]
+    assert len(ev) == 1 and f"removed {rec['n_removed']} more of label 0" in ev[0]
+
+
+def test_pixel_restart_recheck_trains_a_whole_schedule_again_without_the_flags(small_poisoned, monkeypatch):
+    """``pixel-restart``: when the pixel recheck flagged examples after clean epoch 1, the model is reinitialised
+    (the seed's fresh weights), the optimiser's state cleared, and the clean stage runs all its epochs again without
+    them; the recheck is not repeated and the report and the evidence say it restarted. A flag-free recheck does not
+    restart."""
+    import abl_guard.abl.abl as abl_mod
+
+    d = small_poisoned
+    half = d.poison[: len(d.poison) // 2]
+    fresh_starts: list[int] = []
+    real_reinit = abl_mod.reinitialise
+    monkeypatch.setattr(abl_mod, "reinitialise", lambda m, seed: (fresh_starts.append(seed), real_reinit(m, seed)))
+    trained = _half_found_and_epochs_recorded(monkeypatch, half)
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=3, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0, expansion_recheck_epoch=1, expansion_recheck_method="pixel-restart")
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    pool = np.setdiff1d(np.arange(len(d.labels)), res.holdout)
+    rest = np.setdiff1d(pool, half)
+    rec = res.report["recheck"]
+    assert rec["restarted"] and rec["n_removed"] > 0 and len(rec["passes"]) == 1
+    flagged = np.setdiff1d(res.removed, np.intersect1d(half, pool))
+    assert len(flagged) == rec["n_removed"]
+    assert trained[-4:] == [set(rest.tolist())] + [set(np.setdiff1d(rest, flagged).tolist())] * 3
+    assert fresh_starts == [cfg.seed, cfg.seed]  # the clean stage's fresh model, and its restart
+    clean = [h["epoch"] for h in res.history if h["stage"] == "clean"]
+    assert clean == [1, 1, 2, 3]
+    assert any("started again from fresh weights" in e for e in res.report["verdict"]["evidence"])
+
+    fresh_starts.clear()
+    monkeypatch.setattr(abl_mod, "pixel_recheck", lambda *a, **k: (np.zeros(0, np.int64), {
+        "method": "pixel", "target": 0, "n_target_label": 1, "n_removed": 0, "positives": 20}))
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, quiet=True)
+    assert fresh_starts == [cfg.seed] and "restarted" not in res.report["recheck"]
+    assert [h["epoch"] for h in res.history if h["stage"] == "clean"] == [1, 2, 3]
+
+
 def test_clean_stage_recheck_does_not_run_after_an_input_scan_find(small_poisoned, monkeypatch):
     """The input scan's find (the BadNets patch) was whole in every stored run, so the recheck, though asked for, is
     not run: the fresh model is not queried, nothing beyond the scan's find is removed, and the report and the

@@ -1,0 +1,80 @@
+"""The pixel-space recheck (abl/pixel_recheck.py): which removed examples it trains on, and that it flags the copies
+of a fixed-pattern trigger the removal missed."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from abl_guard.abl.pixel_recheck import (
+    FRESH_SHARE,
+    MIN_VALIDATION,
+    POSITIVE_MAX,
+    choose_positives,
+    fit_pixel,
+    pixel_recheck,
+)
+
+
+def test_positives_are_what_the_fresh_model_calls_another_class_when_most_of_the_removal_is():
+    removed = np.arange(10, 20)
+    p = np.array([0.01] * 6 + [0.9] * 4)  # 60% another class: the filtered removal
+    pos, rule, share = choose_positives(removed, p)
+    assert rule == "fresh" and share == 0.6 and list(pos) == list(range(10, 16))
+    p = np.array([0.01] * 4 + [0.9] * 6)  # under FRESH_SHARE: the fresh model relearned the trigger; all of it
+    pos, rule, share = choose_positives(removed, p)
+    assert FRESH_SHARE > 0.4 and rule == "removed" and share == 0.4 and list(pos) == list(removed)
+    pos, rule, _ = choose_positives(removed, np.full(10, POSITIVE_MAX))  # the bound is exclusive
+    assert rule == "removed"
+
+
+def test_pixel_recheck_flags_the_missed_half_of_a_patch_trigger(poisoned_digits):
+    """BadNets on the 8x8 digits: trained on half of the poison (and the target label's clean examples the fresh
+    model places in the label, which the rule leaves out), the classifier flags nearly all of the other half among
+    the target label's remaining examples, and few of its clean ones."""
+    d = poisoned_digits
+    poison = np.sort(d.poison)
+    half, missed = poison[::2], poison[1::2]
+    clean_t = np.setdiff1d(np.flatnonzero(d.labels == 0), poison)
+    removed = np.r_[half, clean_t[:10]]
+    p_target = np.r_[np.full(len(half), 0.01), np.full(10, 0.9)]
+    rest = np.setdiff1d(np.arange(len(d.labels)), removed)
+    flagged, rep = pixel_recheck(d.images, d.labels, removed, rest, 0, p_target, seed=0)
+    assert rep["method"] == "pixel" and rep["positive_rule"] == "fresh"
+    assert rep["n_target_label"] == int((d.labels[rest] == 0).sum()) and rep["n_removed"] == len(flagged)
+    assert set(flagged) <= set(rest[d.labels[rest] == 0])
+    hit = np.isin(flagged, missed)
+    assert hit.sum() >= 0.9 * len(missed) and (~hit).sum() <= 5, (hit.sum(), len(missed), (~hit).sum())
+    assert rep["positive_recall"] >= 0.7 and rep["validation"] == MIN_VALIDATION and "inconsistent" not in rep
+    assert rep["positives"] == len(half) and rep["negatives"] == len(half) - MIN_VALIDATION
+
+
+def test_pixel_recheck_flags_nothing_when_the_positives_are_no_one_pattern(poisoned_digits):
+    """Positives drawn from the same labels as the negatives (a removal of clean examples): the classifier does not
+    recall the positives it did not train on, so nothing is flagged even though the patch poison is there."""
+    d = poisoned_digits
+    rng = np.random.default_rng(0)
+    removed = np.sort(rng.choice(np.flatnonzero(d.labels != 0), 60, replace=False))
+    rest = np.setdiff1d(np.arange(len(d.labels)), removed)
+    flagged, rep = pixel_recheck(d.images, d.labels, removed, rest, 0, np.full(60, 0.01), seed=0)
+    assert rep["inconsistent"] and rep["positive_recall"] < 0.2 and len(flagged) == 0 and rep["n_removed"] == 0
+
+
+def test_pixel_recheck_skips_without_enough_positives(poisoned_digits):
+    d = poisoned_digits
+    removed = np.sort(d.poison)[:19]
+    rest = np.setdiff1d(np.arange(len(d.labels)), removed)
+    flagged, rep = pixel_recheck(d.images, d.labels, removed, rest, 0, np.zeros(19), seed=0)
+    assert len(flagged) == 0 and rep["skipped"] and rep["n_removed"] == 0
+
+
+def test_fit_pixel_is_seeded_and_leaves_the_global_rng_alone(poisoned_digits):
+    d = poisoned_digits
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    pos, neg = np.sort(d.poison)[:20], np.flatnonzero(d.labels != 0)[:20]
+    a = fit_pixel(d.images, pos, neg, seed=3, epochs=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = fit_pixel(d.images, pos, neg, seed=3, epochs=1)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)  # same seed, same CPU: the same weights
