@@ -242,7 +242,9 @@ class Bench:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {"command": "python bench/abl.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(),
+        # a re-render keeps the command that made the runs
+        argv = [a for a in sys.argv[1:] if a != "--render"]
+        blob = {"command": "python bench/abl.py " + " ".join(argv), "cpu": cpu_name(),
                 "threads": self.args.threads, "torch": torch.__version__, "runs": self.rows}
         self.path.write_text(json.dumps(blob, indent=1, default=float))
 
@@ -526,7 +528,8 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
     lines = [
         "# Anti-Backdoor Learning on Fashion-MNIST",
         "",
-        f"`{' '.join(['python bench/abl.py'] + sys.argv[1:])}` — {cpu_name()}, {a.threads} thread(s), "
+        f"`{' '.join(['python bench/abl.py'] + [x for x in sys.argv[1:] if x != '--render'])}` — {cpu_name()}, "
+        f"{a.threads} thread(s), "
         f"torch {torch.__version__}. Seeds {seeds}; mean ± std over seeds (sample std).",
         "",
         f"Setting: Fashion-MNIST, {a.train_limit or 60000} random training images (poisoned at rate {a.rate}, "

@@ -34,53 +34,31 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from _common import cpu_name, write_results
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from abl_guard.abl.experiment import make_evaluator, prepare_data
 from abl_guard.abl.models import build_model
+from abl_guard.abl.pixel_recheck import HELD_OUT, POSITIVE_MAX, QUANTILE, fit_pixel, margin
 from abl_guard.abl.run_config import ExperimentConfig
-from abl_guard.abl.train import PlainTrainer, TrainConfig, predict_logits, softmax_rows, to_float
+from abl_guard.abl.train import PlainTrainer, TrainConfig, predict_logits, softmax_rows
 
 VARIANTS = ("oracle", "removed", "fresh", "fresh+safe")
-QUANTILE = 0.995  # flag above this quantile of held-out other-label scores
-HELD_OUT = 10000  # other-label examples held out for the threshold
-POSITIVE_MAX = 0.05  # fresh model's probability of the target under which a removed example is a positive
 CPU = torch.device("cpu")
-SAFE_MIN = 0.5  # ... over which a remaining target-label example is a negative (fresh+safe)
-
-
-def _net(channels: int) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.LazyLinear(128), nn.ReLU(), nn.Linear(128, 2))
+#: the fresh model's probability of the target over which a remaining target-label example is a negative (fresh+safe)
+SAFE_MIN = 0.5
 
 
 def fit(x: np.ndarray, pos: np.ndarray, neg: np.ndarray, epochs: int) -> nn.Module:
-    """A binary pixel-space CNN, ``pos`` against ``neg`` (indices into ``x``), Adam 1e-3, batch 128."""
-    net = _net(x.shape[-1])
-    xt = to_float(x[np.r_[pos, neg]])
-    yt = torch.from_numpy(np.r_[np.ones(len(pos)), np.zeros(len(neg))].astype(np.int64))
-    net(xt[:2])  # materialise the lazy layer before the optimiser sees it
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(perm), 128):
-            b = perm[i:i + 128]
-            loss = F.cross_entropy(net(xt[b]), yt[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+    """The library's binary pixel-space CNN (:func:`abl_guard.abl.pixel_recheck.fit_pixel`, seed 0), ``pos`` against
+    ``neg`` (indices into ``x``)."""
+    return fit_pixel(x, pos, neg, seed=0, device=CPU, epochs=epochs)
 
 
 def logit_margin(net: nn.Module, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """The binary classifier's positive-minus-negative logit for ``x[idx]``."""
-    lo = predict_logits(net, x[idx], CPU)
-    return lo[:, 1] - lo[:, 0] if len(lo) else np.zeros(0, np.float32)
+    return margin(net, x, idx, CPU)
 
 
 def retrain(data: Any, drop: np.ndarray, seed: int) -> dict[str, float]:
