@@ -59,16 +59,17 @@ def fit_pixel(images: np.ndarray, pos: np.ndarray, neg: np.ndarray, seed: int, d
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = pixel_net(images.shape[-1]).to(device)
-        xt = to_float(images[np.r_[pos, neg]], device)
-        yt = torch.as_tensor(np.r_[np.ones(len(pos)), np.zeros(len(neg))].astype(np.int64), device=device)
-        net(xt[:2])  # materialise the lazy layer before the optimiser sees it
+        idx = np.r_[pos, neg].astype(np.int64)
+        y = np.r_[np.ones(len(pos)), np.zeros(len(neg))].astype(np.int64)
+        net(to_float(images[idx[:2]], device))  # materialise the lazy layer before the optimiser sees it
         opt = torch.optim.Adam(net.parameters(), 1e-3)
         net.train()
         for _ in range(epochs):
-            perm = torch.randperm(len(xt)).to(device)
-            for i in range(0, len(perm), BATCH):
+            perm = torch.randperm(len(idx)).numpy()
+            for i in range(0, len(perm), BATCH):  # uint8 until the batch: memory is one batch of floats
                 b = perm[i:i + BATCH]
-                loss = F.cross_entropy(net(xt[b]), yt[b])
+                loss = F.cross_entropy(net(to_float(images[idx[b]], device)),
+                                       torch.as_tensor(y[b], device=device))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
