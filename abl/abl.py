@@ -585,13 +585,13 @@ class _Stages:
                 return False
             t0 = time.perf_counter()
             rest = np.setdiff1d(pool, run.removed)
-            in_t = rest[self.labels[rest] == t]
             if pixel:
                 p_removed = softmax_rows(predict_logits(run.model, self.images[run.removed], run.device,
                                                         max(512, cfg.batch_size)))[:, t]
                 more, rec = pixel_recheck(self.images, self.labels, run.removed, rest, t, p_removed, cfg.seed,
                                           run.device)
             else:
+                in_t = rest[self.labels[rest] == t]
                 logits = predict_logits(run.model, self.images[in_t], run.device, max(512, cfg.batch_size))
                 more, rec = below_own_threshold(softmax_rows(logits), self.labels, in_t, t,
                                                 cfg.expansion_recheck_scale, cfg.expansion_recheck_min_mean)

@@ -174,6 +174,11 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
 
+def command_line() -> str:
+    """This run's command as a page records it: a re-render (``--render``) keeps the command that made the runs."""
+    return " ".join(["python bench/abl.py"] + [a for a in sys.argv[1:] if a != "--render"])
+
+
 def recheck_epochs(a: argparse.Namespace) -> str:
     """The clean-stage epochs after which the recheck runs, in words ("epoch 1", "epochs 1 and 2", "epochs 1, 2
     and 3")."""
@@ -242,9 +247,7 @@ class Bench:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # a re-render keeps the command that made the runs
-        argv = [a for a in sys.argv[1:] if a != "--render"]
-        blob = {"command": "python bench/abl.py " + " ".join(argv), "cpu": cpu_name(),
+        blob = {"command": command_line(), "cpu": cpu_name(),
                 "threads": self.args.threads, "torch": torch.__version__, "runs": self.rows}
         self.path.write_text(json.dumps(blob, indent=1, default=float))
 
@@ -528,8 +531,7 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
     lines = [
         "# Anti-Backdoor Learning on Fashion-MNIST",
         "",
-        f"`{' '.join(['python bench/abl.py'] + [x for x in sys.argv[1:] if x != '--render'])}` — {cpu_name()}, "
-        f"{a.threads} thread(s), "
+        f"`{command_line()}` — {cpu_name()}, {a.threads} thread(s), "
         f"torch {torch.__version__}. Seeds {seeds}; mean ± std over seeds (sample std).",
         "",
         f"Setting: Fashion-MNIST, {a.train_limit or 60000} random training images (poisoned at rate {a.rate}, "

@@ -40,7 +40,7 @@ from torch import nn
 
 from abl_guard.abl.experiment import make_evaluator, prepare_data
 from abl_guard.abl.models import build_model
-from abl_guard.abl.pixel_recheck import HELD_OUT, POSITIVE_MAX, QUANTILE, fit_pixel, margin
+from abl_guard.abl.pixel_recheck import HELD_OUT, POSITIVE_MAX, QUANTILE, choose_positives, fit_pixel, margin
 from abl_guard.abl.run_config import ExperimentConfig
 from abl_guard.abl.train import PlainTrainer, TrainConfig, predict_logits, softmax_rows
 
@@ -109,10 +109,9 @@ def study(run: Path, seed: int, attack: str, rate: float, target: int, epochs: i
         "left_poison": int(is_poison.sum()), "left_clean": int((~is_poison).sum()),
         "fresh_seconds": fresh_seconds, "variants": {}}
     safe = p_rest > SAFE_MIN
-    # the rule read off the first three runs: the filtered removal when the fresh model calls at least half of the
-    # removal another class, else the whole removal (the fresh model has relearned the trigger)
-    auto = "fresh" if np.mean(p_removed < POSITIVE_MAX) >= 0.5 else "removed"
-    rec["fresh_other_share"] = float(np.mean(p_removed < POSITIVE_MAX))
+    # the library's rule, read off the first three runs: the filtered removal when the fresh model calls at least
+    # half of the removal another class, else the whole removal (the fresh model has relearned the trigger)
+    _, auto, rec["fresh_other_share"] = choose_positives(removed, p_removed)
     for variant in VARIANTS:
         if variant == "oracle":
             pos = removed[removed_poison]
