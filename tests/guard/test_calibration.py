@@ -236,3 +236,23 @@ def test_adaptive_bundle_serves_what_it_calibrated(tiny_onnx, digits_train, tmp_
     assert len(v) == 100 and all(0 < r.p_value <= 1 for r in v)
     noise = np.random.default_rng(0).integers(0, 256, (50, *x.shape[1:])).astype(x.dtype)
     assert np.mean([r.flagged for r in g.inspect(noise)]) > 0.9
+
+
+def test_calibrate_typicality_flags_blank_and_noise_inputs_by_their_tails(tiny_onnx, digits_train, tmp_path):
+    """The input lens in a bundle: fitted on the digits' pixels, the average digit (the density's mode: more likely
+    than any real image) is flagged in the low tail ("atypically simple") and uniform noise in the high tail, through
+    the ONNX guard; clean images mostly pass."""
+    from abl_guard.detectors import make_detector
+    from abl_guard.guard import Guard, calibrate_bundle
+
+    x, y = digits_train.images[:900], digits_train.labels[:900]
+    manifest = calibrate_bundle(tiny_onnx, x, y, [make_detector("typicality", patch=4)], tmp_path / "b", fpr=0.05)
+    assert manifest["detectors"][0]["requires"] == ["input"]
+    g = Guard.load(tmp_path / "b")
+    blank = np.repeat(x.mean(axis=0, keepdims=True).round().astype(np.uint8), 5, axis=0)
+    noise = np.random.default_rng(0).integers(0, 256, (5, *x.shape[1:]), dtype=np.uint8)
+    for batch, tail, kind in ((blank, "low", "atypically simple"), (noise, "high", "corrupted or noisy")):
+        for v in g.inspect(batch):
+            assert v.flagged and v.kind == kind and v.detectors["typicality"]["tail"] == tail
+    clean = g.inspect(digits_train.images[900:1100])
+    assert np.mean([v.flagged for v in clean]) <= 0.12  # a 5% target on 200 images, with sampling slack
