@@ -76,9 +76,7 @@ class PatchTypicality(Detector):
     def fit(self, reference: Observations, labels: np.ndarray | None = None,
             model: ModelFn | None = None) -> PatchTypicality:
         x = check_images(self._get(reference, "input"), "PatchTypicality")
-        tiles = image_patches(x, self.patch)
-        tiles = tiles.reshape(-1, tiles.shape[2])
-        tiles = tiles[subsample(len(tiles), self.max_patches, self.seed)].astype(np.float64)
+        tiles = self._sampled_tiles(x)
         if len(tiles) < 2:
             raise ValueError("PatchTypicality needs at least two reference patches")
         mean = tiles.mean(axis=0)
@@ -94,6 +92,21 @@ class PatchTypicality(Detector):
         self.input_shape_ = tuple(int(s) for s in x.shape[1:])
         self._whiten()
         return self
+
+    def _sampled_tiles(self, x: np.ndarray) -> np.ndarray:
+        """The seeded subset of at most ``max_patches`` of every reference tile, ``(n, D)`` float64, gathered a
+        chunk of images at a time so that memory stays bounded by the subset, not by the reference set."""
+        per_image = image_patches(x[:1], self.patch).shape[1]
+        idx = subsample(len(x) * per_image, self.max_patches, self.seed)  # sorted
+        step = max(1, _CHUNK_ELEMENTS // int(np.prod(x.shape[1:])))  # an image's tiles hold at most its pixels
+        out = []
+        for start in range(0, len(x), step):
+            lo, hi = np.searchsorted(idx, [start * per_image, min(start + step, len(x)) * per_image])
+            if hi > lo:
+                sel = idx[lo:hi] - start * per_image
+                tiles = image_patches(x[start:start + step], self.patch)
+                out.append(tiles[sel // per_image, sel % per_image].astype(np.float64))
+        return np.concatenate(out) if out else np.empty((0, x.shape[1] * self.patch**2))
 
     def _whiten(self) -> None:
         assert self.chol_ is not None

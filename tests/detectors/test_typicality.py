@@ -99,3 +99,17 @@ def test_max_patches_subsamples_reproducibly():
     c = PatchTypicality(max_patches=50, seed=2).fit(x)
     np.testing.assert_array_equal(a.mean_, b.mean_)
     assert not np.allclose(a.mean_, c.mean_)
+
+
+@pytest.mark.parametrize("max_patches", [50, 10**6])
+def test_fit_gathers_the_same_tiles_a_chunk_of_images_at_a_time(monkeypatch, max_patches):
+    """Fitting gathers its seeded subset chunk by chunk (bounded memory): the tiles are exactly those of tiling every
+    image and subsampling the whole, in the same order."""
+    import abl_guard.detectors.typicality as typ
+    from abl_guard.detectors._util import subsample
+
+    x = textured(60, 7)
+    every = image_patches(x, 7).reshape(-1, 49)
+    want = every[subsample(len(every), max_patches, 3)].astype(np.float64)
+    monkeypatch.setattr(typ, "_CHUNK_ELEMENTS", 500)  # a few images per chunk
+    np.testing.assert_array_equal(PatchTypicality(max_patches=max_patches, seed=3)._sampled_tiles(x), want)
