@@ -89,7 +89,10 @@ ROWS = DETECTORS + [("squeeze (4-bit)", "squeeze", {"bits": 4}, "sensitivity"),
                     ("probe (second tap)", "probe", {"tap": "@1"}, "feature"),
                     ("probe (Ledoit-Wolf shrinkage)", "probe", {"shrinkage": "auto"}, "feature"),
                     # what calibrate drops: the probe at the feature tap (a model adopted with only penultimate)
-                    ("probe (feature tap)", "probe", {"tap": "@-1"}, "feature")]
+                    ("probe (feature tap)", "probe", {"tap": "@-1"}, "feature"),
+                    # Nalisnick et al.'s typicality test on a Gaussian density of the pixels' patches (7x7, and 4x4)
+                    ("typicality", "typicality", {}, "input"),
+                    ("typicality (4x4 patches)", "typicality", {"patch": 4}, "input")]
 
 
 #: the rows ``--extra-taps`` adds (all in the activation-space lens)
@@ -196,6 +199,12 @@ GUARDS: list[tuple[str, list[str], str, bool]] = [
     ("mahalanobis + knn + gram + probe (feature tap), fisher", ["mahalanobis", "knn", "gram", "probe (feature tap)"],
      "fisher", True),
     ("mahalanobis + knn + probe, fisher", ["mahalanobis", "knn", "probe"], "fisher", True),
+    # the input lens beside the default: far out-of-distribution inputs the features place near a class
+    ("mahalanobis + knn + gram + typicality, fisher", ["mahalanobis", "knn", "gram", "typicality"], "fisher", True),
+    ("mahalanobis + knn + gram + typicality, hmp", ["mahalanobis", "knn", "gram", "typicality"], "hmp", True),
+    ("mahalanobis + knn + gram + typicality, min-p", ["mahalanobis", "knn", "gram", "typicality"], "min-p", True),
+    ("mahalanobis + knn + gram + probe + typicality, fisher",
+     ["mahalanobis", "knn", "gram", "probe", "typicality"], "fisher", True),
     ("layers + knn + probe, fisher", ["mahalanobis-layers", "knn", "probe"], "fisher", True),
     ("layers + knn + gram + probe, fisher", ["mahalanobis-layers", "knn", "gram", "probe"], "fisher", True),
     ("mahalanobis + layers + knn + gram + probe, fisher",
@@ -244,15 +253,37 @@ def ood_sets(test_x: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
         a, b = (size - 28) // 2, size - 28 - (size - 28) // 2
         up = np.pad(up, ((0, 0), (a, b), (a, b), (0, 0)))
     base = test_x[rng.choice(len(test_x), n, replace=False)].astype(np.float64)
+    natural = natural_crops(n, size, np.random.default_rng([seed, 11]))  # its own stream: the other sets as before
     noisy = np.clip(base + rng.normal(0, 0.4 * 255, base.shape), 0, 255).astype(np.uint8)
     return {
         "ood: digits upscaled": up.astype(np.uint8),
         "ood: uniform noise": rng.integers(0, 256, (n, size, size, 1)).astype(np.uint8),
         "ood: fmnist + noise sd 0.4": noisy,
         "ood: fmnist inverted": (255 - base).astype(np.uint8),
+        "ood: natural-image crops": natural,
         "ood: constant images": np.repeat(np.linspace(0, 255, 256).astype(np.uint8),
                                           size * size).reshape(256, size, size, 1),
     }
+
+
+def natural_crops(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` uint8 ``(size, size, 1)`` grey crops of scikit-learn's two bundled photographs (a temple, a flower):
+    random squares of 48-240 pixels, resized (antialiased bilinear) to 28x28 and placed like the test images."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(im, dtype=np.float64).mean(axis=2).astype(np.uint8) for im in load_sample_images().images]
+    out = []
+    for _ in range(n):
+        im = photos[int(rng.integers(len(photos)))]
+        s = int(rng.integers(48, 241))
+        r, c = int(rng.integers(0, im.shape[0] - s + 1)), int(rng.integers(0, im.shape[1] - s + 1))
+        out.append(np.asarray(Image.fromarray(im[r:r + s, c:c + s]).resize((28, 28), Image.BILINEAR)))
+    crops = np.stack(out)[..., None]
+    if size > 28:
+        a, b = (size - 28) // 2, size - 28 - (size - 28) // 2
+        crops = np.pad(crops, ((0, 0), (a, b), (a, b), (0, 0)))
+    return crops
 
 
 SURROGATE = "surrogate: "

@@ -47,12 +47,20 @@ Combination = Callable[[np.ndarray], np.ndarray]
 NOT_POSITIVE = ("fit", "cal", "val", "eval")
 BOOT = 1000  # bootstrap resamples of Fisher's shortfall
 
-#: (study label, members, extra groupings {row: groups of member positions}) — the lens grouping is always studied
-STUDIES: list[tuple[str, list[str], dict[str, list[list[int]]]]] = [
+#: (study label, members, extra groupings {row: groups of member positions, combined across by Fisher; or
+#: (groups, the combination across)}) — the lens grouping is always studied
+Grouping = list[list[int]] | tuple[list[list[int]], str]
+STUDIES: list[tuple[str, list[str], dict[str, Grouping]]] = [
     ("default", ["mahalanobis", "knn", "gram"], {}),
     ("default + probe", ["mahalanobis", "knn", "gram", "probe"], {"tap-grouped fisher": [[0, 1, 2], [3]]}),
     ("default + two probes", ["mahalanobis", "knn", "gram", "probe", "probe (second tap)"],
      {"tap-grouped fisher": [[0, 1, 2], [3, 4]]}),
+    # the input lens (pixels, not the model) beside the default: as a fourth Fisher member, or kept apart — Fisher
+    # over the model's members, then Bonferroni min-p of that and the input lens ("input apart")
+    ("default + typicality", ["mahalanobis", "knn", "gram", "typicality"],
+     {"input apart (fisher, then min-p)": ([[0, 1, 2], [3]], "min-p")}),
+    ("default + probe + typicality", ["mahalanobis", "knn", "gram", "probe", "typicality"],
+     {"input apart (fisher, then min-p)": ([[0, 1, 2, 3], [4]], "min-p")}),
     ("five", FIVE, {}),
     # Sastry & Oore's ten Gram orders in place of the default's first order (scores from a run with that row)
     ("default, gram at the paper's powers", ["mahalanobis", "knn", "gram (paper powers)"], {}),
@@ -104,12 +112,12 @@ def adaptive(P_cal: np.ndarray, powers: tuple[float, ...]) -> Combination:
     return f
 
 
-def combinations(groups: list[list[int]], extra: dict[str, list[list[int]]],
+def combinations(groups: list[list[int]], extra: dict[str, Grouping],
                  P_cal: np.ndarray) -> dict[str, Combination]:
     return {"fisher": lambda P: combine_pvalues(P, "fisher"), "hmp": lambda P: combine_pvalues(P, "hmp"),
             "min-p": lambda P: combine_pvalues(P, "min-p"),
             "lens-grouped fisher": grouped(groups, "fisher"), "lens-grouped min-p": grouped(groups, "min-p"),
-            **{name: grouped(g, "fisher") for name, g in extra.items()},
+            **{name: grouped(*g) if isinstance(g, tuple) else grouped(g, "fisher") for name, g in extra.items()},
             "truncated 0.05": truncated(0.05), "truncated 0.1": truncated(0.1), "omnibus": omnibus,
             "adaptive": adaptive(P_cal, (1.0, np.inf)), "adaptive 1,2,4,inf": adaptive(P_cal, (1.0, 2.0, 4.0, np.inf))}
 
@@ -142,7 +150,7 @@ def shortfall_interval(neg: np.ndarray, pos: np.ndarray, n_boot: int = BOOT, see
 
 
 def study(scores: dict[str, dict[str, np.ndarray]], preds: dict[str, np.ndarray], members: list[str],
-          extra: dict[str, list[list[int]]], two: dict[str, bool], k: int) -> dict[str, Any]:
+          extra: dict[str, Grouping], two: dict[str, bool], k: int) -> dict[str, Any]:
     """Every combination's AUROC / flagged share per positive set, and each set's best single member."""
     c = Calibrator.fit({m: scores["cal"][m] for m in members}, preds["cal"], [two[m] for m in members], "fisher",
                        FPR, k)
