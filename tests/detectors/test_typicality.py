@@ -113,3 +113,23 @@ def test_fit_gathers_the_same_tiles_a_chunk_of_images_at_a_time(monkeypatch, max
     want = every[subsample(len(every), max_patches, 3)].astype(np.float64)
     monkeypatch.setattr(typ, "_CHUNK_ELEMENTS", 500)  # a few images per chunk
     np.testing.assert_array_equal(PatchTypicality(max_patches=max_patches, seed=3)._sampled_tiles(x), want)
+
+
+def test_a_constant_frame_is_cut_off_so_padding_changes_nothing():
+    """A zero-padding frame (constant over every reference image) is found and cut before tiling: fitted and scored
+    on padded images, the detector gives the unpadded images' scores; ``crop_frame=False`` tiles the frame too."""
+    from abl_guard.detectors.typicality import constant_frame
+
+    x, y = textured(200, 8), textured(20, 9)
+    pad = ((0, 0), (0, 0), (3, 2), (1, 4))
+    plain = PatchTypicality().fit({"input": x})
+    framed = PatchTypicality().fit({"input": np.pad(x, pad)})
+    assert framed.frame_ == (3, 2, 1, 4) and plain.frame_ == (0, 0, 0, 0)
+    np.testing.assert_allclose(framed.score({"input": np.pad(y, pad)}), plain.score({"input": y}), rtol=RTOL)
+    again = PatchTypicality.from_state(framed.get_params(), framed.state_dict())
+    np.testing.assert_allclose(again.score({"input": np.pad(y, pad)}), plain.score({"input": y}), rtol=RTOL)
+    assert PatchTypicality(crop_frame=False).fit({"input": np.pad(x, pad)}).frame_ == (0, 0, 0, 0)
+    # a frame that would leave less than a tile is kept, and constant images have no frame to cut
+    assert constant_frame(np.pad(x, ((0, 0), (0, 0), (0, 0), (0, 9))), 7) == (0, 0, 0, 9)
+    assert constant_frame(np.zeros((3, 1, 14, 14)), 7) == (0, 0, 0, 0)
+    assert constant_frame(np.pad(x[:, :, :, :6], ((0, 0), (0, 0), (0, 0), (0, 2))), 7) == (0, 0, 0, 0)
