@@ -368,11 +368,12 @@ def _recheck_lines(report: dict[str, Any]) -> list[str]:
             return [f"the pixel-space recheck after epoch {rec['epoch']} removed nothing: its classifier recalled "
                     f"{first['positive_recall']:.0%} of the {first['validation']} positives it did not train on, so "
                     "the removal is no one pattern to look for"]
+        quantile = (rec.get("passes") or [rec])[0].get("quantile", 0.995)
         return [f"the pixel-space recheck after epoch {rec['epoch']} removed {rec['n_removed']} more of label "
                 f"{rec['target']}'s {rec['n_target_label']} remaining examples: a pixel CNN trained on "
                 f"{rec.get('positives', 0)} removed examples ({rec.get('positive_rule', '?')} rule; the fresh model "
                 f"called {rec.get('fresh_other_share', 0.0):.0%} of the removal another class) scored them above "
-                "the 99.5% quantile of held-out other labels"
+                f"the {100 * quantile:.1f}% quantile of held-out other labels"
                 + ("; the clean stage then started again from fresh weights" if rec.get("restarted") else "")]
     passes = rec.get("passes") or [rec]
     scale = rec.get("scale", 1.0)

@@ -550,8 +550,9 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
                f"a pass skipped when that mean is under {a.recheck_min_mean:g})"
                if a.recheck_epoch and a.recheck_method == "confidence" else "")
             + (f"; after the fresh model's clean epoch {a.recheck_epoch}, the removed label's examples a "
-               "pixel-space CNN trained on nine tenths of the removal flags above the 99.5% quantile of held-out "
-               "other labels removed too, unless it recalls under half of the last tenth (the pixel recheck"
+               "pixel-space CNN trained on nine tenths of the removal flags above the 98% quantile of held-out "
+               "other labels (99.5% when its positives are the whole removal) removed too, unless it recalls "
+               "under half of the last tenth (the pixel recheck"
                + ("; then, when it flagged any, the clean stage again from fresh weights"
                   if a.recheck_method == "pixel-restart" else "") + ")"
                if a.recheck_epoch and a.recheck_method.startswith("pixel") else "")

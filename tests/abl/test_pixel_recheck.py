@@ -10,6 +10,8 @@ from abl_guard.abl.pixel_recheck import (
     FRESH_SHARE,
     MIN_VALIDATION,
     POSITIVE_MAX,
+    QUANTILE,
+    QUANTILE_FILTERED,
     choose_positives,
     fit_pixel,
     pixel_recheck,
@@ -47,6 +49,25 @@ def test_pixel_recheck_flags_the_missed_half_of_a_patch_trigger(poisoned_digits)
     assert hit.sum() >= 0.9 * len(missed) and (~hit).sum() <= 5, (hit.sum(), len(missed), (~hit).sum())
     assert rep["positive_recall"] >= 0.7 and rep["validation"] == MIN_VALIDATION and "inconsistent" not in rep
     assert rep["positives"] == len(half) and rep["negatives"] == len(half) - MIN_VALIDATION
+    assert rep["quantile"] == QUANTILE_FILTERED  # positives the fresh model filtered: the looser threshold
+
+
+def test_whole_removal_positives_are_flagged_at_the_stricter_quantile(poisoned_digits):
+    """When the positives are the whole removal (the fresh model filtered under half of it), clean examples among
+    them teach the classifier some of the label: the threshold is the stricter quantile."""
+    d = poisoned_digits
+    poison = np.sort(d.poison)
+    half = poison[::2]
+    clean_t = np.setdiff1d(np.flatnonzero(d.labels == 0), poison)
+    removed = np.r_[half, clean_t[:10]]
+    rest = np.setdiff1d(np.arange(len(d.labels)), removed)
+    p_fresh = np.r_[np.full(len(half), 0.01), np.full(10, 0.9)]
+    p_whole = np.full(len(removed), 0.9)  # the fresh model calls none of it another class
+    _, fresh = pixel_recheck(d.images, d.labels, removed, rest, 0, p_fresh, seed=0)
+    flagged, whole = pixel_recheck(d.images, d.labels, removed, rest, 0, p_whole, seed=0)
+    assert fresh["positive_rule"] == "fresh" and fresh["quantile"] == QUANTILE_FILTERED
+    assert whole["positive_rule"] == "removed" and whole["quantile"] == QUANTILE > QUANTILE_FILTERED
+    assert whole["n_removed"] == len(flagged)
 
 
 def test_pixel_recheck_flags_nothing_when_the_positives_are_no_one_pattern(poisoned_digits):
