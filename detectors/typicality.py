@@ -164,10 +164,11 @@ class PatchTypicality(Detector):
         chol = np.asarray(state["chol"], dtype=np.float64)
         shape = tuple(int(s) for s in np.asarray(state["input_shape"]).ravel())
         frame = tuple(int(v) for v in np.asarray(state.get("frame", np.zeros(4))).ravel())
-        if len(frame) != 4 or min(frame) < 0:
-            raise ValueError("PatchTypicality state has a malformed frame")
         if len(shape) != 3 or chol.shape != (len(mean), len(mean)) or len(mean) != shape[0] * self.patch**2:
             raise ValueError("PatchTypicality state does not match its patch size")
+        if len(frame) != 4 or min(frame) < 0 or shape[1] - frame[0] - frame[1] < self.patch \
+                or shape[2] - frame[2] - frame[3] < self.patch:
+            raise ValueError("PatchTypicality state has a malformed frame")
         self.mean_, self.chol_, self.input_shape_ = mean, chol, shape
         self.frame_ = frame  # type: ignore[assignment]
         self._whiten()

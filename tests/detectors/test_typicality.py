@@ -129,6 +129,10 @@ def test_a_constant_frame_is_cut_off_so_padding_changes_nothing():
     again = PatchTypicality.from_state(framed.get_params(), framed.state_dict())
     np.testing.assert_allclose(again.score({"input": np.pad(y, pad)}), plain.score({"input": y}), rtol=RTOL)
     assert PatchTypicality(crop_frame=False).fit({"input": np.pad(x, pad)}).frame_ == (0, 0, 0, 0)
+    # a bundle's frame that leaves less than a tile (or is negative) is refused at load, not at the first scan
+    for bad in ((3, 2, 1, 12), (-1, 0, 0, 0), (0, 0, 0)):  # 19 - 1 - 12 = 6 columns: under a 7x7 tile
+        with pytest.raises(ValueError, match="malformed frame"):
+            PatchTypicality.from_state(framed.get_params(), {**framed.state_dict(), "frame": np.asarray(bad)})
     # a frame that would leave less than a tile is kept, and constant images have no frame to cut
     assert constant_frame(np.pad(x, ((0, 0), (0, 0), (0, 0), (0, 9))), 7) == (0, 0, 0, 9)
     assert constant_frame(np.zeros((3, 1, 14, 14)), 7) == (0, 0, 0, 0)
