@@ -604,10 +604,12 @@ class _Stages:
                 run.removed = np.union1d(run.removed, more)
                 batches.indices = torch.as_tensor(np.setdiff1d(rest, more), device=batches.images.device)
                 self._save_removed()
-            if not pixel and rec.get("skipped"):  # (pixel_recheck logs its own line)
+            if pixel:
+                pass  # pixel_recheck logs its own line
+            elif rec.get("skipped"):
                 log.info("ABL recheck after clean epoch %d skipped: label %d's mean probability %.2f is under %g",
                          run.epoch, t, rec["mean_probability"], cfg.expansion_recheck_min_mean)
-            elif not pixel:
+            else:
                 log.info("ABL recheck after clean epoch %d: %d of label %d's %d remaining examples are under %.2f "
                          "(its mean probability x %g); removed too", run.epoch, len(more), t, rec["n_target_label"],
                          rec.get("threshold", float("nan")), cfg.expansion_recheck_scale)

@@ -249,9 +249,7 @@ def ood_sets(test_x: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
     digits = load_digits().images[:n]  # 0..16, 8x8
     up = np.stack([np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR))
                    for d in digits])[..., None]
-    if size > 28:  # as abl.data.pad_to places the test images
-        a, b = (size - 28) // 2, size - 28 - (size - 28) // 2
-        up = np.pad(up, ((0, 0), (a, b), (a, b), (0, 0)))
+    up = place_like_test(up, size)
     base = test_x[rng.choice(len(test_x), n, replace=False)].astype(np.float64)
     natural = natural_crops(n, size, np.random.default_rng([seed, 11]))  # its own stream: the other sets as before
     noisy = np.clip(base + rng.normal(0, 0.4 * 255, base.shape), 0, 255).astype(np.uint8)
@@ -279,11 +277,16 @@ def natural_crops(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
         s = int(rng.integers(48, 241))
         r, c = int(rng.integers(0, im.shape[0] - s + 1)), int(rng.integers(0, im.shape[1] - s + 1))
         out.append(np.asarray(Image.fromarray(im[r:r + s, c:c + s]).resize((28, 28), Image.BILINEAR)))
-    crops = np.stack(out)[..., None]
-    if size > 28:
-        a, b = (size - 28) // 2, size - 28 - (size - 28) // 2
-        crops = np.pad(crops, ((0, 0), (a, b), (a, b), (0, 0)))
-    return crops
+    return place_like_test(np.stack(out)[..., None], size)
+
+
+def place_like_test(x: np.ndarray, size: int) -> np.ndarray:
+    """28x28 ``(N, 28, 28, 1)`` images zero-padded to ``size`` as :func:`abl_guard.abl.data.pad_to` places the test
+    images (the same content the small CNN sees, wherever a padded model's input puts it)."""
+    if size <= 28:
+        return x
+    a, b = (size - 28) // 2, size - 28 - (size - 28) // 2
+    return np.pad(x, ((0, 0), (a, b), (a, b), (0, 0)))
 
 
 SURROGATE = "surrogate: "
