@@ -566,10 +566,13 @@ class _Stages:
         exp = run.report.get("expansion", {})
         target = exp.get("target")
         fresh = cfg.retrain and not run.report.get("clean_stage", {}).get("continued", False)
-        if not (fresh and cfg.expansion_recheck_epoch and target is not None and int(target) >= 0
-                and distributed.current() is None):
+        if not (fresh and cfg.expansion_recheck_epoch and target is not None and int(target) >= 0):
             return None
         t = int(target)
+        if distributed.current() is not None:
+            log.warning("ABL recheck not run: it reads the whole training set in one process (torchrun run)")
+            run.report["recheck"] = {"target": t, "n_removed": 0, "passes": [], "not_run": "distributed"}
+            return None
         if found_by_input_scan(exp):
             log.info("ABL recheck not run: the input scan found label %d's population, whole in every measured run", t)
             run.report["recheck"] = {"target": t, "n_removed": 0, "passes": [], "not_run": "input-scan"}

@@ -359,6 +359,9 @@ def _recheck_lines(report: dict[str, Any]) -> list[str]:
     if rec.get("not_run") == "input-scan":
         return ["the clean-stage recheck did not run: the input scan found the population, and its finds missed no "
                 "poison in any stored run, so the recheck could only remove clean examples"]
+    if rec.get("not_run") == "distributed":
+        return ["the clean-stage recheck did not run: it reads the whole training set in one process, and this run "
+                "was distributed (torchrun)"]
     if rec.get("method") == "pixel":
         if rec.get("passes") and rec["passes"][0].get("skipped"):
             return [f"the pixel-space recheck after epoch {rec['epoch']} was skipped: too few positives "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -953,3 +954,26 @@ def test_clean_stage_recheck_does_not_run_after_an_input_scan_find(small_poisone
     assert any("the clean-stage recheck did not run: the input scan found the population" in e
                for e in res.report["verdict"]["evidence"])
     assert not any("--abl-expansion-recheck-epoch 1" in e for e in res.report["verdict"]["evidence"])
+
+
+def test_clean_stage_recheck_is_recorded_as_not_run_under_torchrun(small_poisoned, monkeypatch):
+    """The recheck reads the whole training set in one process: under torchrun it is not run, and the report and
+    the verdict's evidence say so instead of leaving no trace of a configured step."""
+    import abl_guard.abl.abl as abl_mod
+
+    d = small_poisoned
+    half = d.poison[: len(d.poison) // 2]
+    called: list = []
+    monkeypatch.setattr(abl_mod, "pixel_recheck", lambda *a, **k: called.append(a))
+    _half_found_and_epochs_recorded(monkeypatch, half)
+    real = abl_mod.distributed.current
+    # torchrun as the recheck sees it; the rest of the run stays one process
+    monkeypatch.setattr(abl_mod.distributed, "current",
+                        lambda: object() if sys._getframe(1).f_code.co_name == "_recheck" else real())
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0, expansion_recheck_epoch=1, expansion_recheck_method="pixel-restart")
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    assert not called
+    assert res.report["recheck"] == {"target": 0, "n_removed": 0, "passes": [], "not_run": "distributed"}
+    assert any("this run was distributed (torchrun)" in e for e in res.report["verdict"]["evidence"])
