@@ -410,13 +410,11 @@ def _recheck_hint(status: str, report: dict[str, Any], cfg: ABLConfig) -> list[s
     if cfg.expansion_recheck_epoch or "recheck" in report:
         return caveat
     return caveat + [
-        "poison the removal missed can teach a fresh model the backdoor again: the pixel-space recheck "
-        "(--abl-expansion-recheck-epoch 1 --abl-expansion-recheck-method pixel-restart) looks for more of what "
-        "the removal took and trains the fresh model again without it (WaNet 10%, three runs that had kept "
-        "1.9-19.0% ASR: 1.6-2.0% at CA -1.0 to +0.1 points; WaNet 5%: 4.3% to 3.2% on one run, 0.6 CA points "
-        "lost on another; docs/abl.md#pixel-space-recheck); the confidence recheck "
-        "(--abl-expansion-recheck-epoch 1) removes what the fresh model does not place in the label after one epoch "
-        "(ASR about 1% for 1.3-1.7 CA points, and 0.8-2.2 where nothing was missed; docs/abl.md#clean-stage-recheck)"]
+        "poison the removal missed can teach a fresh model the backdoor again, and this run turned the clean-stage "
+        "recheck off: the pixel-space recheck (the default: --abl-expansion-recheck-epoch 1 "
+        "--abl-expansion-recheck-method pixel-restart) looks for more of what the removal took and trains the fresh "
+        "model again without it (WaNet 3-10%, runs that had kept 4.3-19.0% ASR: 1.7-2.1% at CA -1.0 to +0.1 "
+        "points; docs/abl.md#pixel-space-recheck)"]
 
 
 def verdict(report: dict[str, Any], cfg: ABLConfig) -> dict[str, Any]:

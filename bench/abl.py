@@ -905,10 +905,11 @@ def main() -> None:
                          "this many sd (0 = off, as before 2026-12-04)")
     ap.add_argument("--recheck-epoch", type=int, default=ABLConfig.expansion_recheck_epoch,
                     help="retrain mode: the fresh model's clean-stage epoch after which the removed label is "
-                         "rechecked for poison the removal missed (0 = off, the default)")
+                         "rechecked for poison the removal missed (0 = off; 1, the library's default since "
+                         "2026-12-05)")
     ap.add_argument("--recheck-method", default=ABLConfig.expansion_recheck_method, choices=RECHECK_METHODS,
-                    help="the recheck's rule: confidence (the label's mean probability) or pixel (a pixel-space CNN "
-                         "trained on the removal)")
+                    help="the recheck's rule: pixel-restart (the library's default), pixel (a pixel-space CNN "
+                         "trained on the removal; the model continues) or confidence (the label's mean probability)")
     ap.add_argument("--recheck-scale", type=float, default=ABLConfig.expansion_recheck_scale,
                     help="the recheck's threshold as a multiple of the label's mean probability")
     ap.add_argument("--recheck-passes", type=int, default=ABLConfig.expansion_recheck_passes,

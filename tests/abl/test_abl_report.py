@@ -110,15 +110,16 @@ def test_a_firing_or_removed_verdict_points_to_the_recheck_and_a_recheck_is_evid
     rep["unlearning"]["guard"] = {"n_holdout": 1200, "n_nontarget": 948, "target_prior": 0.09,
                                   "final": {"target_rate": 0.2}}
     hint = "--abl-expansion-recheck-epoch 1"
-    assert ABLConfig().retrain and any(hint in e for e in verdict(rep, ABLConfig())["evidence"])
-    assert not any(hint in e for e in verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"])
+    off = ABLConfig(expansion_recheck_epoch=0)  # the recheck is on by default: the hint is for a run that turned it off
+    assert off.retrain and any(hint in e for e in verdict(rep, off)["evidence"])
+    assert not any(hint in e for e in verdict(rep, ABLConfig())["evidence"])
     assert not any(hint in e for e in verdict(rep, ABLConfig.for_mode("paper"))["evidence"])
     rep["unlearning"]["guard"]["final"] = {"target_rate": 0.095}  # removed: a partial removal reads the same
     caveat = "a removal that missed part of the poison reads the same on both probes"
-    ev = verdict(rep, ABLConfig())["evidence"]
-    assert verdict(rep, ABLConfig())["status"] == "removed"
+    ev = verdict(rep, off)["evidence"]
+    assert verdict(rep, off)["status"] == "removed"
     assert any(caveat in e for e in ev) and any(hint in e for e in ev)
-    ev = verdict(rep, ABLConfig(expansion_recheck_epoch=1))["evidence"]  # the caveat stays, the hint goes
+    ev = verdict(rep, ABLConfig())["evidence"]  # the caveat stays, the hint goes
     assert any(caveat in e for e in ev) and not any(hint in e for e in ev)
     ev = verdict(rep, ABLConfig.for_mode("paper"))["evidence"]  # measured in retrain mode only
     assert not any(caveat in e for e in ev) and not any(hint in e for e in ev)

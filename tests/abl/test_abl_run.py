@@ -327,7 +327,8 @@ def test_never_restart_continues_the_isolation_model_after_a_find(small_poisoned
     monkeypatch.setattr(abl_mod, "ArrayBatches", batches)
     base = dict(isolation_epochs=2, isolation_stop="fixed", clean_epochs=4, lr_milestones=(3,), lr_gamma=0.1,
                 isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu", eval_every=0, expansion_separation=50.0,
-                expansion_scan_method="spectral", expansion_input_separation=0.0, residual_unlearning_epochs=0)
+                expansion_scan_method="spectral", expansion_input_separation=0.0, residual_unlearning_epochs=0,
+                expansion_recheck_epoch=0)  # the pixel recheck's own restart is tested below
     res = run_abl(d.model(width=8), d.images, d.labels, ABLConfig(**base, restart="never"), quiet=True)
     assert res.report["expansion"]["expanded"] and len(res.removed) > len(res.isolated)
     clean = [h for h in res.history if h["stage"] == "clean"]
@@ -784,8 +785,9 @@ def test_clean_stage_recheck_removes_the_poison_the_removal_missed(small_poisone
     monkeypatch.setattr(abl_mod, "below_own_threshold", rule)
     cfg = ABLConfig(isolation_epochs=2, clean_epochs=3, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
                     eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
-                    expansion_input_separation=0.0, expansion_recheck_epoch=1)
-    assert ABLConfig().expansion_recheck_epoch == 0  # off by default: its CA cost where the removal was whole
+                    expansion_input_separation=0.0, expansion_recheck_epoch=1, expansion_recheck_method="confidence")
+    # on by default since 2026-12-05, with the pixel rule (docs/abl.md#pixel-space-recheck)
+    assert (ABLConfig().expansion_recheck_epoch, ABLConfig().expansion_recheck_method) == (1, "pixel-restart")
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     pool = np.setdiff1d(np.arange(len(d.labels)), res.holdout)
     rest_half = np.setdiff1d(pool, half)
@@ -835,7 +837,7 @@ def test_clean_stage_recheck_passes_take_what_the_earlier_ones_left(small_poison
     cfg = ABLConfig(isolation_epochs=2, clean_epochs=4, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
                     eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
                     expansion_input_separation=0.0, expansion_recheck_epoch=1, expansion_recheck_passes=2,
-                    expansion_recheck_scale=0.5, expansion_recheck_min_mean=0.3)
+                    expansion_recheck_scale=0.5, expansion_recheck_min_mean=0.3, expansion_recheck_method="confidence")
     assert ABLConfig().expansion_recheck_passes == 1 and ABLConfig().expansion_recheck_min_mean == 0.5
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     pool = np.setdiff1d(np.arange(len(d.labels)), res.holdout)
@@ -879,7 +881,6 @@ def test_pixel_recheck_removes_the_missed_poison_from_the_next_epoch_on(small_po
                     eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
                     expansion_input_separation=0.0, expansion_recheck_epoch=1, expansion_recheck_method="pixel",
                     expansion_recheck_passes=2)  # one pass whatever passes says
-    assert ABLConfig().expansion_recheck_method == "confidence"
     res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
     pool = np.setdiff1d(np.arange(len(d.labels)), res.holdout)
     rest = np.setdiff1d(pool, half)
