@@ -69,7 +69,7 @@ from .expansion import (
 )
 from .isolation import Isolation, isolate, isolate_lowest, isolation_scores, keep_target_label
 from .losses import ascent_term, lga_loss
-from .pixel_recheck import pixel_recheck
+from .pixel_recheck import count_top_up, pixel_recheck
 from .report import (
     HELD_OUT_FIRING,
     expansion_report,
@@ -589,10 +589,7 @@ class _Stages:
             t0 = time.perf_counter()
             rest = np.setdiff1d(pool, run.removed)
             if pixel:
-                p_removed = softmax_rows(predict_logits(run.model, self.images[run.removed], run.device,
-                                                        max(512, cfg.batch_size)))[:, t]
-                more, rec = pixel_recheck(self.images, self.labels, run.removed, rest, t, p_removed, cfg.seed,
-                                          run.device)
+                more, rec = self._pixel_pass(rest, t, poison_indices)
             else:
                 in_t = rest[self.labels[rest] == t]
                 logits = predict_logits(run.model, self.images[in_t], run.device, max(512, cfg.batch_size))
@@ -628,6 +625,26 @@ class _Stages:
             return restart
 
         return check
+
+    def _pixel_pass(self, rest: np.ndarray, t: int, poison_indices: np.ndarray | None) -> tuple[np.ndarray, dict]:
+        """The pixel recheck's one pass on the fresh model (:func:`pixel_recheck`), then its count top-up
+        (:func:`count_top_up`, ``expansion_recheck_count_sd``): the label's remaining examples to remove, and the
+        pass's report."""
+        run, cfg = self.run, self.run.cfg
+        batch = max(512, cfg.batch_size)
+        p_removed = softmax_rows(predict_logits(run.model, self.images[run.removed], run.device, batch))[:, t]
+        more, rec = pixel_recheck(self.images, self.labels, run.removed, rest, t, p_removed, cfg.seed, run.device)
+        if cfg.expansion_recheck_count_sd > 0:  # the label may still hold copies the classifier missed
+            after = np.setdiff1d(rest, more)
+            in_t = after[self.labels[after] == t]
+            p_in = softmax_rows(predict_logits(run.model, self.images[in_t], run.device, batch))[:, t]
+            extra, top = count_top_up(self.labels, after, t, in_t, p_in, cfg.expansion_recheck_count_sd)
+            if poison_indices is not None:
+                top["removed_poison"] = int(np.isin(extra, np.asarray(poison_indices, np.int64)).sum())
+            rec["count_top_up"] = top
+            more = np.union1d(more, extra).astype(np.int64)
+            rec["n_removed"] = int(len(more))
+        return more, rec
 
     def unlearning(self, holdout: np.ndarray) -> None:
         """Stage 3: unlearning ``D_b`` behind the guard, then the failure warnings and the total time."""

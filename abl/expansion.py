@@ -620,7 +620,7 @@ def recheck_totals(passes: list[dict[str, Any]], scale: float) -> dict[str, Any]
     first = passes[0]
     out = {k: first[k] for k in ("epoch", "target", "mean_probability", "threshold", "n_target_label",
                                  "predicted_row", "n_poison_in_rest", "method", "positives", "positive_rule",
-                                 "fresh_other_share", "restarted") if k in first}
+                                 "fresh_other_share", "restarted", "count_top_up") if k in first}
     out.update(scale=scale, n_removed=sum(p["n_removed"] for p in passes), passes=passes)
     if all("removed_poison" in p for p in passes):
         out.update(removed_poison=sum(p["removed_poison"] for p in passes),

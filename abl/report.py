@@ -363,21 +363,7 @@ def _recheck_lines(report: dict[str, Any]) -> list[str]:
         return ["the clean-stage recheck did not run: it reads the whole training set in one process, and this run "
                 "was distributed (torchrun)"]
     if rec.get("method") == "pixel":
-        if rec.get("passes") and rec["passes"][0].get("skipped"):
-            return [f"the pixel-space recheck after epoch {rec['epoch']} was skipped: too few positives "
-                    f"({rec.get('positives', 0)}) or other-label examples to train on"]
-        if rec.get("passes") and rec["passes"][0].get("inconsistent"):
-            first = rec["passes"][0]
-            return [f"the pixel-space recheck after epoch {rec['epoch']} removed nothing: its classifier recalled "
-                    f"{first['positive_recall']:.0%} of the {first['validation']} positives it did not train on, so "
-                    "the removal is no one pattern to look for"]
-        quantile = (rec.get("passes") or [rec])[0].get("quantile", 0.995)
-        return [f"the pixel-space recheck after epoch {rec['epoch']} removed {rec['n_removed']} more of label "
-                f"{rec['target']}'s {rec['n_target_label']} remaining examples: a pixel CNN trained on "
-                f"{rec.get('positives', 0)} removed examples ({rec.get('positive_rule', '?')} rule; the fresh model "
-                f"called {rec.get('fresh_other_share', 0.0):.0%} of the removal another class) scored them above "
-                f"the {100 * quantile:.1f}% quantile of held-out other labels"
-                + ("; the clean stage then started again from fresh weights" if rec.get("restarted") else "")]
+        return _pixel_lines(rec) + _top_up_lines(rec)
     passes = rec.get("passes") or [rec]
     scale = rec.get("scale", 1.0)
     if len(passes) == 1 and not passes[0].get("skipped"):
@@ -390,6 +376,36 @@ def _recheck_lines(report: dict[str, Any]) -> list[str]:
              f"{p.get('threshold', float('nan')):.2f}" for p in passes]
     return [f"the clean-stage recheck removed {rec['n_removed']} more of label {rec['target']}'s examples (under its "
             f"mean probability x {scale:g}; " + "; ".join(parts) + ")"]
+
+
+def _pixel_lines(rec: dict[str, Any]) -> list[str]:
+    """The pixel-space recheck's evidence line: skipped, rejected (the positives are no one pattern) or its flags;
+    ``n_removed`` less what the count top-up took (:func:`_top_up_lines`)."""
+    first = (rec.get("passes") or [rec])[0]
+    if first.get("skipped"):
+        return [f"the pixel-space recheck after epoch {rec['epoch']} was skipped: too few positives "
+                f"({rec.get('positives', 0)}) or other-label examples to train on"]
+    if first.get("inconsistent"):
+        return [f"the pixel-space recheck after epoch {rec['epoch']} flagged nothing: its classifier recalled "
+                f"{first['positive_recall']:.0%} of the {first['validation']} positives it did not train on, so "
+                "the removal is no one pattern to look for"]
+    flagged = rec["n_removed"] - (rec.get("count_top_up") or {}).get("n_removed", 0)
+    return [f"the pixel-space recheck after epoch {rec['epoch']} removed {flagged} more of label "
+            f"{rec['target']}'s {rec['n_target_label']} remaining examples: a pixel CNN trained on "
+            f"{rec.get('positives', 0)} removed examples ({rec.get('positive_rule', '?')} rule; the fresh model "
+            f"called {rec.get('fresh_other_share', 0.0):.0%} of the removal another class) scored them above "
+            f"the {100 * first.get('quantile', 0.995):.1f}% quantile of held-out other labels"
+            + ("; the clean stage then started again from fresh weights" if rec.get("restarted") else "")]
+
+
+def _top_up_lines(rec: dict[str, Any]) -> list[str]:
+    """The count top-up's evidence line when it removed anything (``pixel_recheck.count_top_up``)."""
+    top = rec.get("count_top_up") or {}
+    if not top.get("n_removed"):
+        return []
+    return [f"after the recheck label {rec['target']} still held {top['excess']:.0f} more examples than the median "
+            f"label ({top['excess'] / top['sd']:.1f} sd), so its {top['n_removed']} examples the fresh model placed "
+            "least surely in it were removed too (the recheck's count top-up)"]
 
 
 #: the caveat of a retrain-mode ``removed`` verdict: its probes cannot tell a partial removal from a whole one (WaNet

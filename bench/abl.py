@@ -83,7 +83,7 @@ ABL_ONLY = ("isolation_epochs", "unlearning_epochs", "unlearning_lr", "lga", "ho
             "expansion_scan_separation", "retrain_epochs", "expansion_input_separation", "input_scan", "restart",
             "expansion_capped_count_sd", "expansion_off_label_ratio", "expansion_scan_count_sd",
             "expansion_recheck_epoch", "expansion_recheck_scale", "expansion_recheck_passes",
-            "expansion_recheck_min_mean", "expansion_recheck_method")
+            "expansion_recheck_min_mean", "expansion_recheck_method", "expansion_recheck_count_sd")
 #: the Setting sentence's words for each --restart (after "a fresh model trained the full T on the rest")
 RESTART_SETTING = {"always": "",
                    "found": " — or, when nothing beyond the seed was found, the isolation model continued to T",
@@ -170,6 +170,10 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             # nor before the pixel-space recheck existed (the confidence rule)
             **({"expansion_recheck_method": args.recheck_method}
                if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_method != "confidence" else {}),
+            # nor before the pixel recheck's count top-up existed (off)
+            **({"expansion_recheck_count_sd": args.recheck_count_sd}
+               if args.abl_mode == "retrain" and args.recheck_epoch and args.recheck_method.startswith("pixel")
+               and args.recheck_count_sd else {}),
 
             **({"lr_milestones": milestones_of(args)} if args.lr_milestones else {})}
 
@@ -375,6 +379,7 @@ class Bench:
                       "expansion_recheck_passes": a.recheck_passes if a.abl_mode == "retrain" else None,
                       "expansion_recheck_min_mean": a.recheck_min_mean if a.abl_mode == "retrain" else None,
                       "expansion_recheck_method": a.recheck_method if a.abl_mode == "retrain" else None,
+                      "expansion_recheck_count_sd": a.recheck_count_sd if a.abl_mode == "retrain" else None,
                       "isolation_extra_epochs": a.isolation_extra if a.abl_mode == "retrain" else None,
                       "isolation_ratio": a.isolation_ratio if a.isolation_ratio != 0.01 else None}
             abl_cfg = ABLConfig.from_train(cfg.train, {k: v for k, v in params.items() if v is not None})
@@ -552,7 +557,11 @@ def write_markdown(bench: Bench, attacks: list[str], seeds: list[int], path: Pat
             + (f"; after the fresh model's clean epoch {a.recheck_epoch}, the removed label's examples a "
                "pixel-space CNN trained on nine tenths of the removal flags above the 98% quantile of held-out "
                "other labels (99.5% when its positives are the whole removal) removed too, unless it recalls "
-               "under half of the last tenth (the pixel recheck"
+               "under half of the last tenth"
+               + (f", and, when the label still holds {a.recheck_count_sd:g} sd or more examples over the median "
+                  "label, that many of its examples the fresh model places least surely in it (the count top-up)"
+                  if a.recheck_count_sd else "")
+               + " (the pixel recheck"
                + ("; then, when it flagged any, the clean stage again from fresh weights"
                   if a.recheck_method == "pixel-restart" else "") + ")"
                if a.recheck_epoch and a.recheck_method.startswith("pixel") else "")
@@ -910,6 +919,9 @@ def main() -> None:
     ap.add_argument("--recheck-method", default=ABLConfig.expansion_recheck_method, choices=RECHECK_METHODS,
                     help="the recheck's rule: pixel-restart (the library's default), pixel (a pixel-space CNN "
                          "trained on the removal; the model continues) or confidence (the label's mean probability)")
+    ap.add_argument("--recheck-count-sd", type=float, default=ABLConfig.expansion_recheck_count_sd,
+                    help="the pixel recheck's count top-up: the label's excess over the median label, in sd, that "
+                         "removes that many of its least surely placed examples too (0 = off)")
     ap.add_argument("--recheck-scale", type=float, default=ABLConfig.expansion_recheck_scale,
                     help="the recheck's threshold as a multiple of the label's mean probability")
     ap.add_argument("--recheck-passes", type=int, default=ABLConfig.expansion_recheck_passes,

@@ -60,7 +60,8 @@ def test_from_train_maps_the_shared_options_and_splits_the_epochs():
                                  dict(unlearning_bound=-1.0), dict(expansion_recheck_epoch=-1),
                                  dict(expansion_recheck_scale=0.0), dict(expansion_recheck_scale=1.5),
                                  dict(expansion_recheck_passes=0), dict(expansion_recheck_min_mean=1.0),
-                                 dict(expansion_recheck_min_mean=-0.1), dict(expansion_recheck_method="x")])
+                                 dict(expansion_recheck_min_mean=-0.1), dict(expansion_recheck_method="x"),
+                                 dict(expansion_recheck_count_sd=-1.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         ABLConfig(**bad)
@@ -200,6 +201,7 @@ ABL_FLAGS = {
     "expansion_recheck_passes": ("--abl-expansion-recheck-passes", "2", 2),
     "expansion_recheck_min_mean": ("--abl-expansion-recheck-min-mean", "0", 0.0),
     "expansion_recheck_method": ("--abl-expansion-recheck-method", "pixel", "pixel"),
+    "expansion_recheck_count_sd": ("--abl-expansion-recheck-count-sd", "3", 3.0),
     "residual_unlearning_epochs": ("--abl-residual-unlearning-epochs", "3", 3),
     "residual_unlearning_lr": ("--abl-residual-unlearning-lr", "0.004", 0.004),
     "residual_max_ca_drop": ("--abl-residual-max-ca-drop", "0.005", 0.005),

@@ -978,3 +978,45 @@ def test_clean_stage_recheck_is_recorded_as_not_run_under_torchrun(small_poisone
     assert not called
     assert res.report["recheck"] == {"target": 0, "n_removed": 0, "passes": [], "not_run": "distributed"}
     assert any("this run was distributed (torchrun)" in e for e in res.report["verdict"]["evidence"])
+
+
+def test_pixel_recheck_count_top_up_removes_what_it_returns_and_says_so(small_poisoned, monkeypatch):
+    """The count top-up's wiring in the clean stage: after the pixel flags, :func:`count_top_up` gets the label's
+    remaining examples (those not flagged) with the fresh model's probabilities of the label and the configured sd;
+    what it returns is removed too, counted against the ground truth, named in the evidence, and the clean stage
+    restarts without it. 0 turns it off."""
+    import abl_guard.abl.abl as abl_mod
+
+    d = small_poisoned
+    half = d.poison[: len(d.poison) // 2]
+    _half_found_and_epochs_recorded(monkeypatch, half)
+    monkeypatch.setattr(abl_mod, "pixel_recheck", lambda *a, **k: (np.zeros(0, np.int64), {
+        "method": "pixel", "target": 0, "n_target_label": 1, "n_removed": 0, "positives": 20, "quantile": 0.98}))
+    calls: list = []
+
+    def top_up(labels, rest, target, in_target, p_target, min_sd):
+        calls.append((np.asarray(rest).copy(), target, np.asarray(in_target).copy(), np.asarray(p_target), min_sd))
+        take = np.intersect1d(d.poison, in_target)  # the copies the removal left
+        return take, {"min_sd": min_sd, "excess": 40.0, "sd": 8.0, "balanced": True, "n_removed": len(take)}
+
+    monkeypatch.setattr(abl_mod, "count_top_up", top_up)
+    cfg = ABLConfig(isolation_epochs=2, clean_epochs=2, isolation_ratio=0.05, lr=0.05, batch_size=64, device="cpu",
+                    eval_every=0, expansion_separation=50.0, expansion_scan_method="spectral",
+                    expansion_input_separation=0.0, expansion_recheck_count_sd=3.0)  # pixel-restart, the default
+    assert ABLConfig().expansion_recheck_count_sd == 0.0  # opt-in
+    res = run_abl(d.model(width=8), d.images, d.labels, cfg, poison_indices=d.poison, quiet=True)
+    pool = np.setdiff1d(np.arange(len(d.labels)), res.holdout)
+    rest = np.setdiff1d(pool, half)
+    missed = np.intersect1d(d.poison, rest)
+    assert len(calls) == 1 and calls[0][1] == 0 and calls[0][4] == 3.0
+    np.testing.assert_array_equal(calls[0][0], rest)
+    np.testing.assert_array_equal(calls[0][2], rest[d.labels[rest] == 0])
+    assert calls[0][3].shape == calls[0][2].shape and ((calls[0][3] >= 0) & (calls[0][3] <= 1)).all()
+    rec = res.report["recheck"]
+    assert rec["n_removed"] == len(missed) and rec["count_top_up"]["removed_poison"] == len(missed)
+    assert rec["restarted"] and set(missed) <= set(res.removed)
+    assert any("the recheck's count top-up" in e and f"its {len(missed)} examples" in e
+               for e in res.report["verdict"]["evidence"])
+    calls.clear()
+    res = run_abl(d.model(width=8), d.images, d.labels, replace(cfg, expansion_recheck_count_sd=0.0), quiet=True)
+    assert not calls and "count_top_up" not in res.report["recheck"]

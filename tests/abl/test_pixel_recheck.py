@@ -13,6 +13,7 @@ from abl_guard.abl.pixel_recheck import (
     QUANTILE,
     QUANTILE_FILTERED,
     choose_positives,
+    count_top_up,
     fit_pixel,
     pixel_recheck,
 )
@@ -99,3 +100,31 @@ def test_fit_pixel_is_seeded_and_leaves_the_global_rng_alone(poisoned_digits):
     b = fit_pixel(d.images, pos, neg, seed=3, epochs=1)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)  # same seed, same CPU: the same weights
+
+
+def test_count_top_up_takes_the_labels_excess_least_surely_placed_examples():
+    """All-to-one poison adds its copies to one label: when the label still holds at least ``min_sd`` Poisson sd more
+    examples than the median label, that many of them — those the fresh model gives the label the least probability —
+    are returned; under the bound, or with unbalanced other labels, none."""
+    labels = np.repeat(np.arange(4), [1000, 1000, 1000, 1000])
+    extra = np.arange(4000, 4200)  # 200 more examples of label 0: the copies a removal left
+    labels = np.concatenate([labels, np.zeros(200, np.int64)])
+    rest = np.arange(len(labels))
+    in_t = rest[labels == 0]
+    p = np.where(np.isin(in_t, extra), 0.01, 0.9) + np.linspace(0, 1e-3, len(in_t))  # the copies: least sure
+    take, rep = count_top_up(labels, rest, 0, in_t, p, 3.0)
+    # median over the four labels' sizes (1200, 1000, 1000, 1000) is 1000: 200 = 6.3 sd
+    assert rep["excess"] == 200.0 and np.isclose(rep["sd"], np.sqrt(1000.0), rtol=1e-12) and rep["balanced"]
+    np.testing.assert_array_equal(take, extra)
+    assert rep["n_removed"] == 200
+    take, rep = count_top_up(labels, rest, 0, in_t, p, 7.0)  # 200 < 7 sd (221): nothing
+    assert len(take) == 0 and rep["n_removed"] == 0
+    take, _ = count_top_up(labels, rest, 0, in_t, p, 0.0)  # 0 = off
+    assert len(take) == 0
+    unbalanced = np.concatenate([labels, np.full(300, 2, np.int64)])  # another label 30% over: not balanced
+    rest_u = np.arange(len(unbalanced))
+    take, rep = count_top_up(unbalanced, rest_u, 0, in_t, p, 3.0)
+    assert len(take) == 0 and not rep["balanced"]
+    fewer = np.setdiff1d(rest, extra[:150])  # a removal that took most of the copies: 50 left, 1.6 sd
+    take, rep = count_top_up(labels, fewer, 0, np.setdiff1d(in_t, extra[:150]), p[~np.isin(in_t, extra[:150])], 3.0)
+    assert rep["excess"] == 50.0 and len(take) == 0
