@@ -128,3 +128,23 @@ def test_count_top_up_takes_the_labels_excess_least_surely_placed_examples():
     fewer = np.setdiff1d(rest, extra[:150])  # a removal that took most of the copies: 50 left, 1.6 sd
     take, rep = count_top_up(labels, fewer, 0, np.setdiff1d(in_t, extra[:150]), p[~np.isin(in_t, extra[:150])], 3.0)
     assert rep["excess"] == 50.0 and len(take) == 0
+
+
+def test_pixel_recheck_runs_on_colour_images_and_flags_a_colour_patch():
+    """The recheck is on by default, so it meets CIFAR-10 / GTSRB-shaped inputs: on 16x16 RGB noise images with a red
+    3x3 patch on 80 of them (relabelled 0), trained on half of those, it flags most of the other half and few clean
+    examples of label 0."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    images = rng.integers(0, 256, (n, 16, 16, 3)).astype(np.uint8)
+    labels = rng.integers(0, 10, n)
+    poison = np.sort(rng.choice(n, 80, replace=False))
+    images[poison, 12:15, 12:15] = (255, 0, 0)
+    labels[poison] = 0
+    half, missed = poison[::2], poison[1::2]
+    rest = np.setdiff1d(np.arange(n), half)
+    flagged, rep = pixel_recheck(images, labels, half, rest, 0, np.full(len(half), 0.01), seed=0)
+    clean_t = np.setdiff1d(rest[labels[rest] == 0], poison)
+    assert rep["positive_rule"] == "fresh" and not rep.get("inconsistent")
+    assert np.isin(missed, flagged).mean() >= 0.8
+    assert np.isin(clean_t, flagged).mean() <= 0.1
