@@ -33,6 +33,7 @@ Pure numpy / scikit-learn on feature arrays; the feature extractors are the only
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,17 +285,26 @@ COUNT_REMOVE = 1.25
 RATIO_MIN_PER_DIM = 2.0
 
 
-def _count_match(sizes: dict[int, int], label: int, minority: float, min_sd: float) -> tuple[float, bool]:
-    """``(excess, match)``: how many more examples ``label`` holds than the median label, and whether that excess is
-    at least ``min_sd`` sd (Poisson: the square root of the median count), the other labels are balanced
-    (:data:`COUNT_BALANCE`) and ``minority`` (the suspect component's size) is within :data:`COUNT_BAND` x of it."""
+def label_excess(sizes: Mapping[int, int], label: int) -> tuple[float, float, bool] | None:
+    """``(excess, sd, balanced)`` of ``label`` against the other labels' ``sizes``: how many more examples it holds
+    than the median label, the Poisson sd of a label's count (the square root of that median), and whether the other
+    labels are balanced (:data:`COUNT_BALANCE`). None when fewer than two other labels, or an empty one, leave no
+    median to read — all-to-one poison adds its copies to one label, which this reads on balanced data."""
     others = [n for y, n in sizes.items() if y != label]
     if len(others) < 2 or min(others) <= 0:
-        return 0.0, False
+        return None
     median = float(np.median(list(sizes.values())))
-    excess = sizes[label] - median
-    balanced = max(others) / min(others) <= COUNT_BALANCE
-    match = (balanced and excess >= min_sd * np.sqrt(median) and excess > 0
+    return float(sizes[label] - median), float(np.sqrt(median)), max(others) / min(others) <= COUNT_BALANCE
+
+
+def _count_match(sizes: dict[int, int], label: int, minority: float, min_sd: float) -> tuple[float, bool]:
+    """``(excess, match)``: :func:`label_excess`'s excess, and whether it is at least ``min_sd`` sd, the other labels
+    are balanced and ``minority`` (the suspect component's size) is within :data:`COUNT_BAND` x of it."""
+    read = label_excess(sizes, label)
+    if read is None:
+        return 0.0, False
+    excess, sd, balanced = read
+    match = (balanced and excess >= min_sd * sd and excess > 0
              and 1.0 / COUNT_BAND <= minority / excess <= COUNT_BAND)
     return excess, bool(match)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .expansion import COUNT_BALANCE
+from .expansion import label_excess
 from .train import predict_logits, to_float
 
 log = logging.getLogger(__name__)
@@ -152,24 +152,21 @@ def count_top_up(labels: np.ndarray, rest: np.ndarray, target: int, in_target: n
     flags, ``target`` may still hold more of ``rest`` than the median label — all-to-one poison adds its copies to
     one label, and a removal that took one part of them leaves the rest (WaNet 3% seed 1 on the AMD EPYC: 833
     removed, 981 copies left, 1,104 more examples than the median label). When that excess is at least ``min_sd`` sd
-    (Poisson: the square root of the median count) and the other labels are balanced (:data:`COUNT_BALANCE`), the
+    (Poisson: the square root of the median count) and the other labels are balanced (both read by
+    :func:`~abl_guard.abl.expansion.label_excess`), the
     ``excess`` examples of ``in_target`` (the label's examples in ``rest``) whose fresh-model probability of the label
     ``p_target`` is lowest are returned: poison made from other classes that the model has not learned yet looks like
     those classes. Clean examples removed with the poison pull the count down, so a removal that took too much never
     fires it; the rule assumes roughly balanced classes."""
     labels = np.asarray(labels)
-    rest = np.asarray(rest, np.int64)
     in_target = np.asarray(in_target, np.int64)
-    sizes = np.bincount(labels[rest], minlength=int(target) + 1)
-    present = [int(y) for y in np.flatnonzero(sizes)]
-    others = [int(sizes[y]) for y in present if y != target]
+    counts = np.bincount(labels[np.asarray(rest, np.int64)], minlength=int(target) + 1)
     rep: dict[str, Any] = {"min_sd": float(min_sd), "n_removed": 0}
-    if len(others) < 2 or min_sd <= 0:
+    sizes = {int(y): int(counts[y]) for y in np.flatnonzero(counts)}  # the labels present
+    read = label_excess(sizes, int(target)) if min_sd > 0 and int(target) in sizes else None
+    if read is None:
         return np.zeros(0, np.int64), rep
-    median = float(np.median(sizes[present]))
-    excess = float(sizes[target] - median)
-    sd = float(np.sqrt(median))
-    balanced = max(others) / min(others) <= COUNT_BALANCE
+    excess, sd, balanced = read
     rep.update(excess=excess, sd=sd, balanced=bool(balanced))
     if not (balanced and excess >= min_sd * sd and len(in_target)):
         return np.zeros(0, np.int64), rep
