@@ -42,15 +42,12 @@ def nchw(a: np.ndarray) -> np.ndarray:
 def variants(fit: np.ndarray, components: list[int], seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Score functions (higher = farther from the data's typical set is *not* implied: the test is two-sided)."""
     g = PatchTypicality(seed=seed).fit({"input": nchw(fit)})
-    assert g.mean_ is not None and g.whiten_ is not None
-    mean, whiten = g.mean_, g.whiten_
-
-    def tiles(x: np.ndarray) -> np.ndarray:
-        return image_patches(g._crop(nchw(x)), g.patch).astype(np.float64)
 
     def dist(x: np.ndarray) -> np.ndarray:
-        z = (tiles(x) - mean) @ whiten.T
-        return (z ** 2).sum(-1)
+        return g.tile_distances({"input": nchw(x)})
+
+    def tiles(x: np.ndarray) -> np.ndarray:
+        return image_patches(g.crop(nchw(x)), g.patch).astype(np.float64)
 
     out: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "gaussian, mean distance (the detector)": lambda x: dist(x).mean(1),
@@ -60,7 +57,7 @@ def variants(fit: np.ndarray, components: list[int], seed: int) -> dict[str, Cal
     }
     from sklearn.mixture import GaussianMixture
 
-    sample = g._sampled_tiles(g._crop(nchw(fit)))
+    sample = g.reference_tiles({"input": nchw(fit)})
     sample = sample[np.random.default_rng(seed).permutation(len(sample))[:100_000]]
     for k in components:
         t0 = time.perf_counter()

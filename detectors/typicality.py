@@ -98,7 +98,7 @@ class PatchTypicality(Detector):
             model: ModelFn | None = None) -> PatchTypicality:
         x = check_images(self._get(reference, "input"), "PatchTypicality")
         self.frame_ = constant_frame(x, self.patch) if self.crop_frame else (0, 0, 0, 0)
-        tiles = self._sampled_tiles(self._crop(x))
+        tiles = self._sampled_tiles(self.crop(x))
         if len(tiles) < 2:
             raise ValueError("PatchTypicality needs at least two reference patches")
         mean = tiles.mean(axis=0)
@@ -115,7 +115,8 @@ class PatchTypicality(Detector):
         self._whiten()
         return self
 
-    def _crop(self, x: np.ndarray) -> np.ndarray:
+    def crop(self, x: np.ndarray) -> np.ndarray:
+        """``(N, C, H, W)`` images without the fitted constant frame (``frame_``)."""
         top, bottom, left, right = self.frame_
         return x[:, :, top:x.shape[2] - bottom, left:x.shape[3] - right]
 
@@ -139,19 +140,27 @@ class PatchTypicality(Detector):
         self.whiten_ = solve_triangular(self.chol_, np.eye(len(self.chol_)), lower=True)
 
     def score(self, batch: Observations, model: ModelFn | None = None) -> np.ndarray:
+        return self.tile_distances(batch).mean(axis=1)
+
+    def tile_distances(self, batch: Observations) -> np.ndarray:
+        """``(N, K)``: each tile's squared Mahalanobis distance under the fitted Gaussian (the score is their mean),
+        a chunk of images at a time (bounded memory)."""
         self._check_fitted("mean_", "whiten_", "input_shape_")
         assert self.mean_ is not None and self.whiten_ is not None and self.input_shape_ is not None
-        x = self._crop(check_images(self._get(batch, "input"), "PatchTypicality", self.input_shape_))
+        x = self.crop(check_images(self._get(batch, "input"), "PatchTypicality", self.input_shape_))
         c, h, w = x.shape[1:]
-        per_image = (h // self.patch) * (w // self.patch) * c * self.patch**2
-        rows = max(1, min(self.chunk_size, _CHUNK_ELEMENTS // per_image))
-        out = np.empty(len(x))
+        n_tiles = (h // self.patch) * (w // self.patch)
+        rows = max(1, min(self.chunk_size, _CHUNK_ELEMENTS // (n_tiles * c * self.patch**2)))
+        out = np.empty((len(x), n_tiles))
         for start in range(0, len(x), rows):
             s = slice(start, min(start + rows, len(x)))
-            tiles = image_patches(x[s], self.patch).astype(np.float64) - self.mean_
-            z = tiles @ self.whiten_.T
-            out[s] = (z**2).sum(axis=2).mean(axis=1)
+            z = (image_patches(x[s], self.patch).astype(np.float64) - self.mean_) @ self.whiten_.T
+            out[s] = (z**2).sum(axis=2)
         return out
+
+    def reference_tiles(self, reference: Observations) -> np.ndarray:
+        """The tiles :meth:`fit` estimates from for ``reference`` (frame cut, the seeded subset), ``(n, D)``."""
+        return self._sampled_tiles(self.crop(check_images(self._get(reference, "input"), "PatchTypicality")))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("mean_", "chol_", "input_shape_")
